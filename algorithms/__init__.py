@@ -1,0 +1,6 @@
+"""Built-in RL algorithm plugins (installed as ctrl.algorithms); each registers itself by class name."""
+
+from ctrl.algorithms.base import Algorithm
+from ctrl.algorithms.direct import DirectBackprop
+
+__all__ = ["Algorithm", "DirectBackprop"]

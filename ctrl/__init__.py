@@ -1,0 +1,3 @@
+"""ctrl: add control to pretrained diffusion models with reinforcement learning."""
+
+__version__ = "0.1.0"

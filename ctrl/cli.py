@@ -1,0 +1,57 @@
+"""The ``ctrl`` command: Lightning's CLI (fit, validate, test, predict, --print_config) over ctrl's modules.
+
+Every run is a YAML config (configs/); any value can be overridden on the command line, e.g.
+``ctrl fit --config configs/digits/control.yaml --model.algorithm DirectBackprop``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ctrl.registry import load_plugins
+
+
+class CtrlArgumentParser(LightningArgumentParser):
+    """Lightning's parser, with an unknown algorithm name answered by the list of available ones."""
+
+    def error(self, message: str, *args, **kwargs):
+        if "algorithm" in message:
+            names = sorted(load_plugins())
+            given = re.search(r"(?:class_path|Import path)\s+'?\"?([\w.]+)", message)
+            given = f" '{given.group(1)}'" if given else ""
+            message = (f"model.algorithm{given} is not an available algorithm; available: {', '.join(names)}. "
+                       "Set `algorithm:` in the config or --model.algorithm to one of them.")
+        return super().error(message, *args, **kwargs)
+
+
+class CtrlCLI(LightningCLI):
+    """LightningCLI with ctrl's plugins loaded before parsing, so configs can name them by class name."""
+
+    parser_class = CtrlArgumentParser
+
+    def __init__(self, *args, **kwargs):
+        load_plugins()
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+
+
+def main(args: list[str] | None = None, run: bool = True) -> CtrlCLI:
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it, so tests and scripts can read
+    ``cli.trainer.callback_metrics``."""
+    return CtrlCLI(args=args, run=run)
+
+
+def console() -> None:
+    """Entry point of the ``ctrl`` console script (exit status 0 on success)."""
+    main()
+
+
+if __name__ == "__main__":
+    console()

@@ -1,0 +1,51 @@
+"""The interface the sampler and the algorithms see."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+
+class DiffusionPolicy(nn.Module, ABC):
+    """A pretrained noise predictor eps_pre(x_t, t) and a trainable controlled one eps_theta(x_t, t, y).
+
+    Subclasses set ``scheduler`` (a diffusers scheduler: timesteps and alphas_cumprod),
+    ``sample_shape`` (``(C, H, W)``) and ``num_labels``; label index ``num_labels`` is the null label,
+    which samples the pretrained model exactly.
+    """
+
+    scheduler: object
+    sample_shape: tuple[int, ...]
+    num_labels: int
+
+    @property
+    def null_label(self) -> int:
+        return self.num_labels
+
+    @property
+    def clip_range(self) -> float | None:
+        """Range to which x0_hat is clipped at each step, as the scheduler's config asks; None: no clipping."""
+        cfg = self.scheduler.config
+        return float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
+
+    @abstractmethod
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Noise predictions ``(eps, eps_pre)``, each ``[B, C, H, W]``.
+
+        ``eps = eps_pre + guidance * (eps_theta - eps_pre)``; guidance 1 is the policy itself, 0 the
+        pretrained model. Gradients of ``eps_pre`` flow through ``x`` (never into frozen weights).
+        """
+
+    @abstractmethod
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters as optimizer groups, each with its own ``lr`` and a ``name``."""
+
+    def check_labels(self, labels, setting: str) -> None:
+        """Refuse label indices outside ``0..num_labels-1`` with a message naming ``setting``."""
+        bad = sorted({int(y) for y in labels if not 0 <= int(y) < self.num_labels})
+        if bad:
+            raise ValueError(
+                f"{setting}: labels {bad} are outside the label set 0..{self.num_labels - 1} of this policy "
+                f"(num_labels={self.num_labels}); use labels in that range."
+            )

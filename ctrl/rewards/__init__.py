@@ -1,0 +1,6 @@
+"""Rewards: ``Reward.forward(x0, labels) -> [B]``."""
+
+from ctrl.rewards.base import Reward
+from ctrl.rewards.classifier import ClassifierLogProb
+
+__all__ = ["Reward", "ClassifierLogProb"]

@@ -1,0 +1,191 @@
+"""The one sampler: a timestep grid, a Gaussian step with its log-probability and KL, a Trajectory.
+
+Every algorithm, every evaluation and `ctrl predict` draw samples through :func:`sample`.
+A step of the chain is ``x_{k-1} = mu(x_k, eps) + sigma_k * z`` (DDIM, Song et al. 2021, eq. 12):
+
+    x0_hat = (x_k - sqrt(1 - a_k) * eps) / sqrt(a_k)                 (clipped if the scheduler clips)
+    sigma_k = eta * sqrt((1 - a_prev) / (1 - a_k) * (1 - a_k / a_prev))
+    mu     = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - sigma_k^2) * eps
+
+with ``a = alphas_cumprod``. ``eta = 1`` on the full grid is ancestral DDPM sampling (the DDPM
+posterior variance), so DDPM needs no separate code path.
+
+Log-probabilities are SUMMED over pixels (an average would make a PPO clip range depend on the
+image size). The per-step KL to the pretrained chain is exact for two Gaussians of equal variance:
+``||mu_theta - mu_pre||^2 / (2 sigma_k^2)``, also summed over pixels.
+
+The last step of a grid that ends at ``a_prev = 1`` is deterministic (``sigma = 0``): it has no
+density, so the policy's control is switched off there (log-prob and KL of that step are 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["Trajectory", "StepGrid", "make_grid", "step_mean", "gaussian_log_prob", "gaussian_kl", "sample"]
+
+
+@dataclass
+class Trajectory:
+    """One batch of sampled chains.
+
+    Attributes:
+        latents: ``[B, N+1, C, H, W]``; ``latents[:, 0]`` is the noise x_T, ``latents[:, -1]`` the sample x_0.
+        log_probs: ``[B, N]``; log pi(x_{k-1} | x_k) of the policy that sampled, summed over pixels.
+        kl: ``[B, N]``; exact KL of each step of the sampling policy to the pretrained chain.
+        timesteps: ``[N]``; the model timestep of each step, from noise to data.
+        labels: ``[B]``; the condition (label index) of each chain.
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+    kl: Tensor
+    timesteps: Tensor
+    labels: Tensor
+
+    @property
+    def samples(self) -> Tensor:
+        """The final samples x_0, ``[B, C, H, W]``."""
+        return self.latents[:, -1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+@dataclass
+class StepGrid:
+    """Coefficients of an N-step grid, each ``[N]`` (float64 would be wasted: float32 throughout)."""
+
+    timesteps: Tensor
+    alpha_prod: Tensor
+    alpha_prod_prev: Tensor
+    sigma: Tensor
+
+
+def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
+    """The timestep grid of ``scheduler`` (a diffusers DDIM/DDPM scheduler) with N steps.
+
+    The grid itself (leading/trailing spacing, offsets) is the scheduler's own ``set_timesteps``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.long()
+    acp = scheduler.alphas_cumprod.float()
+    stride = scheduler.config.num_train_timesteps // num_steps
+    prev = timesteps - stride
+    final = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
+    alpha_prod = acp[timesteps]
+    alpha_prod_prev = torch.where(prev >= 0, acp[prev.clamp(min=0)], torch.full_like(alpha_prod, final))
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod) * (1 - alpha_prod / alpha_prod_prev)
+    sigma = eta * variance.clamp(min=0).sqrt()
+    return StepGrid(timesteps, alpha_prod, alpha_prod_prev, sigma)
+
+
+def step_mean(x: Tensor, eps: Tensor, alpha_prod: float, alpha_prod_prev: float, sigma: float,
+              clip_range: float | None = None) -> Tensor:
+    """Mean of one DDIM step (module docstring), ``[B, C, H, W]``; matches diffusers' DDIMScheduler.step."""
+    x0_hat = (x - math.sqrt(1 - alpha_prod) * eps) / math.sqrt(alpha_prod)
+    if clip_range is not None:
+        x0_hat = x0_hat.clamp(-clip_range, clip_range)
+    return math.sqrt(alpha_prod_prev) * x0_hat + math.sqrt(max(1 - alpha_prod_prev - sigma**2, 0.0)) * eps
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: float) -> Tensor:
+    """log N(x; mean, sigma^2 I) summed over all but the batch dimension, ``[B]``."""
+    d = x[0].numel()
+    sq = (x - mean).flatten(1).pow(2).sum(1)
+    return -sq / (2 * sigma**2) - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
+
+
+def gaussian_kl(mean: Tensor, mean_ref: Tensor, sigma: float) -> Tensor:
+    """KL(N(mean, s^2 I) || N(mean_ref, s^2 I)) = ||mean - mean_ref||^2 / (2 s^2), summed per sample, ``[B]``.
+
+    The one KL of the library. Gradients flow through BOTH means: when x_k depends on theta, the
+    reference mean does too, and cutting that path silently breaks the KL's gradient.
+    """
+    return (mean - mean_ref).flatten(1).pow(2).sum(1) / (2 * sigma**2)
+
+
+def sample(
+    policy,
+    labels: Tensor,
+    num_steps: int,
+    eta: float = 1.0,
+    *,
+    guidance: float = 1.0,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    grad_steps: int = 0,
+    gradient_checkpointing: bool = False,
+) -> Trajectory:
+    """Sample ``len(labels)`` chains from ``policy`` and record log-probabilities and KL per step.
+
+    Args:
+        policy: a DiffusionPolicy (``eps(x, t, labels, guidance) -> (eps, eps_pre)``, ``scheduler``,
+            ``sample_shape``).
+        labels: ``[B]`` label indices (``policy.null_label`` samples the pretrained model).
+        num_steps: N, the number of sampling steps.
+        eta: DDIM stochasticity; > 0 for log-probabilities and KL.
+        guidance: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
+        noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T and each step's z); drawn from
+            ``generator`` when absent, so a fixed seed gives a fixed chain.
+        grad_steps: how many of the LAST steps carry gradients (0: none, N: the whole chain);
+            earlier steps run under no_grad and their output is detached (truncated backprop).
+        gradient_checkpointing: recompute each step's network call in the backward pass.
+
+    Returns:
+        A :class:`Trajectory`.
+    """
+    device = labels.device
+    grid = make_grid(policy.scheduler, num_steps, eta)
+    batch = labels.shape[0]
+    shape = (batch, num_steps + 1, *policy.sample_shape)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    clip = policy.clip_range
+    x = noise[:, 0]
+    latents, log_probs, kls = [x], [], []
+    first_grad_step = num_steps - max(0, min(grad_steps, num_steps))
+    for k in range(num_steps):
+        a, a_prev, s = (float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k]))
+        t = grid.timesteps[k].to(device)
+        stochastic = s > 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
+            if k == first_grad_step:
+                x = x.detach()
+            # Control is switched off on a deterministic step: it has no density and an infinite KL.
+            g = guidance if stochastic else 0.0
+            if gradient_checkpointing and torch.is_grad_enabled():
+                eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, use_reentrant=False)
+            else:
+                eps, eps_pre = policy.eps(x, t, labels, g)
+            mean = step_mean(x, eps, a, a_prev, s, clip)
+            if stochastic:
+                mean_pre = step_mean(x, eps_pre, a, a_prev, s, clip)
+                x_next = mean + s * noise[:, k + 1]
+                log_probs.append(gaussian_log_prob(x_next.detach(), mean, s))
+                kls.append(gaussian_kl(mean, mean_pre, s))
+            else:
+                x_next = mean
+                log_probs.append(torch.zeros(batch, device=device))
+                kls.append(torch.zeros(batch, device=device))
+        x = x_next
+        latents.append(x)
+    return Trajectory(
+        latents=torch.stack(latents, 1),
+        log_probs=torch.stack(log_probs, 1),
+        kl=torch.stack(kls, 1),
+        timesteps=grid.timesteps.to(device),
+        labels=labels,
+    )

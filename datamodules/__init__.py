@@ -1,0 +1,6 @@
+"""Datamodules shipped with ctrl (installed as ctrl.datamodules)."""
+
+from ctrl.datamodules.digits import DigitsDataModule, digits_split
+from ctrl.datamodules.labels import LabelsDataModule
+
+__all__ = ["DigitsDataModule", "LabelsDataModule", "digits_split"]

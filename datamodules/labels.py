@@ -1,0 +1,103 @@
+"""Conditions for RL fine-tuning: labels drawn from a label prior, and fixed evaluation labels."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data.prior") -> torch.Tensor:
+    """The prior as a ``[num_labels]`` tensor (uniform when None); one clear message when it is not a distribution."""
+    if prior is None:
+        return torch.full((num_labels,), 1.0 / num_labels)
+    p = torch.tensor(prior, dtype=torch.float64)
+    if p.ndim != 1 or len(p) != num_labels:
+        raise ValueError(f"{setting}: has {len(prior)} entries but there are {num_labels} labels; give one "
+                         "probability per label.")
+    if (p < 0).any() or not torch.isfinite(p).all() or abs(float(p.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"{setting}: {prior} is not a probability distribution (entries must be >= 0 and sum "
+                         f"to 1; they sum to {float(p.sum()):.6g}).")
+    return p.float()
+
+
+class _PriorBatches(Dataset):
+    """Item i is a whole batch ``[B]`` of labels, stratified: the counts follow the prior as closely as a
+    batch allows (systematic sampling), in a random order. Seeded by (seed, i): reproducible."""
+
+    def __init__(self, prior: torch.Tensor, batch_size: int, length: int, seed: int):
+        self.cdf, self.batch_size, self.length, self.seed = prior.cumsum(0), batch_size, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        u = (torch.arange(self.batch_size) + torch.rand(1, generator=g)) / self.batch_size
+        labels = torch.searchsorted(self.cdf, u.clamp(max=float(self.cdf[-1]) - 1e-7))
+        return labels[torch.randperm(self.batch_size, generator=g)]
+
+
+class _FixedLabels(Dataset):
+    """``(label, seed)`` pairs: ``per_label`` of each label; the seed fixes that sample's noise."""
+
+    def __init__(self, labels: list[int], per_label: int, seed: int):
+        self.items = [(y, seed + j * len(labels) + i) for j in range(per_label) for i, y in enumerate(labels)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return self.items[i]
+
+
+class LabelsDataModule(L.LightningDataModule):
+    """Labels for conditional control.
+
+    Args:
+        num_labels: size of the label set.
+        prior: probability of each label during training (uniform when omitted).
+        batch_size: rollouts per training step.
+        batches_per_epoch: training steps per epoch.
+        eval_per_label: samples per label in validate/test (fixed seeds: the same noise every time).
+        eval_batch_size: samples per evaluation batch.
+        predict_labels: labels that ``ctrl predict`` samples (all labels when omitted).
+        predict_per_label: samples per label for ``ctrl predict``.
+        seed: seeds the label draws and the evaluation noise.
+    """
+
+    def __init__(self, num_labels: int = 10, prior: list[float] | None = None, batch_size: int = 32,
+                 batches_per_epoch: int = 100, eval_per_label: int = 50, eval_batch_size: int = 250,
+                 predict_labels: list[int] | None = None, predict_per_label: int = 8, seed: int = 0):
+        super().__init__()
+        self.num_labels = num_labels
+        self.prior = check_prior(prior, num_labels)
+        bad = [y for y in (predict_labels or []) if not 0 <= y < num_labels]
+        if bad:
+            raise ValueError(f"data.predict_labels: {bad} are outside the label set 0..{num_labels - 1}; "
+                             "request labels in that range.")
+        for name in ("batch_size", "batches_per_epoch", "eval_per_label", "eval_batch_size", "predict_per_label"):
+            if locals()[name] < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {locals()[name]}.")
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(_PriorBatches(self.prior, h.batch_size, h.batches_per_epoch, h.seed), batch_size=None,
+                          shuffle=False)
+
+    def _fixed(self, labels: list[int], per_label: int, batch_size: int) -> DataLoader:
+        return DataLoader(_FixedLabels(labels, per_label, self.hparams.seed + 7919), batch_size=batch_size,
+                          shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return self._fixed(list(range(self.num_labels)), h.eval_per_label, h.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        h = self.hparams
+        labels = h.predict_labels if h.predict_labels is not None else list(range(self.num_labels))
+        return self._fixed(labels, h.predict_per_label, len(labels) * h.predict_per_label)
