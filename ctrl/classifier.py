@@ -152,10 +152,25 @@ class ClassifierTraining(L.LightningModule):
         self.temperature = float(log_t.exp())
         return self.temperature
 
+    @torch.no_grad()
+    def report(self, loader) -> dict[str, float]:
+        """Accuracy and expected calibration error on ``loader`` (temperature applied)."""
+        acc = MulticlassAccuracy(self.hparams.num_labels, average="micro")
+        ece = MulticlassCalibrationError(self.hparams.num_labels, n_bins=10)
+        for x, y in loader:
+            probs = self(x.to(self.device)).softmax(-1).cpu()
+            acc.update(probs, y)
+            ece.update(probs, y)
+        return {"accuracy": float(acc.compute()), "calibration_error": float(ece.compute())}
+
     def on_fit_end(self):
         dm = self.trainer.datamodule
+        before = self.report(dm.test_dataloader())
         t = self.calibrate(dm.val_dataloader())
-        self.print(f"temperature scaling on '{dm.hparams.val_split}': T = {t:.3f}")
+        after = self.report(dm.test_dataloader())
+        self.print(f"temperature scaling on '{dm.hparams.val_split}': T = {t:.3f}\n"
+                   f"'{dm.hparams.test_split}' split: accuracy {after['accuracy']:.4f}, calibration error "
+                   f"{before['calibration_error']:.4f} -> {after['calibration_error']:.4f}")
         if self.hparams.export_path and self.trainer.is_global_zero:
             save_classifier(self.net, t, self.hparams.export_path)
             self.print(f"classifier written to {self.hparams.export_path}")

@@ -191,15 +191,15 @@ class UNetPolicy(DiffusionPolicy):
         else:
             eps_pre = self._unet(x, t, None, False)
             eps_theta = eps_pre
-        active = (labels != self.null_label).to(x.dtype).view(-1, 1, 1, 1)
         bucket = self._bucket(t)
+        correction = eps_theta - eps_pre
         if self.step_bias is not None:
-            eps_theta = eps_theta + active * self.step_bias[labels, bucket.expand_as(labels)]
+            correction = correction + self.step_bias[labels, bucket.expand_as(labels)]
         if self.head is not None:
-            eps_theta = eps_theta + active * self.head(x, eps_pre, labels, bucket)
-        if guidance == 1.0:
-            return eps_theta, eps_pre
-        return eps_pre + guidance * (eps_theta - eps_pre), eps_pre
+            correction = correction + self.head(x, eps_pre, labels, bucket)
+        # The null label is the pretrained model exactly, whatever the trainable parts have learned.
+        active = (labels != self.null_label).to(x.dtype).view(-1, 1, 1, 1)
+        return eps_pre + (guidance * active) * correction, eps_pre
 
     def param_groups(self) -> list[dict]:
         groups = []

@@ -1,0 +1,189 @@
+"""The LightningModule of RL fine-tuning: rollout -> algorithm.loss -> optimizer; evaluation hooks.
+
+Data flows one way: the datamodule gives label batches, the policy rolls out chains through the
+one sampler, the algorithm plugin turns them into a loss. Validation samples a fixed set of labels
+with fixed noise and reports, beside the reward, what an independent evaluator says (accuracy,
+macro-F1, Frechet distance), with the pretrained model's figures (label ignored) as the baseline.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from ctrl.algorithms.base import Algorithm
+from ctrl.evaluation import Evaluator
+from ctrl.policy.base import DiffusionPolicy
+from ctrl.rewards.base import Reward
+from ctrl.sampling import sample
+
+SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
+
+
+def image_grid(images: Tensor, rows: int) -> Tensor:
+    """``[N, C, H, W]`` in [-1, 1] -> one ``[C, rows*H, cols*W]`` image in [0, 1] (row-major)."""
+    n, c, h, w = images.shape
+    cols = (n + rows - 1) // rows
+    padded = torch.cat([images, images.new_full((rows * cols - n, c, h, w), -1.0)])
+    grid = padded.view(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+    return ((grid.clamp(-1, 1) + 1) / 2).cpu()
+
+
+class ControlModule(L.LightningModule):
+    """RL fine-tuning of a diffusion policy toward a reward, regularised by the KL to the pretrained model.
+
+    Args:
+        policy: the pretrained model plus its trainable control.
+        reward: r(x0, y); for conditional control, a classifier's log p(y|x0).
+        algorithm: the RL plugin, by class name in configs (``algorithm: DirectBackprop``).
+        evaluator: the independent judge used by validate/test (None: reward and KL only).
+        num_steps: sampling steps of a training rollout.
+        eta: DDIM stochasticity of training rollouts; > 0 (log-probabilities and the KL need noise).
+        eval_num_steps: sampling steps in validate/test/predict (default: num_steps).
+        guidance: gamma at evaluation and prediction, ``eps = eps_pre + gamma (eps_theta - eps_pre)``.
+        eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
+        gradient_checkpointing: recompute each step's network call in the backward pass.
+        weight_decay: AdamW weight decay (learning rates are per part, in the policy and the algorithm).
+    """
+
+    def __init__(
+        self,
+        policy: DiffusionPolicy,
+        reward: Reward,
+        algorithm: Algorithm,
+        evaluator: Evaluator | None = None,
+        num_steps: int = 10,
+        eta: float = 1.0,
+        eval_num_steps: int | None = None,
+        guidance: float = 1.0,
+        eval_pretrained: bool = True,
+        gradient_checkpointing: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        if not 0 < eta <= 1:
+            raise ValueError(f"model.eta={eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
+                             f"the KL to the pretrained chain exist only for eta > 0); set model.eta in (0, 1], "
+                             "e.g. 1.0.")
+        if num_steps < 2:
+            raise ValueError(f"model.num_steps must be at least 2 (the last step is deterministic), got {num_steps}.")
+        if reward.num_labels is not None and reward.num_labels != policy.num_labels:
+            raise ValueError(f"the reward scores {reward.num_labels} labels but the policy has {policy.num_labels} "
+                             "(model.policy.num_labels); make them equal, or use a classifier trained on the "
+                             "policy's label set.")
+        algorithm.setup(policy, reward)
+        self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
+        self.num_steps, self.eta = num_steps, eta
+        self.eval_num_steps = eval_num_steps or num_steps
+        self.guidance, self.eval_pretrained = guidance, eval_pretrained
+        self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
+        self._eval_outputs: dict[str, list] = {}
+        self.baseline: dict[str, float] | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, labels: Tensor, batch_idx: int) -> Tensor:
+        trajectory = sample(self.policy, labels, self.num_steps, self.eta,
+                            grad_steps=self.algorithm.grad_steps(self.num_steps),
+                            gradient_checkpointing=self.gradient_checkpointing)
+        out = self.algorithm.loss(trajectory, self.policy, self.reward)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
+        return out["loss"]
+
+    def configure_optimizers(self):
+        groups = self.policy.param_groups() + self.algorithm.param_groups()
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _fixed_noise(self, seeds: Tensor, num_steps: int) -> Tensor:
+        shape = (num_steps + 1, *self.policy.sample_shape)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
+
+    @torch.no_grad()
+    def generate(self, labels: Tensor, seeds: Tensor, guidance: float, num_steps: int | None = None):
+        """Samples for ``labels`` with the noise fixed by ``seeds``: a Trajectory (eta as in training)."""
+        n = num_steps or self.eval_num_steps
+        return sample(self.policy, labels, n, self.eta, guidance=guidance, noise=self._fixed_noise(seeds, n))
+
+    def _eval_step(self, batch) -> None:
+        labels, seeds = batch
+        self.policy.check_labels(labels.tolist(), "evaluation labels")
+        runs = {"policy": self.guidance}
+        if self.eval_pretrained and self.baseline is None:
+            runs["pretrained"] = 0.0
+        for name, gamma in runs.items():
+            traj = self.generate(labels, seeds, gamma)
+            out = self._eval_outputs.setdefault(name, [])
+            out.append((traj.samples.cpu(), labels.cpu(), self.reward(traj.samples, labels).cpu(), traj.kl.sum(1).cpu()))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        results = {}
+        for name, outs in self._eval_outputs.items():
+            samples, labels, rewards, kl = (torch.cat(x) for x in zip(*outs))
+            metrics = {"reward": rewards.mean(), "kl": kl.mean()}
+            if self.evaluator is not None:
+                metrics.update(self.evaluator.evaluate(samples, labels))
+            confusion = metrics.pop("confusion", None)
+            results[name] = {k: float(v) for k, v in metrics.items()}
+            prefix = f"{stage}/" if name == "policy" else f"{stage}/pretrained_"
+            self.log_dict({prefix + k: v for k, v in results[name].items()}, sync_dist=True)
+            if name == "policy":
+                self._log_images(stage, samples, labels, confusion)
+        self._eval_outputs = {}
+        if "pretrained" in results:
+            self.baseline = results["pretrained"]
+        self.last_metrics = results.get("policy", {})
+
+    @rank_zero_only
+    def _log_images(self, stage: str, samples: Tensor, labels: Tensor, confusion: Tensor | None) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        per_label = [samples[labels == y][:8] for y in range(self.policy.num_labels)]
+        rows = [torch.cat([s, s.new_full((8 - len(s), *s.shape[1:]), -1.0)]) for s in per_label]
+        experiment.add_image(f"{stage}/samples_per_label", image_grid(torch.cat(rows), self.policy.num_labels),
+                             self.global_step)
+        if confusion is not None:
+            experiment.add_text(f"{stage}/confusion", "    " + str(confusion.tolist()), self.global_step)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def summary(self) -> str:
+        """A table of the last evaluation: the fine-tuned policy beside the pretrained model."""
+        if not self.last_metrics:
+            return "no evaluation has run"
+        lines = [f"{'metric':<20}{'pretrained':>12}{'fine-tuned':>12}"]
+        for key in SUMMARY_KEYS:
+            if key in self.last_metrics:
+                base = f"{self.baseline[key]:.4f}" if self.baseline and key in self.baseline else "-"
+                lines.append(f"{key:<20}{base:>12}{self.last_metrics[key]:>12.4f}")
+        return "\n".join(lines)
+
+    def on_fit_end(self):
+        self.print(f"\nheld-out evaluation after fine-tuning (guidance {self.guidance}, {self.eval_num_steps} steps)\n"
+                   + self.summary())
+
+    def on_validation_end(self):
+        if not self.trainer.state.fn == "fit":
+            self.print("\n" + self.summary())
+
+    def on_test_end(self):
+        self.print("\n" + self.summary())
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict_step(self, batch, batch_idx):
+        labels, seeds = batch
+        self.policy.check_labels(labels.tolist(), "data.predict_labels")
+        return {"samples": self.generate(labels, seeds, self.guidance).samples.cpu(), "labels": labels.cpu()}

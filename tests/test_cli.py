@@ -1,0 +1,64 @@
+"""The `ctrl` command end to end on a tiny setting: fit, validate, predict, and swapping by short name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ctrl.cli import main
+
+CONTROL = str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml")
+
+
+def tiny_args(tmp_path, pretrained, classifier, *extra):
+    return [
+        "--config", CONTROL,
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks.path", str(tmp_path / "grid.png"),
+        "--model.policy.pretrained", pretrained,
+        "--model.reward.path", classifier,
+        "--model.evaluator.image_size", "8",
+        "--model.num_steps", "3",
+        "--data.batch_size", "4",
+        "--data.batches_per_epoch", "2",
+        "--data.eval_per_label", "2",
+        "--data.eval_batch_size", "10",
+        "--data.predict_per_label", "2",
+        *extra,
+    ]
+
+
+def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
+    cli = main(["fit", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier)])
+    metrics = cli.trainer.callback_metrics
+    for key in ("val/accuracy", "val/macro_f1", "val/frechet", "val/reward", "val/kl",
+                "val/pretrained_accuracy", "val/pretrained_frechet"):
+        assert key in metrics, key
+    assert 0 <= float(metrics["val/accuracy"]) <= 1 and float(metrics["val/frechet"]) >= 0
+    assert float(metrics["val/kl"]) > 0  # two steps of training moved the policy
+    ckpt = next((tmp_path).rglob("*.ckpt"))
+
+    cli = main(["validate", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--ckpt_path", str(ckpt)])
+    assert float(cli.trainer.callback_metrics["val/kl"]) == pytest.approx(float(metrics["val/kl"]), rel=1e-4)
+
+    main(["predict", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier, "--data.predict_labels", "[1, 3, 7]",
+                                "--model.guidance", "2.0"), "--ckpt_path", str(ckpt)])
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * 8 * 4, 3 * 8 * 4)  # 2 per label across, 3 labels down, scale 4
+
+
+def test_algorithm_swapped_by_short_name_on_the_command_line(tmp_path, tiny_pretrained, tiny_classifier):
+    args = tiny_args(tmp_path, tiny_pretrained, tiny_classifier)
+    cli = main([*args, "--model.algorithm", "DirectBackprop", "--model.algorithm.alpha", "0.5"], run=False)
+    algo = cli.model.algorithm
+    assert type(algo).__name__ == "DirectBackprop" and algo.alpha == 0.5
+
+
+def test_unknown_algorithm_lists_the_available_ones(tmp_path, tiny_pretrained, tiny_classifier, capsys):
+    with pytest.raises(SystemExit):
+        main([*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.algorithm", "Nope"], run=False)
+    err = capsys.readouterr().err
+    assert "not an available algorithm; available: " in err and "DirectBackprop" in err

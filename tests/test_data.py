@@ -1,0 +1,61 @@
+"""Digits splits and the label prior."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctrl.datamodules import LabelsDataModule, digits_split
+from ctrl.datamodules.digits import SPLITS
+
+
+def test_splits_are_disjoint_fixed_and_cover_the_data():
+    seen = []
+    for name in SPLITS:
+        images, labels = digits_split(name)
+        assert images.shape[1:] == (1, 16, 16) and images.min() >= -1 and images.max() <= 1
+        assert len(images) == len(labels) and set(labels.tolist()) == set(range(10))
+        seen.append(images.flatten(1))
+    everything = torch.cat(seen)
+    assert len(everything) == 1797
+    # no image (as pixels) appears in two splits: distinct rows = all rows of the bundled data set
+    assert len(torch.unique(everything, dim=0)) == len(torch.unique(torch.cat(seen), dim=0))
+    a, _ = digits_split("heldout")
+    b, _ = digits_split("heldout")
+    assert torch.equal(a, b)
+
+
+def test_label_batches_follow_the_prior():
+    dm = LabelsDataModule(num_labels=4, prior=[0.5, 0.25, 0.25, 0.0], batch_size=8, batches_per_epoch=3)
+    for batch in dm.train_dataloader():
+        counts = torch.bincount(batch, minlength=4)
+        assert counts.tolist() == [4, 2, 2, 0]
+
+
+def test_uniform_prior_is_stratified_and_reproducible():
+    dm = LabelsDataModule(num_labels=10, batch_size=20, batches_per_epoch=2, seed=3)
+    first = list(dm.train_dataloader())
+    assert all(torch.bincount(b, minlength=10).tolist() == [2] * 10 for b in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, dm.train_dataloader()))
+
+
+def test_eval_labels_are_balanced_with_fixed_seeds():
+    dm = LabelsDataModule(num_labels=3, eval_per_label=4, eval_batch_size=5)
+    labels, seeds = (torch.cat(x) for x in zip(*dm.val_dataloader()))
+    assert torch.bincount(labels).tolist() == [4, 4, 4]
+    assert len(set(seeds.tolist())) == 12
+
+
+@pytest.mark.parametrize("prior, message", [
+    ([0.5, 0.5], "has 2 entries but there are 3 labels"),
+    ([0.5, 0.6, -0.1], "not a probability distribution"),
+    ([0.2, 0.2, 0.2], "sum to 0.6"),
+])
+def test_bad_prior_is_one_clear_message(prior, message):
+    with pytest.raises(ValueError, match=message):
+        LabelsDataModule(num_labels=3, prior=prior)
+
+
+def test_predict_label_outside_label_set():
+    with pytest.raises(ValueError, match=r"data.predict_labels: \[12\] are outside the label set 0..9"):
+        LabelsDataModule(num_labels=10, predict_labels=[3, 12])
