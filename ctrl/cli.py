@@ -6,7 +6,9 @@ Every run is a YAML config (configs/); any value can be overridden on the comman
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -49,8 +51,18 @@ def main(args: list[str] | None = None, run: bool = True) -> CtrlCLI:
 
 
 def console() -> None:
-    """Entry point of the ``ctrl`` console script (exit status 0 on success)."""
-    main()
+    """Entry point of the ``ctrl`` console script (exit status 0 on success).
+
+    A user's mistake (a bad path, setting or label) ends in one line naming the setting, not a
+    stack trace; set CTRL_DEBUG=1 to see the trace.
+    """
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        if os.environ.get("CTRL_DEBUG"):
+            raise
+        print(f"ctrl: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

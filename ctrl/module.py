@@ -83,6 +83,13 @@ class ControlModule(L.LightningModule):
         self.baseline: dict[str, float] | None = None
         self.last_metrics: dict[str, float] = {}
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        n = getattr(datamodule, "num_labels", None)
+        if n is not None and n != self.policy.num_labels:
+            raise ValueError(f"data.num_labels={n} but model.policy.num_labels={self.policy.num_labels}; the labels "
+                             "drawn for training must be the policy's label set: make them equal.")
+
     # -- training -------------------------------------------------------------------------------
     def training_step(self, labels: Tensor, batch_idx: int) -> Tensor:
         trajectory = sample(self.policy, labels, self.num_steps, self.eta,

@@ -1,0 +1,109 @@
+"""Each bad input a user can give is answered by one clear message naming the setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctrl.algorithms import DirectBackprop
+from ctrl.evaluation import DigitsEvaluator
+from ctrl.module import ControlModule
+from ctrl.policy import UNetPolicy
+from ctrl.rewards import ClassifierLogProb, Reward
+
+from conftest import make_tiny_classifier
+
+
+class JpegSize(Reward):
+    differentiable = False
+
+    def forward(self, x0, labels):
+        return torch.zeros(len(x0))
+
+
+def _module(tiny_pretrained, tiny_classifier, **kw):
+    policy = kw.pop("policy", None) or UNetPolicy(tiny_pretrained, num_labels=10)
+    reward = kw.pop("reward", None) or ClassifierLogProb(tiny_classifier)
+    return ControlModule(policy, reward, kw.pop("algorithm", DirectBackprop()), **kw)
+
+
+def test_eta_zero_is_refused(tiny_pretrained, tiny_classifier):
+    with pytest.raises(ValueError, match=r"model.eta=0.*set model.eta in \(0, 1\]"):
+        _module(tiny_pretrained, tiny_classifier, eta=0.0)
+
+
+def test_classifier_label_count_must_match_policy(tiny_pretrained, tmp_path):
+    five = make_tiny_classifier(tmp_path / "five.safetensors", num_labels=5)
+    with pytest.raises(ValueError, match=r"reward scores 5 labels but the policy has 10 \(model.policy.num_labels\)"):
+        _module(tiny_pretrained, five)
+
+
+def test_non_differentiable_reward_refused_by_direct_backprop(tiny_pretrained, tiny_classifier):
+    with pytest.raises(ValueError, match="DirectBackprop needs a differentiable reward, but JpegSize is not"):
+        _module(tiny_pretrained, tiny_classifier, reward=JpegSize())
+
+
+def test_missing_pretrained_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model.policy.pretrained: no model directory at '.*nowhere'"):
+        UNetPolicy(str(tmp_path / "nowhere"))
+
+
+def test_unreadable_pretrained_weights(tmp_path, tiny_pretrained):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pretrained, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) // 2])  # a truncated download
+    with pytest.raises(ValueError, match=r"model.policy.pretrained: could not load a diffusers UNet2DModel from"):
+        UNetPolicy(str(broken))
+    assert (Path(tiny_pretrained) / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()  # source intact
+
+
+def test_missing_and_corrupt_classifier(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.reward.path: no classifier file"):
+        ClassifierLogProb(str(tmp_path / "none.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.reward.path: .* is not a readable ctrl classifier"):
+        ClassifierLogProb(str(bad))
+
+
+def test_label_outside_label_set_at_evaluation(tiny_pretrained, tiny_classifier):
+    module = _module(tiny_pretrained, tiny_classifier, evaluator=None)
+    with pytest.raises(ValueError, match=r"labels \[11\] are outside the label set 0..9"):
+        module.predict_step((torch.tensor([1, 11]), torch.tensor([0, 1])), 0)
+
+
+def test_nothing_trainable_and_bad_lora_target(tiny_pretrained):
+    with pytest.raises(ValueError, match="nothing is trainable"):
+        UNetPolicy(tiny_pretrained, label_embedding=False)
+    with pytest.raises(ValueError, match=r"model.policy.lora_target_modules: \['not_a_layer'\] match no module"):
+        UNetPolicy(tiny_pretrained, lora_rank=2, lora_target_modules=["not_a_layer"])
+
+
+def test_negative_alpha():
+    with pytest.raises(ValueError, match="alpha .* must be >= 0"):
+        DirectBackprop(alpha=-1.0)
+
+
+def test_command_line_error_is_one_message_without_traceback(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"
+    proc = subprocess.run([sys.executable, "-m", "ctrl.cli", "fit", "--config", str(config), "--model.eta", "0",
+                           "--trainer.default_root_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "model.eta=0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_datamodule_label_count_must_match_policy(tiny_pretrained, tiny_classifier):
+    from types import SimpleNamespace
+
+    module = _module(tiny_pretrained, tiny_classifier)
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(num_labels=7))  # what Lightning attaches
+    with pytest.raises(ValueError, match="data.num_labels=7 but model.policy.num_labels=10"):
+        module.setup("fit")
