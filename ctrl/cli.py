@@ -32,10 +32,9 @@ class CtrlArgumentParser(LightningArgumentParser):
 class CtrlCLI(LightningCLI):
     """LightningCLI with ctrl's plugins loaded before parsing, so configs can name them by class name."""
 
-    parser_class = CtrlArgumentParser
-
     def __init__(self, *args, **kwargs):
         load_plugins()
+        kwargs.setdefault("parser_class", CtrlArgumentParser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})

@@ -163,6 +163,8 @@ class UNetPolicy(DiffusionPolicy):
                                  "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0, conv1, conv2.")
             self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
                                              target_modules=targets, init_lora_weights=True))
+            if label_embedding:  # peft freezes everything but the adapters; the embedding trains too
+                self.unet.class_embedding.requires_grad_(True)
         self.step_bias = nn.Parameter(torch.zeros(num_labels + 1, num_buckets, *self.sample_shape)) if step_bias else None
         self.head = ResidualControlHead(self.sample_shape[0], num_labels, num_buckets, head_width) if residual_head else None
 
