@@ -2,5 +2,6 @@
 
 from ctrl.algorithms.base import Algorithm
 from ctrl.algorithms.direct import DirectBackprop
+from ctrl.algorithms.ppo import PPO
 
-__all__ = ["Algorithm", "DirectBackprop"]
+__all__ = ["Algorithm", "DirectBackprop", "PPO"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ctrl.rewards.base import Reward
@@ -32,10 +35,31 @@ class Algorithm(nn.Module, ABC):
         """How many of the last sampling steps carry gradients in a training rollout."""
         return num_steps if self.requires_grad_through_sampler else 0
 
+    def updates(self, trajectory: Trajectory, policy, reward: Reward) -> Iterator[Any]:
+        """What one rollout turns into: one item per optimizer step, each passed to :meth:`loss`.
+
+        The default is one step on the whole rollout; PPO yields minibatches over inner epochs.
+        """
+        yield trajectory
+
     @abstractmethod
-    def loss(self, trajectory: Trajectory, policy, reward: Reward) -> dict[str, Tensor]:
-        """``{"loss": scalar, ...statistics}`` for one batch of rollouts."""
+    def loss(self, batch: Any, policy, reward: Reward) -> dict[str, Tensor]:
+        """``{"loss": scalar, ...statistics}`` for one item of :meth:`updates`."""
 
     def param_groups(self) -> list[dict]:
         """Extra trainable parameters (e.g. a value network) as optimizer groups with their own lr."""
         return []
+
+
+def finite_rewards(rewards: Tensor) -> Tensor:
+    """Mask ``[B]`` of finite rewards; NaN or Inf ones are reported with their count (and must be dropped).
+
+    A reward that is NaN for some samples must never be averaged in silently: it would poison the
+    whole step.
+    """
+    finite = torch.isfinite(rewards)
+    bad = int((~finite).sum())
+    if bad:
+        warnings.warn(f"the reward returned NaN or Inf for {bad} of {len(rewards)} samples; they are dropped "
+                      "from this step", RuntimeWarning, stacklevel=2)
+    return finite

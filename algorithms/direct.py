@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ctrl.algorithms.base import Algorithm
+from ctrl.algorithms.base import Algorithm, finite_rewards
 from ctrl.registry import register_algorithm
 
 
@@ -52,7 +52,9 @@ class DirectBackprop(Algorithm):
 
     def loss(self, trajectory, policy, reward):
         rewards = reward(trajectory.samples, trajectory.labels)
-        kl = trajectory.kl.sum(1)
-        objective = rewards - self.alpha * kl
-        return {"loss": -objective.mean(), "reward": rewards.mean().detach(), "kl": kl.mean().detach(),
-                "objective": objective.mean().detach()}
+        finite = finite_rewards(rewards.detach())
+        kl = trajectory.kl.sum(1)[finite]
+        objective = rewards[finite] - self.alpha * kl
+        return {"loss": -objective.mean() if finite.any() else rewards.sum() * 0.0,
+                "reward": rewards[finite].mean().detach(), "kl": kl.mean().detach(),
+                "objective": objective.mean().detach(), "nonfinite_rewards": (~finite).sum().float()}

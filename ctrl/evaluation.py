@@ -7,6 +7,7 @@ by a Frechet distance to held-out real images in that judge's feature space.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from functools import lru_cache
 
@@ -21,6 +22,9 @@ class Evaluator(ABC):
     """Scores samples ``[N, C, H, W]`` generated for labels ``[N]``; returns named scalar tensors."""
 
     num_labels: int
+
+    def attach(self, module) -> None:
+        """Called once by the ControlModule that evaluates with it (an evaluator may read its settings)."""
 
     @abstractmethod
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -98,4 +102,70 @@ class DigitsEvaluator(Evaluator):
             "min_class_accuracy": per_class[present].min(),
             "frechet": self.frechet(samples),
             "confusion": confusion,
+        }
+
+
+def tilted_gaussian(mean: Tensor, std: float | Tensor, A: Tensor, y: Tensor, sigma: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """Mean ``[d]`` and covariance ``[d, d]`` of p(x) ∝ N(x; m, s^2 I) exp(-||A x - y||^2 / (2 sigma^2 alpha)).
+
+    Precision ``P = I / s^2 + A^T A / (sigma^2 alpha)``, mean ``P^-1 (m / s^2 + A^T y / (sigma^2 alpha))``.
+    """
+    A, y, mean = A.double(), y.double(), mean.double()
+    d = mean.numel()
+    precision = torch.eye(d, dtype=torch.float64) / std**2 + A.T @ A / (sigma**2 * alpha)
+    cov = torch.linalg.inv(precision)
+    return cov @ (mean / std**2 + A.T @ y / (sigma**2 * alpha)), cov
+
+
+def gaussian_kl_full(mean: Tensor, cov: Tensor, mean_ref: Tensor, std_ref: float) -> Tensor:
+    """KL(N(mean, cov) || N(mean_ref, std_ref^2 I)) in closed form."""
+    d = mean.numel()
+    diff = (mean - mean_ref.double())
+    return 0.5 * (torch.trace(cov) / std_ref**2 + diff.dot(diff) / std_ref**2 - d
+                  + d * math.log(std_ref**2) - torch.logdet(cov))
+
+
+class TiltedGaussianEvaluator(Evaluator):
+    """Checks samples against the closed-form target of the Gaussian world.
+
+    The target is p_pre(x) exp(r(x) / alpha) / Z, where p_pre is the N(m', v I) that the pretrained
+    chain really samples on the evaluation grid (``AnalyticGaussian.pretrained_marginal``; close to
+    the data N(m, s^2 I) for fine grids), r is the GaussianLogLikelihood reward (A, y, sigma) and
+    alpha the algorithm's KL weight. All are read from the module, so any of them can be changed on
+    the command line and the check follows.
+
+    Metrics: ``target_mean_rel_err`` = ||mean_hat - mean*|| / ||mean*|| (over sqrt(tr cov*) when
+    mean* = 0), ``target_cov_rel_err`` = ||cov_hat - cov*||_F / ||cov*||_F, and ``target_kl``, the
+    closed-form KL of the target to p_pre (beside the module's estimated ``kl``, an upper bound:
+    the chain KL is at least the KL of its final marginal).
+    """
+
+    num_labels = 1
+
+    def __init__(self):
+        self.target: tuple[Tensor, Tensor] | None = None
+
+    def attach(self, module) -> None:
+        policy, reward, alpha = module.policy, module.reward, getattr(module.algorithm, "alpha", None)
+        if not alpha or alpha <= 0:
+            raise ValueError("TiltedGaussianEvaluator needs the algorithm's KL weight alpha > 0 (the target "
+                             "p_pre exp(r / alpha) is undefined at alpha = 0); set model.algorithm.alpha.")
+        if not hasattr(policy, "pretrained_marginal") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
+            raise ValueError("TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward "
+                             "GaussianLogLikelihood.")
+        mean, var = policy.pretrained_marginal(module.eval_num_steps, module.eta)
+        self.pretrained = (mean, math.sqrt(var))
+        self.target = tilted_gaussian(mean, math.sqrt(var), reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)
+
+    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        if self.target is None:
+            raise RuntimeError("TiltedGaussianEvaluator.attach was not called")
+        mean_t, cov_t = self.target
+        x = samples.detach().cpu().double()
+        mean_hat, cov_hat = x.mean(0), torch.cov(x.T).reshape(cov_t.shape)
+        scale = mean_t.norm() if mean_t.norm() > 1e-8 else torch.trace(cov_t).sqrt()
+        return {
+            "target_mean_rel_err": ((mean_hat - mean_t).norm() / scale).float(),
+            "target_cov_rel_err": ((cov_hat - cov_t).norm() / cov_t.norm()).float(),
+            "target_kl": gaussian_kl_full(mean_t, cov_t, *self.pretrained).float(),
         }

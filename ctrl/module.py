@@ -45,6 +45,7 @@ class ControlModule(L.LightningModule):
         guidance: gamma at evaluation and prediction, ``eps = eps_pre + gamma (eps_theta - eps_pre)``.
         eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
         gradient_checkpointing: recompute each step's network call in the backward pass.
+        max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
         weight_decay: AdamW weight decay (learning rates are per part, in the policy and the algorithm).
     """
 
@@ -60,9 +61,12 @@ class ControlModule(L.LightningModule):
         guidance: float = 1.0,
         eval_pretrained: bool = True,
         gradient_checkpointing: bool = False,
+        max_grad_norm: float | None = 1.0,
         weight_decay: float = 0.0,
     ):
         super().__init__()
+        # An algorithm may take several optimizer steps per rollout (PPO's inner epochs).
+        self.automatic_optimization = False
         if not 0 < eta <= 1:
             raise ValueError(f"model.eta={eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
                              f"the KL to the pretrained chain exist only for eta > 0); set model.eta in (0, 1], "
@@ -79,6 +83,11 @@ class ControlModule(L.LightningModule):
         self.eval_num_steps = eval_num_steps or num_steps
         self.guidance, self.eval_pretrained = guidance, eval_pretrained
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"model.max_grad_norm must be > 0 or null, got {max_grad_norm}.")
+        self.max_grad_norm = max_grad_norm
+        if evaluator is not None:
+            evaluator.attach(self)
         self._eval_outputs: dict[str, list] = {}
         self.baseline: dict[str, float] | None = None
         self.last_metrics: dict[str, float] = {}
@@ -91,13 +100,20 @@ class ControlModule(L.LightningModule):
                              "drawn for training must be the policy's label set: make them equal.")
 
     # -- training -------------------------------------------------------------------------------
-    def training_step(self, labels: Tensor, batch_idx: int) -> Tensor:
-        trajectory = sample(self.policy, labels, self.num_steps, self.eta,
-                            grad_steps=self.algorithm.grad_steps(self.num_steps),
-                            gradient_checkpointing=self.gradient_checkpointing)
-        out = self.algorithm.loss(trajectory, self.policy, self.reward)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
-        return out["loss"]
+    def training_step(self, labels: Tensor, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        grad_steps = self.algorithm.grad_steps(self.num_steps)
+        with torch.set_grad_enabled(grad_steps > 0):
+            trajectory = sample(self.policy, labels, self.num_steps, self.eta, grad_steps=grad_steps,
+                                gradient_checkpointing=self.gradient_checkpointing)
+        for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
+            out = self.algorithm.loss(batch, self.policy, self.reward)
+            optimizer.zero_grad()
+            self.manual_backward(out["loss"])
+            if self.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
 
     def configure_optimizers(self):
         groups = self.policy.param_groups() + self.algorithm.param_groups()
@@ -146,7 +162,7 @@ class ControlModule(L.LightningModule):
     @rank_zero_only
     def _log_images(self, stage: str, samples: Tensor, labels: Tensor, confusion: Tensor | None) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):
+        if experiment is None or not hasattr(experiment, "add_image") or samples.ndim != 4:
             return
         per_label = [samples[labels == y][:8] for y in range(self.policy.num_labels)]
         rows = [torch.cat([s, s.new_full((8 - len(s), *s.shape[1:]), -1.0)]) for s in per_label]
@@ -172,7 +188,8 @@ class ControlModule(L.LightningModule):
         if not self.last_metrics:
             return "no evaluation has run"
         lines = [f"{'metric':<20}{'pretrained':>12}{'fine-tuned':>12}"]
-        for key in SUMMARY_KEYS:
+        keys = [k for k in SUMMARY_KEYS if k in self.last_metrics]
+        for key in keys + [k for k in self.last_metrics if k not in keys]:
             if key in self.last_metrics:
                 base = f"{self.baseline[key]:.4f}" if self.baseline and key in self.baseline else "-"
                 lines.append(f"{key:<20}{base:>12}{self.last_metrics[key]:>12.4f}")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Trajectory", "StepGrid", "make_grid", "step_mean", "gaussian_log_prob", "gaussian_kl", "sample"]
+__all__ = ["Trajectory", "StepGrid", "make_grid", "step_mean", "step_means", "gaussian_log_prob", "gaussian_kl", "sample"]
 
 
 @dataclass
@@ -38,15 +38,20 @@ class Trajectory:
         latents: ``[B, N+1, C, H, W]``; ``latents[:, 0]`` is the noise x_T, ``latents[:, -1]`` the sample x_0.
         log_probs: ``[B, N]``; log pi(x_{k-1} | x_k) of the policy that sampled, summed over pixels.
         kl: ``[B, N]``; exact KL of each step of the sampling policy to the pretrained chain.
-        timesteps: ``[N]``; the model timestep of each step, from noise to data.
         labels: ``[B]``; the condition (label index) of each chain.
+        grid: the step coefficients (timesteps ``[N]`` from noise to data, alphas, sigmas), so that
+            an algorithm can re-evaluate any stored step with :func:`step_means`.
     """
 
     latents: Tensor
     log_probs: Tensor
     kl: Tensor
-    timesteps: Tensor
     labels: Tensor
+    grid: StepGrid
+
+    @property
+    def timesteps(self) -> Tensor:
+        return self.grid.timesteps
 
     @property
     def samples(self) -> Tensor:
@@ -115,6 +120,25 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, sigma: float) -> Tensor:
     return (mean - mean_ref).flatten(1).pow(2).sum(1) / (2 * sigma**2)
 
 
+def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, guidance: float = 1.0,
+               gradient_checkpointing: bool = False) -> tuple[Tensor, Tensor]:
+    """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``.
+
+    The one place where a step's network call happens (sampling and every algorithm's re-evaluation
+    of a stored step). Control is switched off on a deterministic step (sigma = 0): it has no
+    density and an infinite KL.
+    """
+    a, a_prev, s = float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])
+    t = grid.timesteps[k].to(x.device)
+    g = guidance if s > 0 else 0.0
+    if gradient_checkpointing and torch.is_grad_enabled():
+        eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, use_reentrant=False)
+    else:
+        eps, eps_pre = policy.eps(x, t, labels, g)
+    clip = policy.clip_range
+    return step_mean(x, eps, a, a_prev, s, clip), step_mean(x, eps_pre, a, a_prev, s, clip)
+
+
 def sample(
     policy,
     labels: Tensor,
@@ -153,26 +177,16 @@ def sample(
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    clip = policy.clip_range
     x = noise[:, 0]
     latents, log_probs, kls = [x], [], []
     first_grad_step = num_steps - max(0, min(grad_steps, num_steps))
     for k in range(num_steps):
-        a, a_prev, s = (float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k]))
-        t = grid.timesteps[k].to(device)
-        stochastic = s > 0
+        s = float(grid.sigma[k])
         with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
             if k == first_grad_step:
                 x = x.detach()
-            # Control is switched off on a deterministic step: it has no density and an infinite KL.
-            g = guidance if stochastic else 0.0
-            if gradient_checkpointing and torch.is_grad_enabled():
-                eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, use_reentrant=False)
-            else:
-                eps, eps_pre = policy.eps(x, t, labels, g)
-            mean = step_mean(x, eps, a, a_prev, s, clip)
-            if stochastic:
-                mean_pre = step_mean(x, eps_pre, a, a_prev, s, clip)
+            mean, mean_pre = step_means(policy, x, grid, k, labels, guidance, gradient_checkpointing)
+            if s > 0:
                 x_next = mean + s * noise[:, k + 1]
                 log_probs.append(gaussian_log_prob(x_next.detach(), mean, s))
                 kls.append(gaussian_kl(mean, mean_pre, s))
@@ -186,6 +200,6 @@ def sample(
         latents=torch.stack(latents, 1),
         log_probs=torch.stack(log_probs, 1),
         kl=torch.stack(kls, 1),
-        timesteps=grid.timesteps.to(device),
         labels=labels,
+        grid=grid,
     )

@@ -1,6 +1,7 @@
 """Policies: a frozen pretrained diffusion model plus a trainable control, as one nn.Module."""
 
 from ctrl.policy.base import DiffusionPolicy
+from ctrl.policy.gaussian import AnalyticGaussian
 from ctrl.policy.unet import ResidualControlHead, UNetPolicy, load_pretrained_unet
 
-__all__ = ["DiffusionPolicy", "UNetPolicy", "ResidualControlHead", "load_pretrained_unet"]
+__all__ = ["AnalyticGaussian", "DiffusionPolicy", "UNetPolicy", "ResidualControlHead", "load_pretrained_unet"]

@@ -2,5 +2,6 @@
 
 from ctrl.rewards.base import Reward
 from ctrl.rewards.classifier import ClassifierLogProb
+from ctrl.rewards.gaussian import GaussianLogLikelihood
 
-__all__ = ["Reward", "ClassifierLogProb"]
+__all__ = ["Reward", "ClassifierLogProb", "GaussianLogLikelihood"]

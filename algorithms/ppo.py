@@ -1,0 +1,137 @@
+"""Discrete-time PPO over the denoising chain (DDPO, Black et al. 2024) with the exact per-step KL.
+
+Rollouts run without gradients and store each step's log-probability. The objective is the same
+KL-regularised one as every plugin's, ``E[r(x0)] - alpha * sum_k KL_k``, and its gradient has two
+parts, both used here:
+  - score function: step k's log-probability times its return ``r(x0) - alpha * sum_{j>k} KL_j``
+    (the KL of the LATER steps depends on this step's action), minus a baseline, through PPO's
+    clipped importance ratio;
+  - the direct gradient of ``alpha * KL_k`` with respect to the policy at the stored state x_k.
+With both, the optimum is the tilted target ``p_pre(x) exp(r(x) / alpha) / Z``.
+
+Advantages are centred per step (optionally per condition); ``standardize`` also divides by their
+standard deviation as DDPO does, which rescales the reward part against the KL part and so moves
+the optimum away from the closed-form target (an effective alpha): use it for speed, not for the
+closed-form check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ctrl.algorithms.base import Algorithm, finite_rewards
+from ctrl.registry import register_algorithm
+from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_means
+
+
+@dataclass
+class PPOMinibatch:
+    """Stored chains for one optimizer step.
+
+    Attributes:
+        latents: ``[M, N+1, ...]`` states of M chains.
+        old_log_probs: ``[M, N]`` log-probabilities under the rollout policy.
+        advantages: ``[M, N]``.
+        labels: ``[M]``.
+        rewards: ``[M]`` rewards of the final samples.
+        steps: the step indices (stochastic steps only) this update uses.
+        grid: the rollout's step coefficients.
+    """
+
+    latents: Tensor
+    old_log_probs: Tensor
+    advantages: Tensor
+    labels: Tensor
+    rewards: Tensor
+    steps: list[int]
+    grid: StepGrid
+
+
+@register_algorithm
+class PPO(Algorithm):
+    """Args:
+        alpha: KL weight (>= 0).
+        clip_range: PPO's epsilon (> 0): ratios are clipped to [1 - eps, 1 + eps].
+        inner_epochs: passes over each rollout.
+        minibatch_size: chains per optimizer step (None: the whole rollout).
+        timestep_fraction: fraction of the stochastic steps used per update, in (0, 1] (DDPO's
+            ``timestep_fraction``); the loss is rescaled to stay unbiased.
+        advantages: "center" (subtract the per-step mean) or "standardize" (also divide by the std).
+        per_condition: compute the baselines per label instead of over the whole batch.
+        advantage_clip: clip advantages to +-this (None: no clipping).
+    """
+
+    requires_log_prob = True
+
+    def __init__(self, alpha: float = 0.1, clip_range: float = 0.2, inner_epochs: int = 1,
+                 minibatch_size: int | None = None, timestep_fraction: float = 1.0,
+                 advantages: Literal["center", "standardize"] = "center", per_condition: bool = False,
+                 advantage_clip: float | None = None):
+        super().__init__()
+        if alpha < 0:
+            raise ValueError(f"PPO alpha (the KL weight) must be >= 0, got {alpha}.")
+        if clip_range <= 0:
+            raise ValueError(f"PPO clip_range must be > 0, got {clip_range}.")
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError(f"PPO timestep_fraction must lie in (0, 1], got {timestep_fraction}.")
+        if inner_epochs < 1 or (minibatch_size is not None and minibatch_size < 1):
+            raise ValueError("PPO inner_epochs and minibatch_size must be >= 1.")
+        if advantage_clip is not None and advantage_clip <= 0:
+            raise ValueError(f"PPO advantage_clip must be > 0 or null, got {advantage_clip}.")
+        self.alpha, self.clip_range, self.inner_epochs = alpha, clip_range, inner_epochs
+        self.minibatch_size, self.timestep_fraction = minibatch_size, timestep_fraction
+        self.advantage_mode, self.per_condition, self.advantage_clip = advantages, per_condition, advantage_clip
+
+    def _normalise(self, returns: Tensor, labels: Tensor) -> Tensor:
+        groups = [labels == y for y in labels.unique()] if self.per_condition else [torch.ones_like(labels, dtype=torch.bool)]
+        adv = torch.zeros_like(returns)
+        for g in groups:
+            centred = returns[g] - returns[g].mean(0, keepdim=True)
+            if self.advantage_mode == "standardize" and g.sum() > 1:
+                centred = centred / (returns[g].std(0, keepdim=True) + 1e-8)
+            adv[g] = centred
+        if self.advantage_clip is not None:
+            adv = adv.clamp(-self.advantage_clip, self.advantage_clip)
+        return adv
+
+    def updates(self, trajectory, policy, reward):
+        with torch.no_grad():
+            rewards = reward(trajectory.samples, trajectory.labels)
+        keep = finite_rewards(rewards)
+        if not keep.any():
+            return
+        rewards, kl = rewards[keep], trajectory.kl[keep]
+        latents, labels, old = trajectory.latents[keep], trajectory.labels[keep], trajectory.log_probs[keep]
+        later_kl = kl.flip(1).cumsum(1).flip(1) - kl  # sum over j > k
+        advantages = self._normalise(rewards[:, None] - self.alpha * later_kl, labels)
+        stochastic = [k for k in range(trajectory.num_steps) if float(trajectory.grid.sigma[k]) > 0]
+        n_steps = max(1, round(self.timestep_fraction * len(stochastic)))
+        size = self.minibatch_size or len(rewards)
+        for _ in range(self.inner_epochs):
+            for idx in torch.randperm(len(rewards), device=rewards.device).split(size):
+                steps = [stochastic[i] for i in torch.randperm(len(stochastic))[:n_steps].tolist()]
+                yield PPOMinibatch(latents[idx], old[idx], advantages[idx], labels[idx], rewards[idx], sorted(steps),
+                                   trajectory.grid)
+
+    def loss(self, batch: PPOMinibatch, policy, reward):
+        total, clipped, kl_total, approx_kl = 0.0, 0.0, 0.0, 0.0
+        scale = sum(1 for k in range(len(batch.grid.sigma)) if float(batch.grid.sigma[k]) > 0) / len(batch.steps)
+        for k in batch.steps:
+            s = float(batch.grid.sigma[k])
+            mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels)
+            log_ratio = gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]
+            ratio = log_ratio.exp()
+            adv = batch.advantages[:, k]
+            surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
+            kl = gaussian_kl(mean, mean_pre, s)
+            total = total + surrogate.mean() + self.alpha * kl.mean()
+            clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
+            kl_total += float(kl.mean())
+            approx_kl += float((0.5 * log_ratio.square()).mean())
+        n = len(batch.steps)
+        return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale), "clip_fraction": torch.tensor(clipped / n),
+                "approx_policy_kl": torch.tensor(approx_kl / n), "advantage_abs": batch.advantages.abs().mean()}
