@@ -1,7 +1,9 @@
 """Built-in RL algorithm plugins (installed as ctrl.algorithms); each registers itself by class name."""
 
 from ctrl.algorithms.base import Algorithm
+from ctrl.algorithms.continuous import ContinuousTimePG
 from ctrl.algorithms.direct import DirectBackprop
 from ctrl.algorithms.ppo import PPO
+from ctrl.algorithms.raft import RAFT
 
-__all__ = ["Algorithm", "DirectBackprop", "PPO"]
+__all__ = ["Algorithm", "ContinuousTimePG", "DirectBackprop", "PPO", "RAFT"]

@@ -41,7 +41,9 @@ class ControlModule(L.LightningModule):
         evaluator: the independent judge used by validate/test (None: reward and KL only).
         num_steps: sampling steps of a training rollout.
         eta: DDIM stochasticity of training rollouts; > 0 (log-probabilities and the KL need noise).
-        eval_num_steps: sampling steps in validate/test/predict (default: num_steps).
+        eval_num_steps: sampling steps in validate/test/predict (default: num_steps); a list such as
+            [25, 50, 100] evaluates at each (the first is the main one, logged as ``val/...``; the
+            others as ``val/steps_<n>/...``), to measure robustness to the number of steps.
         guidance: gamma at evaluation and prediction, ``eps = eps_pre + gamma (eps_theta - eps_pre)``.
         eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
         gradient_checkpointing: recompute each step's network call in the backward pass.
@@ -57,7 +59,7 @@ class ControlModule(L.LightningModule):
         evaluator: Evaluator | None = None,
         num_steps: int = 10,
         eta: float = 1.0,
-        eval_num_steps: int | None = None,
+        eval_num_steps: int | list[int] | None = None,
         guidance: float = 1.0,
         eval_pretrained: bool = True,
         gradient_checkpointing: bool = False,
@@ -80,7 +82,10 @@ class ControlModule(L.LightningModule):
         algorithm.setup(policy, reward)
         self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
         self.num_steps, self.eta = num_steps, eta
-        self.eval_num_steps = eval_num_steps or num_steps
+        steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
+        if not steps or min(steps) < 2:
+            raise ValueError(f"model.eval_num_steps must be at least 2 (each entry), got {eval_num_steps}.")
+        self.eval_num_steps, self.extra_eval_num_steps = steps[0], steps[1:]
         self.guidance, self.eval_pretrained = guidance, eval_pretrained
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -133,11 +138,12 @@ class ControlModule(L.LightningModule):
     def _eval_step(self, batch) -> None:
         labels, seeds = batch
         self.policy.check_labels(labels.tolist(), "evaluation labels")
-        runs = {"policy": self.guidance}
+        runs = {"policy": (self.guidance, self.eval_num_steps)}
+        runs.update({f"steps_{n}": (self.guidance, n) for n in self.extra_eval_num_steps})
         if self.eval_pretrained and self.baseline is None:
-            runs["pretrained"] = 0.0
-        for name, gamma in runs.items():
-            traj = self.generate(labels, seeds, gamma)
+            runs["pretrained"] = (0.0, self.eval_num_steps)
+        for name, (gamma, n) in runs.items():
+            traj = self.generate(labels, seeds, gamma, n)
             out = self._eval_outputs.setdefault(name, [])
             out.append((traj.samples.cpu(), labels.cpu(), self.reward(traj.samples, labels).cpu(), traj.kl.sum(1).cpu()))
 
@@ -150,7 +156,7 @@ class ControlModule(L.LightningModule):
                 metrics.update(self.evaluator.evaluate(samples, labels))
             confusion = metrics.pop("confusion", None)
             results[name] = {k: float(v) for k, v in metrics.items()}
-            prefix = f"{stage}/" if name == "policy" else f"{stage}/pretrained_"
+            prefix = {"policy": f"{stage}/", "pretrained": f"{stage}/pretrained_"}.get(name, f"{stage}/{name}/")
             self.log_dict({prefix + k: v for k, v in results[name].items()}, sync_dist=True)
             if name == "policy":
                 self._log_images(stage, samples, labels, confusion)

@@ -38,6 +38,8 @@ class Trajectory:
         latents: ``[B, N+1, C, H, W]``; ``latents[:, 0]`` is the noise x_T, ``latents[:, -1]`` the sample x_0.
         log_probs: ``[B, N]``; log pi(x_{k-1} | x_k) of the policy that sampled, summed over pixels.
         kl: ``[B, N]``; exact KL of each step of the sampling policy to the pretrained chain.
+        ref_log_probs: ``[B, N]``; log p_pre(x_{k-1} | x_k) of the same steps under the pretrained
+            chain, so ``sum(ref_log_probs - log_probs)`` is the log density ratio of a whole path.
         labels: ``[B]``; the condition (label index) of each chain.
         grid: the step coefficients (timesteps ``[N]`` from noise to data, alphas, sigmas), so that
             an algorithm can re-evaluate any stored step with :func:`step_means`.
@@ -46,6 +48,7 @@ class Trajectory:
     latents: Tensor
     log_probs: Tensor
     kl: Tensor
+    ref_log_probs: Tensor
     labels: Tensor
     grid: StepGrid
 
@@ -178,7 +181,7 @@ def sample(
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
     x = noise[:, 0]
-    latents, log_probs, kls = [x], [], []
+    latents, log_probs, ref_log_probs, kls = [x], [], [], []
     first_grad_step = num_steps - max(0, min(grad_steps, num_steps))
     for k in range(num_steps):
         s = float(grid.sigma[k])
@@ -189,17 +192,21 @@ def sample(
             if s > 0:
                 x_next = mean + s * noise[:, k + 1]
                 log_probs.append(gaussian_log_prob(x_next.detach(), mean, s))
+                ref_log_probs.append(gaussian_log_prob(x_next.detach(), mean_pre.detach(), s))
                 kls.append(gaussian_kl(mean, mean_pre, s))
             else:
                 x_next = mean
-                log_probs.append(torch.zeros(batch, device=device))
-                kls.append(torch.zeros(batch, device=device))
+                zero = torch.zeros(batch, device=device)
+                log_probs.append(zero)
+                ref_log_probs.append(zero)
+                kls.append(zero)
         x = x_next
         latents.append(x)
     return Trajectory(
         latents=torch.stack(latents, 1),
         log_probs=torch.stack(log_probs, 1),
         kl=torch.stack(kls, 1),
+        ref_log_probs=torch.stack(ref_log_probs, 1),
         labels=labels,
         grid=grid,
     )

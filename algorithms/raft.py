@@ -1,0 +1,126 @@
+"""RAFT: reward-ranked fine-tuning (Dong et al., 2023) — sample, keep the best, fit them.
+
+Each rollout is ranked by reward; the policy is then fitted to what was kept by the usual
+denoising objective, written as the KL of each step's mean to the mean that the true noise gives
+(the DDPM bound's weighting), plus ``alpha`` times the KL to the pretrained chain at the same states.
+
+``selection="top"`` keeps the best ``keep_fraction`` (per label with ``per_condition``): classic
+RAFT. Its fixed point is the pretrained model truncated to high rewards, not the KL-regularised
+optimum, so it does not reach the closed-form target of the Gaussian check.
+``selection="tilted"`` instead weights every chain by ``exp(r / alpha) * p_pre(path) / q(path)``
+(self-normalised over the rollout; the path ratio comes from the stored log-probabilities) and
+fits the weighted chains' own transitions by maximum likelihood. The weighted chains represent
+``p_pre(path) exp(r(x0) / alpha)``, so this variant's fixed point is the tilted target, and the KL
+is already in the weights (alpha enters only there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ctrl.algorithms.base import Algorithm, finite_rewards
+from ctrl.registry import register_algorithm
+from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_mean, step_means
+
+
+@dataclass
+class RAFTMinibatch:
+    """Kept chains: latents ``[M, N+1, ...]``, weights, labels and rewards ``[M]``; steps to fit."""
+
+    latents: Tensor
+    weights: Tensor
+    labels: Tensor
+    rewards: Tensor
+    steps: list[int]
+    grid: StepGrid
+
+
+@register_algorithm
+class RAFT(Algorithm):
+    """Args:
+        alpha: KL weight (> 0 for "tilted", >= 0 for "top").
+        selection: "top" (keep the best fraction) or "tilted" (importance weights; see module docstring).
+        keep_fraction: fraction kept by "top", in (0, 1].
+        per_condition: rank within each label.
+        inner_epochs, minibatch_size: passes over the kept chains and chains per optimizer step.
+        timestep_fraction: fraction of the stochastic steps fitted per update, in (0, 1].
+    """
+
+    def __init__(self, alpha: float = 0.1, selection: Literal["top", "tilted"] = "top", keep_fraction: float = 0.25,
+                 per_condition: bool = True, inner_epochs: int = 1, minibatch_size: int | None = None,
+                 timestep_fraction: float = 1.0):
+        super().__init__()
+        if alpha < 0 or (selection == "tilted" and alpha == 0):
+            raise ValueError(f"RAFT alpha must be >= 0 (> 0 with selection 'tilted'), got {alpha}.")
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"RAFT keep_fraction must lie in (0, 1], got {keep_fraction}.")
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError(f"RAFT timestep_fraction must lie in (0, 1], got {timestep_fraction}.")
+        if inner_epochs < 1 or (minibatch_size is not None and minibatch_size < 1):
+            raise ValueError("RAFT inner_epochs and minibatch_size must be >= 1.")
+        self.alpha, self.selection, self.keep_fraction = alpha, selection, keep_fraction
+        self.per_condition, self.inner_epochs = per_condition, inner_epochs
+        self.minibatch_size, self.timestep_fraction = minibatch_size, timestep_fraction
+
+    def _weights(self, trajectory, rewards: Tensor) -> Tensor:
+        labels = trajectory.labels
+        groups = [labels == y for y in labels.unique()] if self.per_condition else [torch.ones_like(labels, dtype=torch.bool)]
+        weights = torch.zeros_like(rewards)
+        for g in groups:
+            if self.selection == "top":
+                idx = g.nonzero().squeeze(1)
+                k = max(1, math.ceil(self.keep_fraction * len(idx)))
+                weights[idx[rewards[idx].topk(k).indices]] = 1.0 / k
+            else:
+                log_w = rewards[g] / self.alpha + (trajectory.ref_log_probs[g] - trajectory.log_probs[g]).sum(1)
+                weights[g] = torch.softmax(log_w, 0)
+        return weights / len(groups)
+
+    def updates(self, trajectory, policy, reward):
+        with torch.no_grad():
+            rewards = reward(trajectory.samples, trajectory.labels)
+        keep = finite_rewards(rewards)
+        if not keep.any():
+            return
+        trajectory = type(trajectory)(**{f: getattr(trajectory, f)[keep] if f != "grid" else trajectory.grid
+                                         for f in trajectory.__dataclass_fields__})
+        weights = self._weights(trajectory, rewards[keep])
+        kept = (weights > 0).nonzero().squeeze(1)
+        stochastic = [k for k in range(trajectory.num_steps) if float(trajectory.grid.sigma[k]) > 0]
+        n_steps = max(1, round(self.timestep_fraction * len(stochastic)))
+        size = self.minibatch_size or len(kept)
+        for _ in range(self.inner_epochs):
+            for idx in kept[torch.randperm(len(kept), device=kept.device)].split(size):
+                steps = sorted(stochastic[i] for i in torch.randperm(len(stochastic))[:n_steps].tolist())
+                # weights renormalised within the minibatch: each update is a weighted average
+                w = weights[idx] / weights[idx].sum()
+                yield RAFTMinibatch(trajectory.latents[idx], w, trajectory.labels[idx], rewards[keep][idx], steps,
+                                    trajectory.grid)
+
+    def loss(self, batch: RAFTMinibatch, policy, reward):
+        total, kl_total = 0.0, 0.0
+        scale = sum(1 for s in batch.grid.sigma.tolist() if s > 0) / len(batch.steps)
+        x0 = batch.latents[:, -1]
+        for k in batch.steps:
+            s = float(batch.grid.sigma[k])
+            if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
+                mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels)
+                fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
+                kl = gaussian_kl(mean, mean_pre, s)
+                total = total + (batch.weights * fit).sum()
+            else:  # denoising: x_t from the kept x0 by the forward process, target mean from the true noise
+                a, a_prev = float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])
+                noise = torch.randn_like(x0)
+                x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
+                mean, mean_pre = step_means(policy, x_t, batch.grid, k, batch.labels)
+                target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
+                kl = gaussian_kl(mean, mean_pre, s)
+                total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
+            kl_total += float(kl.mean())
+        return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale),
+                "kept": torch.tensor(float(len(batch.weights)))}

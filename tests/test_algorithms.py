@@ -1,0 +1,49 @@
+"""Plugin settings out of range, and rewards that return NaN or Inf."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctrl.algorithms import PPO, RAFT, ContinuousTimePG, DirectBackprop
+from ctrl.policy import AnalyticGaussian
+from ctrl.rewards import GaussianLogLikelihood
+from ctrl.sampling import sample
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: PPO(clip_range=0.0), "PPO clip_range must be > 0"),
+    (lambda: PPO(timestep_fraction=1.5), r"PPO timestep_fraction must lie in \(0, 1\]"),
+    (lambda: PPO(alpha=-0.1), "PPO alpha .* must be >= 0"),
+    (lambda: RAFT(keep_fraction=0.0), r"RAFT keep_fraction must lie in \(0, 1\]"),
+    (lambda: RAFT(selection="tilted", alpha=0.0), "RAFT alpha must be >= 0 \\(> 0 with selection 'tilted'\\)"),
+    (lambda: ContinuousTimePG(value_lr=0.0), "ContinuousTimePG value_lr must be > 0"),
+    (lambda: DirectBackprop(backprop_steps=0), "DirectBackprop backprop_steps must be >= 1"),
+])
+def test_out_of_range_settings(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+class SometimesNaN(GaussianLogLikelihood):
+    def forward(self, x0, labels=None):
+        r = super().forward(x0, labels)
+        return torch.where(torch.arange(len(r)) % 4 == 0, torch.full_like(r, float("nan")), r)
+
+
+@pytest.mark.parametrize("algorithm", [DirectBackprop(alpha=1.0), PPO(alpha=1.0), RAFT(alpha=1.0, selection="tilted")])
+def test_nonfinite_rewards_are_counted_and_dropped(algorithm):
+    policy = AnalyticGaussian(dim=2)
+    reward = SometimesNaN(y=[1.0, 0.0])
+    algorithm.setup(policy, reward)
+    labels = torch.zeros(8, dtype=torch.long)
+    with torch.set_grad_enabled(algorithm.requires_grad_through_sampler):
+        traj = sample(policy, labels, 5, 1.0, grad_steps=algorithm.grad_steps(5),
+                      generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="NaN or Inf for 2 of 8 samples; they are dropped"):
+        outputs = [algorithm.loss(batch, policy, reward) for batch in algorithm.updates(traj, policy, reward)]
+    assert outputs
+    for out in outputs:
+        assert torch.isfinite(out["loss"]) and torch.isfinite(out["reward"])
+        out["loss"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in (policy.weight, policy.bias) if p.grad is not None)
