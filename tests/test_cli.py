@@ -32,10 +32,10 @@ def tiny_args(tmp_path, pretrained, classifier, *extra):
 
 
 def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
-    cli = main(["fit", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier)])
+    cli = main(["fit", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.eval_num_steps", "[3, 5]"])
     metrics = cli.trainer.callback_metrics
     for key in ("val/accuracy", "val/macro_f1", "val/frechet", "val/reward", "val/kl",
-                "val/pretrained_accuracy", "val/pretrained_frechet"):
+                "val/pretrained_accuracy", "val/pretrained_frechet", "val/steps_5/accuracy", "val/steps_5/reward"):
         assert key in metrics, key
     assert 0 <= float(metrics["val/accuracy"]) <= 1 and float(metrics["val/frechet"]) >= 0
     assert float(metrics["val/kl"]) > 0  # two steps of training moved the policy
