@@ -51,6 +51,23 @@ class Algorithm(nn.Module, ABC):
         return []
 
 
+def scored_rollout(trajectory: Trajectory, reward: Reward) -> tuple[Trajectory, Tensor] | None:
+    """The rollout's rewards ``[B']`` (no gradient) and the chains they belong to, non-finite ones dropped
+    (:func:`finite_rewards`); None when no reward is finite."""
+    with torch.no_grad():
+        rewards = reward(trajectory.samples, trajectory.labels)
+    keep = finite_rewards(rewards)
+    if not keep.any():
+        return None
+    return trajectory.select(keep), rewards[keep]
+
+
+def pick_steps(steps: list[int], fraction: float) -> list[int]:
+    """A random ``fraction`` of ``steps`` (at least one), in order (DDPO's timestep_fraction)."""
+    n = max(1, round(fraction * len(steps)))
+    return sorted(steps[i] for i in torch.randperm(len(steps))[:n].tolist())
+
+
 def finite_rewards(rewards: Tensor) -> Tensor:
     """Mask ``[B]`` of finite rewards; NaN or Inf ones are reported with their count (and must be dropped).
 

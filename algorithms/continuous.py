@@ -33,10 +33,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ctrl.algorithms.base import finite_rewards
-from ctrl.algorithms.ppo import PPO
+from ctrl.algorithms.base import scored_rollout
+from ctrl.algorithms.ppo import PPO, PPOMinibatch
 from ctrl.registry import register_algorithm
-from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_means
+from ctrl.sampling import StepGrid
 
 
 class ValueNetwork(nn.Module):
@@ -74,24 +74,12 @@ class ValueNetwork(nn.Module):
 
 
 @dataclass
-class ValueMinibatch:
-    """Stored chains for one update of policy and value network.
+class ValueMinibatch(PPOMinibatch):
+    """PPO's minibatch plus, per chain and step ``[M, N]``: ``returns`` (what V regresses) and
+    ``value_anchor`` (cos(pi t / 2T) r(x0_hat), the fixed part of V)."""
 
-    Attributes:
-        latents: ``[M, N+1, ...]``; old_log_probs, advantages, returns, value_anchor: ``[M, N]``
-        (value_anchor is cos(pi t / 2T) r(x0_hat), the fixed part of V; returns are what V regresses);
-        labels, rewards: ``[M]``.
-    """
-
-    latents: Tensor
-    old_log_probs: Tensor
-    advantages: Tensor
     returns: Tensor
     value_anchor: Tensor
-    labels: Tensor
-    rewards: Tensor
-    steps: list[int]
-    grid: StepGrid
 
 
 @register_algorithm
@@ -99,10 +87,11 @@ class ContinuousTimePG(PPO):
     """Args (beside PPO's alpha, clip_range, inner_epochs, minibatch_size, timestep_fraction,
     advantages, per_condition, advantage_clip):
         value_lr: learning rate of NN_phi (> 0).
-        value_width: width of NN_phi.
+        value_width: width of NN_phi (built at setup for the policy's sample shape and labels).
         value_coef: weight of the value regression in the loss.
-        sample_shape, num_labels: NN_phi's input; set from the policy at setup when left out.
     """
+
+    minibatch_type = ValueMinibatch
 
     def __init__(self, alpha: float = 0.1, clip_range: float = 0.2, inner_epochs: int = 1,
                  minibatch_size: int | None = None, timestep_fraction: float = 1.0,
@@ -143,42 +132,26 @@ class ContinuousTimePG(PPO):
         return anchor + torch.sin(self._angle(t)) * self.value(t.float() / self.num_train_timesteps, x, labels)
 
     def updates(self, trajectory, policy, reward):
+        scored = scored_rollout(trajectory, reward)
+        if scored is None:
+            return
+        trajectory, rewards = scored
+        latents, labels, grid, n = trajectory.latents, trajectory.labels, trajectory.grid, trajectory.num_steps
         with torch.no_grad():
-            rewards = reward(trajectory.samples, trajectory.labels)
-            keep = finite_rewards(rewards)
-            if not keep.any():
-                return
-            rewards, kl = rewards[keep], trajectory.kl[keep]
-            latents, labels, old = trajectory.latents[keep], trajectory.labels[keep], trajectory.log_probs[keep]
-            grid, n = trajectory.grid, trajectory.num_steps
             anchor = torch.stack([self._anchor(policy, reward, grid, k, latents[:, k], labels) for k in range(n)], 1)
             v = torch.stack([self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)]
                             + [rewards], 1)  # V at x_0 is the reward itself
-            later_kl = kl.flip(1).cumsum(1).flip(1) - kl  # sum over j > k, exact from the rollout
-            advantages = self._normalise(v[:, 1:] - v[:, :-1] - self.alpha * later_kl, labels)
-            returns = rewards[:, None].expand(-1, n)
-        stochastic = [k for k in range(n) if float(grid.sigma[k]) > 0]
-        n_steps = max(1, round(self.timestep_fraction * len(stochastic)))
-        size = self.minibatch_size or len(rewards)
-        for _ in range(self.inner_epochs):
-            for idx in torch.randperm(len(rewards), device=rewards.device).split(size):
-                steps = sorted(stochastic[i] for i in torch.randperm(len(stochastic))[:n_steps].tolist())
-                yield ValueMinibatch(latents[idx], old[idx], advantages[idx], returns[idx], anchor[idx], labels[idx],
-                                     rewards[idx], steps, grid)
+            advantages = self._normalise(v[:, 1:] - v[:, :-1] - self.alpha * trajectory.kl_to_go(), labels)
+        yield from self._minibatches(trajectory, rewards, advantages=advantages,
+                                     returns=rewards[:, None].expand(-1, n), value_anchor=anchor)
 
     def loss(self, batch: ValueMinibatch, policy, reward):
         policy_loss, value_loss, kl_total, clipped = 0.0, 0.0, 0.0, 0.0
-        scale = sum(1 for s in batch.grid.sigma.tolist() if s > 0) / len(batch.steps)
+        scale = len(batch.grid.sigma.nonzero()) / len(batch.steps)
         for k in batch.steps:
-            s = float(batch.grid.sigma[k])
-            x = batch.latents[:, k]
-            mean, mean_pre = step_means(policy, x, batch.grid, k, batch.labels)
-            ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
-            adv = batch.advantages[:, k]
-            surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
-            kl = gaussian_kl(mean, mean_pre, s)
+            surrogate, kl, ratio = self.clipped_step(batch, k, policy)
             policy_loss = policy_loss + surrogate.mean() + self.alpha * kl.mean()
-            v = self.values(batch.value_anchor[:, k], batch.grid, k, x, batch.labels)
+            v = self.values(batch.value_anchor[:, k], batch.grid, k, batch.latents[:, k], batch.labels)
             value_loss = value_loss + (v - batch.returns[:, k]).square().mean()
             kl_total += float(kl.detach().mean())
             clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())

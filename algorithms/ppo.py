@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm, finite_rewards
+from ctrl.algorithms.base import Algorithm, pick_steps, scored_rollout
 from ctrl.registry import register_algorithm
 from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_means
 
@@ -66,6 +66,7 @@ class PPO(Algorithm):
     """
 
     requires_log_prob = True
+    minibatch_type = PPOMinibatch
 
     def __init__(self, alpha: float = 0.1, clip_range: float = 0.2, inner_epochs: int = 1,
                  minibatch_size: int | None = None, timestep_fraction: float = 1.0,
@@ -99,39 +100,44 @@ class PPO(Algorithm):
         return adv
 
     def updates(self, trajectory, policy, reward):
-        with torch.no_grad():
-            rewards = reward(trajectory.samples, trajectory.labels)
-        keep = finite_rewards(rewards)
-        if not keep.any():
+        scored = scored_rollout(trajectory, reward)
+        if scored is None:
             return
-        rewards, kl = rewards[keep], trajectory.kl[keep]
-        latents, labels, old = trajectory.latents[keep], trajectory.labels[keep], trajectory.log_probs[keep]
-        later_kl = kl.flip(1).cumsum(1).flip(1) - kl  # sum over j > k
-        advantages = self._normalise(rewards[:, None] - self.alpha * later_kl, labels)
-        stochastic = [k for k in range(trajectory.num_steps) if float(trajectory.grid.sigma[k]) > 0]
-        n_steps = max(1, round(self.timestep_fraction * len(stochastic)))
+        trajectory, rewards = scored
+        advantages = self._normalise(rewards[:, None] - self.alpha * trajectory.kl_to_go(), trajectory.labels)
+        yield from self._minibatches(trajectory, rewards, advantages=advantages)
+
+    def _minibatches(self, trajectory, rewards: Tensor, **per_chain: Tensor):
+        """Minibatches of chains over the inner epochs, each with its random subset of steps."""
         size = self.minibatch_size or len(rewards)
         for _ in range(self.inner_epochs):
             for idx in torch.randperm(len(rewards), device=rewards.device).split(size):
-                steps = [stochastic[i] for i in torch.randperm(len(stochastic))[:n_steps].tolist()]
-                yield PPOMinibatch(latents[idx], old[idx], advantages[idx], labels[idx], rewards[idx], sorted(steps),
-                                   trajectory.grid)
+                yield self.minibatch_type(
+                    latents=trajectory.latents[idx], old_log_probs=trajectory.log_probs[idx],
+                    labels=trajectory.labels[idx], rewards=rewards[idx], grid=trajectory.grid,
+                    steps=pick_steps(trajectory.stochastic_steps, self.timestep_fraction),
+                    **{name: value[idx] for name, value in per_chain.items()})
+
+    def clipped_step(self, batch, k: int, policy) -> tuple[Tensor, Tensor, Tensor]:
+        """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
+        differentiable in the policy) and the importance ratio ``[M]``."""
+        s = float(batch.grid.sigma[k])
+        mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels)
+        ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
+        adv = batch.advantages[:, k]
+        surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
+        return surrogate, gaussian_kl(mean, mean_pre, s), ratio
 
     def loss(self, batch: PPOMinibatch, policy, reward):
         total, clipped, kl_total, approx_kl = 0.0, 0.0, 0.0, 0.0
-        scale = sum(1 for k in range(len(batch.grid.sigma)) if float(batch.grid.sigma[k]) > 0) / len(batch.steps)
+        scale = len(batch.grid.sigma.nonzero()) / len(batch.steps)  # unbiased under timestep_fraction
         for k in batch.steps:
-            s = float(batch.grid.sigma[k])
-            mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels)
-            log_ratio = gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]
-            ratio = log_ratio.exp()
-            adv = batch.advantages[:, k]
-            surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
-            kl = gaussian_kl(mean, mean_pre, s)
+            surrogate, kl, ratio = self.clipped_step(batch, k, policy)
             total = total + surrogate.mean() + self.alpha * kl.mean()
             clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
-            kl_total += float(kl.mean())
-            approx_kl += float((0.5 * log_ratio.square()).mean())
+            kl_total += float(kl.detach().mean())
+            approx_kl += float((0.5 * ratio.detach().log().square()).mean())
         n = len(batch.steps)
-        return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale), "clip_fraction": torch.tensor(clipped / n),
-                "approx_policy_kl": torch.tensor(approx_kl / n), "advantage_abs": batch.advantages.abs().mean()}
+        return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale),
+                "clip_fraction": torch.tensor(clipped / n), "approx_policy_kl": torch.tensor(approx_kl / n),
+                "advantage_abs": batch.advantages.abs().mean()}

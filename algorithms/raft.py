@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm, finite_rewards
+from ctrl.algorithms.base import Algorithm, pick_steps, scored_rollout
 from ctrl.registry import register_algorithm
 from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_mean, step_means
 
@@ -82,29 +82,23 @@ class RAFT(Algorithm):
         return weights / len(groups)
 
     def updates(self, trajectory, policy, reward):
-        with torch.no_grad():
-            rewards = reward(trajectory.samples, trajectory.labels)
-        keep = finite_rewards(rewards)
-        if not keep.any():
+        scored = scored_rollout(trajectory, reward)
+        if scored is None:
             return
-        trajectory = type(trajectory)(**{f: getattr(trajectory, f)[keep] if f != "grid" else trajectory.grid
-                                         for f in trajectory.__dataclass_fields__})
-        weights = self._weights(trajectory, rewards[keep])
+        trajectory, rewards = scored
+        weights = self._weights(trajectory, rewards)
         kept = (weights > 0).nonzero().squeeze(1)
-        stochastic = [k for k in range(trajectory.num_steps) if float(trajectory.grid.sigma[k]) > 0]
-        n_steps = max(1, round(self.timestep_fraction * len(stochastic)))
         size = self.minibatch_size or len(kept)
         for _ in range(self.inner_epochs):
             for idx in kept[torch.randperm(len(kept), device=kept.device)].split(size):
-                steps = sorted(stochastic[i] for i in torch.randperm(len(stochastic))[:n_steps].tolist())
                 # weights renormalised within the minibatch: each update is a weighted average
-                w = weights[idx] / weights[idx].sum()
-                yield RAFTMinibatch(trajectory.latents[idx], w, trajectory.labels[idx], rewards[keep][idx], steps,
+                yield RAFTMinibatch(trajectory.latents[idx], weights[idx] / weights[idx].sum(), trajectory.labels[idx],
+                                    rewards[idx], pick_steps(trajectory.stochastic_steps, self.timestep_fraction),
                                     trajectory.grid)
 
     def loss(self, batch: RAFTMinibatch, policy, reward):
         total, kl_total = 0.0, 0.0
-        scale = sum(1 for s in batch.grid.sigma.tolist() if s > 0) / len(batch.steps)
+        scale = len(batch.grid.sigma.nonzero()) / len(batch.steps)
         x0 = batch.latents[:, -1]
         for k in batch.steps:
             s = float(batch.grid.sigma[k])

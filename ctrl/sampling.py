@@ -65,6 +65,20 @@ class Trajectory:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
+    @property
+    def stochastic_steps(self) -> list[int]:
+        """Indices of the steps with sigma > 0: those with a log-probability (all but a deterministic last)."""
+        return [k for k, s in enumerate(self.grid.sigma.tolist()) if s > 0]
+
+    def select(self, index: Tensor) -> Trajectory:
+        """The chains picked by ``index`` (a boolean mask or indices over B)."""
+        return Trajectory(self.latents[index], self.log_probs[index], self.kl[index], self.ref_log_probs[index],
+                          self.labels[index], self.grid)
+
+    def kl_to_go(self) -> Tensor:
+        """``[B, N]``: the KL of the steps AFTER each step, sum_{j>k} KL_j (what step k's action influences)."""
+        return self.kl.flip(1).cumsum(1).flip(1) - self.kl
+
 
 @dataclass
 class StepGrid:
