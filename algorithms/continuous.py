@@ -89,6 +89,8 @@ class ContinuousTimePG(PPO):
         value_lr: learning rate of NN_phi (> 0).
         value_width: width of NN_phi (built at setup for the policy's sample shape and labels).
         value_coef: weight of the value regression in the loss.
+        gae_lambda: mixes the one-step temporal difference (0, the paper's) with the Monte-Carlo
+            return (1), as generalised advantage estimation does.
     """
 
     minibatch_type = ValueMinibatch
@@ -97,11 +99,14 @@ class ContinuousTimePG(PPO):
                  minibatch_size: int | None = None, timestep_fraction: float = 1.0,
                  advantages: Literal["center", "standardize"] = "center",
                  per_condition: bool = False, advantage_clip: float | None = 5.0, value_lr: float = 1e-3,
-                 value_width: int = 64, value_coef: float = 1.0):
+                 value_width: int = 64, value_coef: float = 1.0, gae_lambda: float = 0.0):
         super().__init__(alpha, clip_range, inner_epochs, minibatch_size, timestep_fraction, advantages,
                          per_condition, advantage_clip)
         if value_lr <= 0:
             raise ValueError(f"ContinuousTimePG value_lr must be > 0, got {value_lr}.")
+        if not 0 <= gae_lambda <= 1:
+            raise ValueError(f"ContinuousTimePG gae_lambda must lie in [0, 1], got {gae_lambda}.")
+        self.gae_lambda = gae_lambda
         self.value_lr, self.value_width, self.value_coef = value_lr, value_width, value_coef
         self.value: ValueNetwork | None = None
 
@@ -131,6 +136,20 @@ class ContinuousTimePG(PPO):
         t = grid.timesteps[k].to(x.device)
         return anchor + torch.sin(self._angle(t)) * self.value(t.float() / self.num_train_timesteps, x, labels)
 
+    def _reward_advantage(self, v: Tensor) -> Tensor:
+        """GAE over the value's temporal differences ``[B, N]``: A_k = sum_l lambda^l (V_{k+l+1} - V_{k+l}).
+
+        lambda = 0 is the paper's one-step difference; lambda = 1 is r(x0) - V(x_k), the Monte-Carlo
+        return with V as a baseline.
+        """
+        delta = v[:, 1:] - v[:, :-1]
+        adv = torch.zeros_like(delta)
+        running = torch.zeros_like(delta[:, 0])
+        for k in reversed(range(delta.shape[1])):
+            running = delta[:, k] + self.gae_lambda * running
+            adv[:, k] = running
+        return adv
+
     def updates(self, trajectory, policy, reward):
         scored = scored_rollout(trajectory, reward)
         if scored is None:
@@ -141,7 +160,7 @@ class ContinuousTimePG(PPO):
             anchor = torch.stack([self._anchor(policy, reward, grid, k, latents[:, k], labels) for k in range(n)], 1)
             v = torch.stack([self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)]
                             + [rewards], 1)  # V at x_0 is the reward itself
-            advantages = self._normalise(v[:, 1:] - v[:, :-1] - self.alpha * trajectory.kl_to_go(), labels)
+            advantages = self._normalise(self._reward_advantage(v) - self.alpha * trajectory.kl_to_go(), labels)
         yield from self._minibatches(trajectory, rewards, advantages=advantages,
                                      returns=rewards[:, None].expand(-1, n), value_anchor=anchor)
 

@@ -55,6 +55,7 @@ class DirectBackprop(Algorithm):
         finite = finite_rewards(rewards.detach())
         kl = trajectory.kl.sum(1)[finite]
         objective = rewards[finite] - self.alpha * kl
-        return {"loss": -objective.mean() if finite.any() else rewards.sum() * 0.0,
+        # With no finite reward the loss is a zero that still reaches the graph (NaN * 0 would be NaN).
+        return {"loss": -objective.mean() if finite.any() else trajectory.kl.sum() * 0.0,
                 "reward": rewards[finite].mean().detach(), "kl": kl.mean().detach(),
                 "objective": objective.mean().detach(), "nonfinite_rewards": (~finite).sum().float()}

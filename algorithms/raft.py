@@ -115,6 +115,6 @@ class RAFT(Algorithm):
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
-            kl_total += float(kl.mean())
+            kl_total += float(kl.detach().mean())
         return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale),
                 "kept": torch.tensor(float(len(batch.weights)))}

@@ -111,6 +111,7 @@ class ControlModule(L.LightningModule):
         with torch.set_grad_enabled(grad_steps > 0):
             trajectory = sample(self.policy, labels, self.num_steps, self.eta, grad_steps=grad_steps,
                                 gradient_checkpointing=self.gradient_checkpointing)
+        out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
             out = self.algorithm.loss(batch, self.policy, self.reward)
             optimizer.zero_grad()
@@ -118,6 +119,8 @@ class ControlModule(L.LightningModule):
             if self.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
+        if out is None:  # no finite reward in this rollout (already reported): nothing to learn from
+            return
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
 
     def configure_optimizers(self):

@@ -47,3 +47,27 @@ def test_nonfinite_rewards_are_counted_and_dropped(algorithm):
         assert torch.isfinite(out["loss"]) and torch.isfinite(out["reward"])
         out["loss"].backward()
         assert all(torch.isfinite(p.grad).all() for p in (policy.weight, policy.bias) if p.grad is not None)
+
+
+class AlwaysNaN(GaussianLogLikelihood):
+    def forward(self, x0, labels=None):
+        return torch.full((len(x0),), float("nan"))
+
+
+@pytest.mark.parametrize("algorithm", [PPO(alpha=1.0), RAFT(alpha=1.0, selection="tilted")])
+def test_rollout_without_finite_reward_gives_no_update(algorithm):
+    policy = AnalyticGaussian(dim=2)
+    with torch.no_grad():
+        traj = sample(policy, torch.zeros(4, dtype=torch.long), 5, 1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="NaN or Inf for 4 of 4 samples"):
+        assert list(algorithm.updates(traj, policy, AlwaysNaN(y=[0.0, 0.0]))) == []
+
+
+def test_direct_backprop_without_finite_reward_has_zero_finite_loss():
+    policy = AnalyticGaussian(dim=2)
+    algorithm = DirectBackprop(alpha=1.0)
+    traj = sample(policy, torch.zeros(4, dtype=torch.long), 5, 1.0, grad_steps=5,
+                  generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="NaN or Inf for 4 of 4 samples"):
+        out = algorithm.loss(traj, policy, AlwaysNaN(y=[0.0, 0.0]))
+    assert float(out["loss"]) == 0.0
