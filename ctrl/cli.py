@@ -19,13 +19,17 @@ from ctrl.registry import load_plugins
 class CtrlArgumentParser(LightningArgumentParser):
     """Lightning's parser, with an unknown algorithm name answered by the list of available ones."""
 
+    # jsonargparse words an unresolvable class name for `algorithm` in one of these two ways
+    _UNKNOWN_ALGORITHM = re.compile(r"NestedArg\(key='algorithm', val='([^']*)'\)"
+                                    r"|Parser key \"algorithm\":.*?Expected a dot import path string: (\S+)", re.S)
+
     def error(self, message: str, *args, **kwargs):
-        if "algorithm" in message:
-            names = sorted(load_plugins())
-            given = re.search(r"(?:class_path|Import path)\s+'?\"?([\w.]+)", message)
-            given = f" '{given.group(1)}'" if given else ""
-            message = (f"model.algorithm{given} is not an available algorithm; available: {', '.join(names)}. "
-                       "Set `algorithm:` in the config or --model.algorithm to one of them.")
+        unknown = self._UNKNOWN_ALGORITHM.search(message)
+        if unknown:
+            given = unknown.group(1) or unknown.group(2)
+            message = (f"model.algorithm '{given}' is not an available algorithm; available: "
+                       f"{', '.join(sorted(load_plugins()))}. Set `algorithm:` in the config or --model.algorithm "
+                       "to one of them.")
         return super().error(message, *args, **kwargs)
 
 

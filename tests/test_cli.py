@@ -61,4 +61,12 @@ def test_unknown_algorithm_lists_the_available_ones(tmp_path, tiny_pretrained, t
     with pytest.raises(SystemExit):
         main([*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.algorithm", "Nope"], run=False)
     err = capsys.readouterr().err
-    assert "not an available algorithm; available: " in err and "DirectBackprop" in err
+    assert "model.algorithm 'Nope' is not an available algorithm; available: " in err and "DirectBackprop" in err
+
+
+def test_wrong_type_for_an_algorithm_setting_is_not_called_an_unknown_algorithm(tmp_path, tiny_pretrained,
+                                                                                tiny_classifier, capsys):
+    with pytest.raises(SystemExit):
+        main([*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.algorithm.alpha", "abc"], run=False)
+    err = capsys.readouterr().err
+    assert "alpha" in err and "not an available algorithm" not in err
