@@ -33,7 +33,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ctrl.algorithms.base import scored_rollout
 from ctrl.algorithms.ppo import PPO, PPOMinibatch
 from ctrl.registry import register_algorithm
 from ctrl.sampling import StepGrid
@@ -150,19 +149,14 @@ class ContinuousTimePG(PPO):
             adv[:, k] = running
         return adv
 
-    def updates(self, trajectory, policy, reward):
-        scored = scored_rollout(trajectory, reward)
-        if scored is None:
-            return
-        trajectory, rewards = scored
+    @torch.no_grad()
+    def per_chain(self, trajectory, rewards: Tensor, policy, reward) -> dict[str, Tensor]:
         latents, labels, grid, n = trajectory.latents, trajectory.labels, trajectory.grid, trajectory.num_steps
-        with torch.no_grad():
-            anchor = torch.stack([self._anchor(policy, reward, grid, k, latents[:, k], labels) for k in range(n)], 1)
-            v = torch.stack([self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)]
-                            + [rewards], 1)  # V at x_0 is the reward itself
-            advantages = self._normalise(self._reward_advantage(v) - self.alpha * trajectory.kl_to_go(), labels)
-        yield from self._minibatches(trajectory, rewards, advantages=advantages,
-                                     returns=rewards[:, None].expand(-1, n), value_anchor=anchor)
+        anchor = torch.stack([self._anchor(policy, reward, grid, k, latents[:, k], labels) for k in range(n)], 1)
+        v = torch.stack([self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)]
+                        + [rewards], 1)  # V at x_0 is the reward itself
+        advantages = self._normalise(self._reward_advantage(v) - self.alpha * trajectory.kl_to_go(), labels)
+        return {"advantages": advantages, "returns": rewards[:, None].expand(-1, n), "value_anchor": anchor}
 
     def loss(self, batch: ValueMinibatch, policy, reward):
         policy_loss, value_loss, kl_total, clipped = 0.0, 0.0, 0.0, 0.0

@@ -104,8 +104,12 @@ class PPO(Algorithm):
         if scored is None:
             return
         trajectory, rewards = scored
-        advantages = self._normalise(rewards[:, None] - self.alpha * trajectory.kl_to_go(), trajectory.labels)
-        yield from self._minibatches(trajectory, rewards, advantages=advantages)
+        yield from self._minibatches(trajectory, rewards, **self.per_chain(trajectory, rewards, policy, reward))
+
+    def per_chain(self, trajectory, rewards: Tensor, policy, reward) -> dict[str, Tensor]:
+        """What the minibatches carry per chain and step, ``[B, N]`` each: here the advantages, the return
+        ``r(x0) - alpha * sum_{j>k} KL_j`` centred per step."""
+        return {"advantages": self._normalise(rewards[:, None] - self.alpha * trajectory.kl_to_go(), trajectory.labels)}
 
     def _minibatches(self, trajectory, rewards: Tensor, **per_chain: Tensor):
         """Minibatches of chains over the inner epochs, each with its random subset of steps."""

@@ -22,8 +22,10 @@ from ctrl.sampling import sample
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
 
 
-def image_grid(images: Tensor, rows: int) -> Tensor:
-    """``[N, C, H, W]`` in [-1, 1] -> one ``[C, rows*H, cols*W]`` image in [0, 1] (row-major)."""
+def image_grid(images: Tensor, rows: int, border: int = 1) -> Tensor:
+    """``[N, C, H, W]`` in [-1, 1] -> one ``[C, rows*(H+2b), cols*(W+2b)]`` image in [0, 1] (row-major), each
+    cell framed by a mid-grey border of ``b`` pixels so that touching digits stay apart."""
+    images = torch.nn.functional.pad(images.clamp(-1, 1), (border,) * 4, value=0.0)
     n, c, h, w = images.shape
     cols = (n + rows - 1) // rows
     padded = torch.cat([images, images.new_full((rows * cols - n, c, h, w), -1.0)])

@@ -47,7 +47,7 @@ def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
     main(["predict", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier, "--data.predict_labels", "[1, 3, 7]",
                                 "--model.guidance", "2.0"), "--ckpt_path", str(ckpt)])
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.size == (2 * 8 * 4, 3 * 8 * 4)  # 2 per label across, 3 labels down, scale 4
+    assert grid.size == (2 * 10 * 4, 3 * 10 * 4)  # 2 per label across, 3 labels down, 8 + 2 border px, scale 4
 
 
 def test_algorithm_swapped_by_short_name_on_the_command_line(tmp_path, tiny_pretrained, tiny_classifier):
