@@ -50,7 +50,7 @@ def test_fine_grid_approaches_the_data_distribution():
     assert abs(var - 0.64) < 0.01
 
 
-@pytest.mark.parametrize("algorithm", ["direct", "ppo", "raft"])
+@pytest.mark.parametrize("algorithm", ["direct", "ppo", "raft", "continuous"])
 def test_algorithm_reaches_the_tilted_target(algorithm, tmp_path):
     cli = main(["fit", "--config", str(CONFIGS / f"{algorithm}.yaml"), "--trainer.default_root_dir", str(tmp_path),
                 "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
