@@ -201,9 +201,8 @@ class ControlModule(L.LightningModule):
         lines = [f"{'metric':<20}{'pretrained':>12}{'fine-tuned':>12}"]
         keys = [k for k in SUMMARY_KEYS if k in self.last_metrics]
         for key in keys + [k for k in self.last_metrics if k not in keys]:
-            if key in self.last_metrics:
-                base = f"{self.baseline[key]:.4f}" if self.baseline and key in self.baseline else "-"
-                lines.append(f"{key:<20}{base:>12}{self.last_metrics[key]:>12.4f}")
+            base = f"{self.baseline[key]:.4f}" if self.baseline and key in self.baseline else "-"
+            lines.append(f"{key:<20}{base:>12}{self.last_metrics[key]:>12.4f}")
         return "\n".join(lines)
 
     def on_fit_end(self):

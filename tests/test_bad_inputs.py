@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ctrl.algorithms import DirectBackprop
-from ctrl.evaluation import DigitsEvaluator
 from ctrl.module import ControlModule
 from ctrl.policy import UNetPolicy
 from ctrl.rewards import ClassifierLogProb, Reward
