@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +27,9 @@ class Algorithm(nn.Module, ABC):
 
     requires_grad_through_sampler: ClassVar[bool] = False
     requires_log_prob: ClassVar[bool] = False
+    #: Sums a tensor over all processes (set by the module under DDP; identity on one process), so that
+    #: statistics over a rollout (advantage baselines) are those of the global batch.
+    sum_over_ranks: Callable[[Tensor], Tensor] = staticmethod(lambda t: t)
 
     def setup(self, policy, reward: Reward) -> None:
         """Validate the policy and reward before training (raise one clear message)."""

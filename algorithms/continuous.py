@@ -112,6 +112,7 @@ class ContinuousTimePG(PPO):
         self.value: ValueNetwork | None = None
 
     def setup(self, policy, reward) -> None:
+        super().setup(policy, reward)
         self.value = ValueNetwork(tuple(policy.sample_shape), policy.num_labels, self.value_width)
         self.num_train_timesteps = policy.scheduler.config.num_train_timesteps
 

@@ -87,14 +87,23 @@ class PPO(Algorithm):
         self.minibatch_size, self.timestep_fraction = minibatch_size, timestep_fraction
         self.advantage_mode, self.per_condition, self.advantage_clip = advantages, per_condition, advantage_clip
 
+    def setup(self, policy, reward) -> None:
+        self.num_groups = policy.num_labels + 1  # the labels and the null label
+
     def _normalise(self, returns: Tensor, labels: Tensor) -> Tensor:
-        groups = [labels == y for y in labels.unique()] if self.per_condition else [torch.ones_like(labels, dtype=torch.bool)]
-        adv = torch.zeros_like(returns)
-        for g in groups:
-            centred = returns[g] - returns[g].mean(0, keepdim=True)
-            if self.advantage_mode == "standardize" and g.sum() > 1:
-                centred = centred / (returns[g].std(0, keepdim=True) + 1e-8)
-            adv[g] = centred
+        """``[B, N]`` returns -> advantages: centred per step (and per label with ``per_condition``) by the
+        mean over the GLOBAL batch, from per-group sums reduced over all processes (float64)."""
+        group = labels if self.per_condition else torch.zeros_like(labels)
+        onehot = torch.nn.functional.one_hot(group, self.num_groups).double()  # [B, G]
+        r = returns.double()
+        sums = self.sum_over_ranks(torch.stack([onehot.T @ torch.ones_like(r), onehot.T @ r, onehot.T @ r.square()]))
+        count, mean = sums[0], sums[1] / sums[0].clamp(min=1)  # [G, N]
+        adv = r - mean[group]
+        if self.advantage_mode == "standardize":
+            var = (sums[2] - count * mean.square()) / (count - 1).clamp(min=1)
+            std = torch.where(count > 1, var.clamp(min=0).sqrt(), torch.ones_like(var))
+            adv = adv / (std[group] + 1e-8)
+        adv = adv.to(returns.dtype)
         if self.advantage_clip is not None:
             adv = adv.clamp(-self.advantage_clip, self.advantage_clip)
         return adv

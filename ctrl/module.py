@@ -17,7 +17,7 @@ from ctrl.algorithms.base import Algorithm
 from ctrl.evaluation import Evaluator
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
-from ctrl.sampling import sample
+from ctrl.sampling import sample, seeded_noise
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
 
@@ -105,13 +105,29 @@ class ControlModule(L.LightningModule):
         if n is not None and n != self.policy.num_labels:
             raise ValueError(f"data.num_labels={n} but model.policy.num_labels={self.policy.num_labels}; the labels "
                              "drawn for training must be the policy's label set: make them equal.")
+        if self.trainer.world_size > 1:
+            self.algorithm.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
 
     # -- training -------------------------------------------------------------------------------
-    def training_step(self, labels: Tensor, batch_idx: int) -> None:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """One rollout of this process's chains ``(labels [b], noise seeds [b])`` and the algorithm's updates.
+
+        Every random draw of the step is a function of the batch: the chains' noise comes from their
+        seeds, and the algorithm's own draws (minibatch order, timestep subsets, truncation) from a
+        generator seeded by the first chain's seed, so a resumed run and a run split over ranks draw
+        exactly what the uninterrupted single-process run draws for the same chains.
+        """
+        labels, seeds = batch
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int(seeds[0]) % (1 << 63))
+            self._train_on(labels, seeds)
+
+    def _train_on(self, labels: Tensor, seeds: Tensor) -> None:
         optimizer = self.optimizers()
         grad_steps = self.algorithm.grad_steps(self.num_steps)
         with torch.set_grad_enabled(grad_steps > 0):
             trajectory = sample(self.policy, labels, self.num_steps, self.eta, grad_steps=grad_steps,
+                                noise=self._fixed_noise(seeds, self.num_steps),
                                 gradient_checkpointing=self.gradient_checkpointing)
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
@@ -131,8 +147,7 @@ class ControlModule(L.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _fixed_noise(self, seeds: Tensor, num_steps: int) -> Tensor:
-        shape = (num_steps + 1, *self.policy.sample_shape)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
+        return seeded_noise(seeds, num_steps, self.policy.sample_shape).to(self.device)
 
     @torch.no_grad()
     def generate(self, labels: Tensor, seeds: Tensor, guidance: float, num_steps: int | None = None):
@@ -150,19 +165,32 @@ class ControlModule(L.LightningModule):
         for name, (gamma, n) in runs.items():
             traj = self.generate(labels, seeds, gamma, n)
             out = self._eval_outputs.setdefault(name, [])
-            out.append((traj.samples.cpu(), labels.cpu(), self.reward(traj.samples, labels).cpu(), traj.kl.sum(1).cpu()))
+            out.append((traj.samples, labels, self.reward(traj.samples, labels), traj.kl.sum(1), seeds))
+
+    def _gathered(self, outs: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """This epoch's evaluation outputs of all ranks, on the CPU, each sample once: DistributedSampler pads
+        the last ranks with repeats, which the seeds (one per sample) identify."""
+        tensors = [torch.cat(x) for x in zip(*outs)]
+        if self.trainer.world_size > 1:
+            tensors = [self.all_gather(t).flatten(0, 1) for t in tensors]
+        seeds = tensors[-1]
+        unique, first = torch.unique(seeds, return_inverse=True)
+        keep = torch.full_like(unique, len(seeds)).scatter_reduce(0, first, torch.arange(len(seeds), device=seeds.device),
+                                                                  "amin")
+        return tuple(t[keep].cpu() for t in tensors[:-1])
 
     def _eval_epoch_end(self, stage: str) -> None:
         results = {}
         for name, outs in self._eval_outputs.items():
-            samples, labels, rewards, kl = (torch.cat(x) for x in zip(*outs))
+            samples, labels, rewards, kl = self._gathered(outs)
             metrics = {"reward": rewards.mean(), "kl": kl.mean()}
             if self.evaluator is not None:
                 metrics.update(self.evaluator.evaluate(samples, labels))
             confusion = metrics.pop("confusion", None)
             results[name] = {k: float(v) for k, v in metrics.items()}
             prefix = {"policy": f"{stage}/", "pretrained": f"{stage}/pretrained_"}.get(name, f"{stage}/{name}/")
-            self.log_dict({prefix + k: v for k, v in results[name].items()}, sync_dist=True)
+            # every rank holds the same gathered figures: nothing to reduce
+            self.log_dict({prefix + k: v for k, v in results[name].items()})
             if name == "policy":
                 self._log_images(stage, samples, labels, confusion)
         self._eval_outputs = {}

@@ -156,6 +156,14 @@ def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, guidan
     return step_mean(x, eps, a, a_prev, s, clip), step_mean(x, eps_pre, a, a_prev, s, clip)
 
 
+def seeded_noise(seeds: Tensor, num_steps: int, sample_shape: tuple[int, ...]) -> Tensor:
+    """``[B, N+1, *sample_shape]`` standard normal noise for a chain sampler, chain i's from its own seed
+    ``seeds[i]`` alone (the same chain gets the same noise in any batch, on any rank)."""
+    shape = (num_steps + 1, *sample_shape)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) % (1 << 63)))
+                        for s in seeds.tolist()])
+
+
 def sample(
     policy,
     labels: Tensor,

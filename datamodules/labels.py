@@ -21,21 +21,65 @@ def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data
     return p.float()
 
 
-class _PriorBatches(Dataset):
-    """Item i is a whole batch ``[B]`` of labels, stratified: the counts follow the prior as closely as a
-    batch allows (systematic sampling), in a random order. Seeded by (seed, i): reproducible."""
+TRAIN_SEED_OFFSET = 1 << 40  # training chains' noise seeds start here: never equal to an evaluation seed
 
-    def __init__(self, prior: torch.Tensor, batch_size: int, length: int, seed: int):
-        self.cdf, self.batch_size, self.length, self.seed = prior.cumsum(0), batch_size, length, seed
+
+def chain_seed(seed: int, epoch: int, index: int) -> int:
+    """The noise seed of training chain ``index`` of ``epoch``: a pure function of its position, so that
+    a chain's rollout is the same whichever rank draws it and after a resume."""
+    return TRAIN_SEED_OFFSET + ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 62)
+
+
+class _PriorChains(Dataset):
+    """Item k is chain k of the epoch as ``(label, noise seed)``; chains ``[b*B, (b+1)*B)`` form global
+    batch b, whose labels are stratified: the counts follow the prior as closely as a batch allows
+    (systematic sampling), in a random order. Seeded by (seed, epoch, b): reproducible, and a new
+    draw each epoch (``epoch`` is set by :class:`ResumableLoader`)."""
+
+    def __init__(self, prior: torch.Tensor, batch_size: int, num_batches: int, seed: int):
+        self.cdf, self.batch_size, self.num_batches, self.seed = prior.cumsum(0), batch_size, num_batches, seed
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return self.length
+        return self.num_batches * self.batch_size
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+    def batch_labels(self, b: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + b)
         u = (torch.arange(self.batch_size) + torch.rand(1, generator=g)) / self.batch_size
         labels = torch.searchsorted(self.cdf, u.clamp(max=float(self.cdf[-1]) - 1e-7))
         return labels[torch.randperm(self.batch_size, generator=g)]
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        b, j = divmod(k, self.batch_size)
+        return int(self.batch_labels(b)[j]), chain_seed(self.seed, self.epoch, k)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: it resumes mid-epoch where a checkpoint left off (Lightning saves and restores
+    its ``state_dict``), and sets the dataset's epoch so that each epoch draws new chains.
+
+    ``progress`` returns ``(epoch, batches consumed in it)``; it is read from the trainer rather than
+    counted here, because Lightning fetches one batch ahead of the one being trained on.
+    """
+
+    def __init__(self, dataset: _PriorChains, batch_size: int, progress):
+        super().__init__(dataset, batch_size=batch_size, shuffle=False)
+        self._progress, self._skip = progress, 0
+
+    def state_dict(self) -> dict:
+        epoch, consumed = self._progress()
+        return {"epoch": epoch, "consumed": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = state["consumed"] if state["consumed"] < len(self) else 0
+
+    def __iter__(self):
+        self.dataset.epoch = self._progress()[0]
+        skip, self._skip = self._skip, 0
+        iterator = super().__iter__()
+        for _ in range(skip):  # labels and seeds only: skipping costs nothing
+            next(iterator)
+        return iterator
 
 
 class _FixedLabels(Dataset):
@@ -57,7 +101,7 @@ class LabelsDataModule(L.LightningDataModule):
     Args:
         num_labels: size of the label set.
         prior: probability of each label during training (uniform when omitted).
-        batch_size: rollouts per training step.
+        batch_size: rollouts per training step, over all processes (each of W processes draws batch_size / W).
         batches_per_epoch: training steps per epoch.
         eval_per_label: samples per label in validate/test (fixed seeds: the same noise every time).
         eval_batch_size: samples per evaluation batch.
@@ -82,9 +126,20 @@ class LabelsDataModule(L.LightningDataModule):
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of ``(labels [b], noise seeds [b])``, b = batch_size / world size: under DDP, Lightning's
+        DistributedSampler hands rank r the chains r, r + W, ... of each global batch."""
         h = self.hparams
-        return DataLoader(_PriorBatches(self.prior, h.batch_size, h.batches_per_epoch, h.seed), batch_size=None,
-                          shuffle=False)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if h.batch_size % world:
+            raise ValueError(f"data.batch_size={h.batch_size} is the global batch and must divide evenly among the "
+                             f"{world} processes (trainer.devices x trainer.num_nodes); make it a multiple of {world}.")
+        dataset = _PriorChains(self.prior, h.batch_size, h.batches_per_epoch, h.seed)
+        return ResumableLoader(dataset, h.batch_size // world, self._progress)
+
+    def _progress(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 0
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _fixed(self, labels: list[int], per_label: int, batch_size: int) -> DataLoader:
         return DataLoader(_FixedLabels(labels, per_label, self.hparams.seed + 7919), batch_size=batch_size,

@@ -7,6 +7,7 @@ import torch
 
 from ctrl.datamodules import LabelsDataModule, digits_split
 from ctrl.datamodules.digits import SPLITS
+from ctrl.datamodules.labels import TRAIN_SEED_OFFSET
 
 
 def test_splits_are_disjoint_fixed_and_cover_the_data():
@@ -27,16 +28,54 @@ def test_splits_are_disjoint_fixed_and_cover_the_data():
 
 def test_label_batches_follow_the_prior():
     dm = LabelsDataModule(num_labels=4, prior=[0.5, 0.25, 0.25, 0.0], batch_size=8, batches_per_epoch=3)
-    for batch in dm.train_dataloader():
-        counts = torch.bincount(batch, minlength=4)
+    for labels, seeds in dm.train_dataloader():
+        counts = torch.bincount(labels, minlength=4)
         assert counts.tolist() == [4, 2, 2, 0]
+        assert len(seeds.unique()) == 8
 
 
 def test_uniform_prior_is_stratified_and_reproducible():
     dm = LabelsDataModule(num_labels=10, batch_size=20, batches_per_epoch=2, seed=3)
     first = list(dm.train_dataloader())
-    assert all(torch.bincount(b, minlength=10).tolist() == [2] * 10 for b in first)
-    assert all(torch.equal(a, b) for a, b in zip(first, dm.train_dataloader()))
+    assert all(torch.bincount(labels, minlength=10).tolist() == [2] * 10 for labels, _ in first)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, dm.train_dataloader()))
+    all_seeds = torch.cat([seeds for _, seeds in first])
+    assert len(all_seeds.unique()) == 40 and all_seeds.min() >= TRAIN_SEED_OFFSET  # never an evaluation seed
+
+
+def test_each_epoch_draws_new_chains():
+    dm = LabelsDataModule(num_labels=10, batch_size=20, batches_per_epoch=2, seed=3)
+    loader = dm.train_dataloader()
+    first = torch.cat([seeds for _, seeds in loader])
+    loader.dataset.epoch = 1
+    second = {loader.dataset[k][1] for k in range(len(loader.dataset))}
+    assert len(second) == 40 and not set(first.tolist()) & second
+
+
+def test_ranks_split_each_global_batch():
+    """Under DDP (Lightning's DistributedSampler, no shuffle) the ranks' batches are disjoint parts of the
+    single-process batch: the same chains, labels and seeds, whatever the number of ranks."""
+    from torch.utils.data import DistributedSampler
+
+    dm = LabelsDataModule(num_labels=10, batch_size=8, batches_per_epoch=3, seed=1)
+    whole = list(dm.train_dataloader())
+    dataset = dm.train_dataloader().dataset
+    for b, (labels, seeds) in enumerate(whole):
+        parts = []
+        for rank in range(2):
+            sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+            parts += [dataset[k] for k in list(sampler)[b * 4:(b + 1) * 4]]
+        assert sorted(parts) == sorted(zip(labels.tolist(), seeds.tolist()))
+
+
+def test_resumed_loader_continues_where_it_stopped():
+    dm = LabelsDataModule(num_labels=10, batch_size=4, batches_per_epoch=5, seed=2)
+    whole = [seeds for _, seeds in dm.train_dataloader()]
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "consumed": 3})
+    resumed = [seeds for _, seeds in loader]
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, whole[3:]))
+    assert len(list(loader)) == 5  # the skip applies to the resumed epoch only
 
 
 def test_eval_labels_are_balanced_with_fixed_seeds():
