@@ -71,6 +71,10 @@ def pick_steps(steps: list[int], fraction: float) -> list[int]:
     return sorted(steps[i] for i in torch.randperm(len(steps))[:n].tolist())
 
 
+class NonFiniteRewardWarning(RuntimeWarning):
+    """A reward returned NaN or Inf for some samples of a step (they were dropped)."""
+
+
 def finite_rewards(rewards: Tensor) -> Tensor:
     """Mask ``[B]`` of finite rewards; NaN or Inf ones are reported with their count (and must be dropped).
 
@@ -81,5 +85,5 @@ def finite_rewards(rewards: Tensor) -> Tensor:
     bad = int((~finite).sum())
     if bad:
         warnings.warn(f"the reward returned NaN or Inf for {bad} of {len(rewards)} samples; they are dropped "
-                      "from this step", RuntimeWarning, stacklevel=2)
+                      "from this step", NonFiniteRewardWarning, stacklevel=2)
     return finite

@@ -1,15 +1,65 @@
-"""Callbacks: writing `ctrl predict` samples as a PNG grid."""
+"""Callbacks: resumable checkpoints, and writing `ctrl predict` samples as a PNG grid."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from PIL import Image
 
 from ctrl.module import image_grid
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, set up so that ``ctrl fit ... --ckpt_path last`` resumes a run.
+
+    ``last.ckpt`` is written every ``every_n_train_steps`` optimizer steps and at the end of each
+    epoch into ``<trainer.default_root_dir>/checkpoints`` unless ``dirpath`` says otherwise: one
+    folder for every attempt of a run (Lightning's default is a new ``version_N`` folder per attempt,
+    where ``last`` would never be found). Each file is written under a temporary name in the same
+    folder and renamed over the old one, so a kill during a save leaves the previous ``last.ckpt``
+    whole. Only ``last`` is kept unless ``save_top_k`` (with a ``monitor``) asks for more.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 20, save_last: bool = True,
+                 save_top_k: int = 0, **kwargs):
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_last=save_last,
+                         save_top_k=save_top_k, **kwargs)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # Lightning saves by steps or by epochs, not both: the end of an epoch (the end of a run) is
+        # saved here even when it does not fall on a multiple of every_n_train_steps.
+        if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # once more after the final validation, so that the last checkpoint holds its metrics
+        if not trainer.fast_dev_run and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # Lightning's own write goes through a temporary file that is moved into place, but the
+        # temporary file lies in /tmp: across file systems the move is a copy, and a kill during
+        # the copy leaves a truncated file. A rename within one folder is atomic.
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("ResumableCheckpoint")
+        self._last_checkpoint_saved = filepath
+
+    def place_in(self, trainer) -> None:
+        """Fix ``dirpath`` before Lightning looks for ``last`` (that happens before ``setup``)."""
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.place_in(trainer)
+        super().setup(trainer, pl_module, stage)
 
 
 class PredictionGrid(BasePredictionWriter):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -45,6 +46,28 @@ class CtrlCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
+    def instantiate_trainer(self, **kwargs):
+        from ctrl.callbacks import ResumableCheckpoint
+
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResumableCheckpoint):
+                callback.place_in(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and the checkpoint Lightning saves when
+        SLURM preempts a job (``hpc_ckpt_N.ckpt``, which Lightning's own "last" does not consider)."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        root = Path(self.trainer.default_root_dir)
+        candidates = list(root.glob("hpc_ckpt_*.ckpt"))
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is not None:
+                candidates += Path(callback.dirpath).glob("last*.ckpt")
+        if candidates:
+            config["ckpt_path"] = str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CtrlCLI:
@@ -59,9 +82,11 @@ def console() -> None:
     A user's mistake (a bad path, setting or label) ends in one line naming the setting, not a
     stack trace; set CTRL_DEBUG=1 to see the trace.
     """
+    from ctrl.module import RunStopped
+
     try:
         main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RunStopped) as err:
         if os.environ.get("CTRL_DEBUG"):
             raise
         print(f"ctrl: error: {err}", file=sys.stderr)

@@ -8,12 +8,14 @@ macro-F1, Frechet distance), with the pretrained model's figures (label ignored)
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm
+from ctrl.algorithms.base import Algorithm, NonFiniteRewardWarning
 from ctrl.evaluation import Evaluator
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
@@ -33,6 +35,10 @@ def image_grid(images: Tensor, rows: int, border: int = 1) -> Tensor:
     return ((grid.clamp(-1, 1) + 1) / 2).cpu()
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (e.g. too many steps with non-finite rewards); the message says why and what to do."""
+
+
 class ControlModule(L.LightningModule):
     """RL fine-tuning of a diffusion policy toward a reward, regularised by the KL to the pretrained model.
 
@@ -50,6 +56,8 @@ class ControlModule(L.LightningModule):
         eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
         gradient_checkpointing: recompute each step's network call in the backward pass.
         max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
+        max_bad_steps: stop the run once this many training steps had a NaN or Inf reward (such samples
+            are always dropped and counted; None: never stop).
         weight_decay: AdamW weight decay (learning rates are per part, in the policy and the algorithm).
     """
 
@@ -66,6 +74,7 @@ class ControlModule(L.LightningModule):
         eval_pretrained: bool = True,
         gradient_checkpointing: bool = False,
         max_grad_norm: float | None = 1.0,
+        max_bad_steps: int | None = 10,
         weight_decay: float = 0.0,
     ):
         super().__init__()
@@ -93,6 +102,10 @@ class ControlModule(L.LightningModule):
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"model.max_grad_norm must be > 0 or null, got {max_grad_norm}.")
         self.max_grad_norm = max_grad_norm
+        if max_bad_steps is not None and max_bad_steps < 1:
+            raise ValueError(f"model.max_bad_steps must be >= 1 or null (never stop), got {max_bad_steps}.")
+        self.max_bad_steps, self.bad_steps = max_bad_steps, 0
+        self._rollouts = (0, 0)  # rollouts this process trained on, chains in the last
         if evaluator is not None:
             evaluator.attach(self)
         self._eval_outputs: dict[str, list] = {}
@@ -118,9 +131,21 @@ class ControlModule(L.LightningModule):
         exactly what the uninterrupted single-process run draws for the same chains.
         """
         labels, seeds = batch
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        self._rollouts = (self._rollouts[0] + 1, len(labels))
+        with warnings.catch_warnings(record=True) as caught, \
+                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            warnings.simplefilter("always", NonFiniteRewardWarning)
             torch.manual_seed(int(seeds[0]) % (1 << 63))
             self._train_on(labels, seeds)
+        for w in caught:  # pass every warning on; count the steps with non-finite rewards
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if any(issubclass(w.category, NonFiniteRewardWarning) for w in caught):
+            self.bad_steps += 1
+            self.log("train/bad_steps", float(self.bad_steps))
+            if self.max_bad_steps is not None and self.bad_steps >= self.max_bad_steps:
+                raise RunStopped(f"the reward returned NaN or Inf in {self.bad_steps} training steps "
+                                   f"(model.max_bad_steps={self.max_bad_steps}); the run stops here, its last "
+                                   "checkpoint is intact. Fix the reward, or raise model.max_bad_steps.")
 
     def _train_on(self, labels: Tensor, seeds: Tensor) -> None:
         optimizer = self.optimizers()
@@ -140,6 +165,14 @@ class ControlModule(L.LightningModule):
         if out is None:  # no finite reward in this rollout (already reported): nothing to learn from
             return
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baseline": self.baseline, "last_metrics": self.last_metrics}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ctrl", {})
+        self.bad_steps = state.get("bad_steps", 0)
+        self.baseline, self.last_metrics = state.get("baseline"), state.get("last_metrics", {})
 
     def configure_optimizers(self):
         groups = self.policy.param_groups() + self.algorithm.param_groups()
@@ -232,6 +265,11 @@ class ControlModule(L.LightningModule):
             base = f"{self.baseline[key]:.4f}" if self.baseline and key in self.baseline else "-"
             lines.append(f"{key:<20}{base:>12}{self.last_metrics[key]:>12.4f}")
         return "\n".join(lines)
+
+    def on_train_end(self):
+        if self.trainer.world_size > 1:  # every rank reports (the logs of a multi-node job show each one)
+            print(f"ctrl: rank {self.global_rank} of {self.trainer.world_size} trained {self._rollouts[0]} rollouts "
+                  f"of {self._rollouts[1]} chains", flush=True)
 
     def on_fit_end(self):
         self.print(f"\nheld-out evaluation after fine-tuning (guidance {self.guidance}, {self.eval_num_steps} steps)\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data.prior") -> torch.Tensor:
@@ -62,9 +62,10 @@ class ResumableLoader(DataLoader):
     counted here, because Lightning fetches one batch ahead of the one being trained on.
     """
 
-    def __init__(self, dataset: _PriorChains, batch_size: int, progress):
-        super().__init__(dataset, batch_size=batch_size, shuffle=False)
-        self._progress, self._skip = progress, 0
+    def __init__(self, dataset: _PriorChains, batch_size: int = 1, progress=None, **kwargs):
+        # **kwargs: Lightning rebuilds the loader with a DistributedSampler under DDP
+        super().__init__(dataset, batch_size=batch_size, **kwargs)
+        self._progress, self._skip = progress or (lambda: (0, 0)), 0
 
     def state_dict(self) -> dict:
         epoch, consumed = self._progress()
@@ -126,15 +127,19 @@ class LabelsDataModule(L.LightningDataModule):
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
-        """Batches of ``(labels [b], noise seeds [b])``, b = batch_size / world size: under DDP, Lightning's
-        DistributedSampler hands rank r the chains r, r + W, ... of each global batch."""
+        """Batches of ``(labels [b], noise seeds [b])``, b = batch_size / world size: under DDP, rank r gets
+        the chains r, r + W, ... of each global batch (a DistributedSampler without shuffling: Lightning's
+        own would shuffle across batches)."""
         h = self.hparams
         world = self.trainer.world_size if self.trainer is not None else 1
         if h.batch_size % world:
             raise ValueError(f"data.batch_size={h.batch_size} is the global batch and must divide evenly among the "
                              f"{world} processes (trainer.devices x trainer.num_nodes); make it a multiple of {world}.")
         dataset = _PriorChains(self.prior, h.batch_size, h.batches_per_epoch, h.seed)
-        return ResumableLoader(dataset, h.batch_size // world, self._progress)
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return ResumableLoader(dataset, h.batch_size // world, self._progress, sampler=sampler, shuffle=False)
 
     def _progress(self) -> tuple[int, int]:
         if self.trainer is None:

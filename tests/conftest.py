@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -40,3 +41,65 @@ def tiny_pretrained(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> str:
     return make_tiny_classifier(tmp_path_factory.mktemp("tiny-clf") / "classifier.safetensors")
+
+
+def run_args(root, pretrained: str, classifier: str, *extra: str, checkpoint_every: int = 2) -> list[str]:
+    """Arguments of a tiny digits-control run (configs/digits/control.yaml at 8x8, 3 steps) writing into
+    ``root``, with a resumable checkpoint every ``checkpoint_every`` optimizer steps."""
+    from pathlib import Path
+
+    callbacks = [{"class_path": "ctrl.callbacks.ResumableCheckpoint",
+                  "init_args": {"every_n_train_steps": checkpoint_every}}]
+    return [
+        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false",
+        "--trainer.callbacks", json.dumps(callbacks),
+        "--model.policy.pretrained", pretrained,
+        "--model.reward.path", classifier,
+        "--model.evaluator.image_size", "8",
+        "--model.num_steps", "3",
+        "--data.batch_size", "4",
+        "--data.batches_per_epoch", "6",
+        "--data.eval_per_label", "2",
+        "--data.eval_batch_size", "10",
+        *extra,
+    ]
+
+
+def final_state(root) -> tuple[dict, dict]:
+    """The trainable weights, optimizer state and last metrics in ``root/checkpoints/last.ckpt``."""
+    ckpt = torch.load(f"{root}/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    return ckpt["state_dict"], {"optimizer": ckpt["optimizer_states"], **ckpt["ctrl"]}
+
+
+def assert_same(a, b, atol: float, path: str = "") -> None:
+    """Nested dicts/lists of tensors and numbers equal within ``atol``."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], atol, f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, atol, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=0), path
+    elif isinstance(a, float):
+        assert abs(a - b) <= atol * max(1.0, abs(a)), f"{path}: {a} != {b}"
+    else:
+        assert a == b, path
+
+
+_REPORTS: list[str] = []
+
+
+def report(line: str) -> None:
+    """A line for the end of the pytest run (e.g. that the SLURM test really ran)."""
+    _REPORTS.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _REPORTS:
+        terminalreporter.write_line(line)
