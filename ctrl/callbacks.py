@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from PIL import Image
 
 from ctrl.module import image_grid
+
+
+# Lightning warns at every step-triggered save under manual optimisation that the checkpoint holds the
+# state after the optimizer step: for resuming, that is exactly the state wanted.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class ResumableCheckpoint(ModelCheckpoint):
