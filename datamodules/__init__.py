@@ -1,6 +1,7 @@
 """Datamodules shipped with ctrl (installed as ctrl.datamodules)."""
 
 from ctrl.datamodules.digits import DigitsDataModule, digits_split
+from ctrl.datamodules.images import ImageFolderDataModule
 from ctrl.datamodules.labels import LabelsDataModule
 
-__all__ = ["DigitsDataModule", "LabelsDataModule", "digits_split"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "LabelsDataModule", "digits_split"]

@@ -98,3 +98,27 @@ def test_bad_prior_is_one_clear_message(prior, message):
 def test_predict_label_outside_label_set():
     with pytest.raises(ValueError, match=r"data.predict_labels: \[12\] are outside the label set 0..9"):
         LabelsDataModule(num_labels=10, predict_labels=[3, 12])
+
+
+def test_image_folder_gives_labelled_batches(tmp_path):
+    from PIL import Image
+
+    from ctrl.datamodules import ImageFolderDataModule
+
+    (tmp_path / "images").mkdir()
+    for i in range(10):
+        Image.new("L", (8, 8), color=25 * i).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 3}\n" for i in range(10)))
+    dm = ImageFolderDataModule(str(tmp_path / "images"), str(tmp_path / "labels.csv"), num_labels=3, image_size=8,
+                               val_fraction=0.2, batch_size=4)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    assert len(dm.val_set) == 2 and len(dm.train_set) == 8
+    # each image keeps its own label: pixel value 25 * i <-> label i % 3; together the splits are all 10
+    seen = []
+    for x, y in [*zip(*dm.train_set.tensors), *zip(*dm.val_set.tensors)]:
+        i = round(float((x[0, 0, 0] + 1) * 127.5) / 25)
+        assert int(y) == i % 3
+        seen.append(i)
+    assert sorted(seen) == list(range(10))

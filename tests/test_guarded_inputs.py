@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ctrl.cli import console
 from ctrl.rewards import Reward
@@ -125,3 +126,45 @@ def test_bad_input_is_one_clear_message(case, extra, message, tmp_path, tiny_pre
     assert re.search(message, lines[0]), lines[0]
     assert _digest(saved, tiny_pretrained, tiny_classifier) == before
 
+
+
+def _image_folder(tmp_path, size=16, mode="L", extra_file=None, labels=None):
+    """Three images a.png, b.png, c.png (and ``extra_file``), with ``labels`` as labels.csv rows."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        Image.new(mode, (size, size), color=40 * i if mode == "L" else (40 * i, 0, 0)).save(folder / name)
+    if extra_file:
+        (folder / extra_file).write_text("not an image")
+    rows = labels if labels is not None else {"a.png": "1", "b.png": "2", "c.png": "3"}
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{f},{y}\n" for f, y in rows.items()))
+    return str(folder), str(tmp_path / "labels.csv")
+
+
+IMAGE_TABLE = [
+    ("image folder with a non-image file", {"extra_file": "notes.txt"},
+     r"data.root: 1 files are not images \(notes.txt\); keep only images"),
+    ("labels CSV missing a label", {"labels": {"a.png": "1", "c.png": "3"}},
+     r"data.labels_csv: 1 images have no label \(b.png\); add a row `file,label` for each"),
+    ("labels CSV with an unknown label", {"labels": {"a.png": "cat", "b.png": "2", "c.png": "3"}},
+     r"data.labels_csv: the label 'cat' of a.png is not one of 0..9 \(data.num_labels\)"),
+    ("images of the wrong size", {"size": 8}, r"data.image_size=16 but a.png is 8x8; resize the images"),
+    ("images with the wrong channel count", {"mode": "RGB"},
+     r"data.channels=1 but a.png has 3 channels \(PIL mode RGB\)"),
+]
+
+
+@pytest.mark.parametrize("case, folder, message", IMAGE_TABLE, ids=[row[0] for row in IMAGE_TABLE])
+def test_bad_image_folder_is_one_clear_message(case, folder, message, tmp_path, monkeypatch, capsys):
+    root, labels = _image_folder(tmp_path, **folder)
+    data = {"class_path": "ctrl.datamodules.ImageFolderDataModule",
+            "init_args": {"root": root, "labels_csv": labels, "image_size": 16, "channels": 1}}
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "classifier.yaml"
+    monkeypatch.setattr(sys, "argv", ["ctrl", "fit", "--config", str(config), "--data", json.dumps(data),
+                                      "--trainer.default_root_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(message, lines[0]), lines[0]
