@@ -30,6 +30,11 @@ def _why_not() -> str | None:
     return None
 
 
+def _exe(name: str) -> str:
+    """The daemon's full path (/usr/sbin may be missing from PATH)."""
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,11 +92,11 @@ PartitionName=ctrl Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
     env = {**os.environ, "SLURM_CONF": str(conf)}
     pid_files = [d / "munge" / "munged.pid", d / "slurmctld.pid", d / "slurmd.pid"]
     try:
-        subprocess.run(["munged", f"--key-file={key}", f"--socket={d}/munge/munge.socket", f"--pid-file={pid_files[0]}",
+        subprocess.run([_exe("munged"), f"--key-file={key}", f"--socket={d}/munge/munge.socket", f"--pid-file={pid_files[0]}",
                         f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/seed", "--force"],
                        check=True, env=env)
-        subprocess.run(["slurmctld", "-i"], check=True, env=env)
-        subprocess.run(["slurmd"], check=True, env=env)
+        subprocess.run([_exe("slurmctld"), "-i"], check=True, env=env)
+        subprocess.run([_exe("slurmd")], check=True, env=env)
         _wait(lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
                                                env=env).stdout, "the SLURM node becoming idle")
         yield env, d
