@@ -38,6 +38,9 @@ def _did_you_mean(given: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_REPORT_FRAMING = ("Does not validate", "Subtypes:", "Errors:", "Given value")
+
+
 def condense_parser_error(message: str, options: list[str] = ()) -> str:
     """jsonargparse's nested report of a bad setting -> one sentence naming the setting and the fix.
 
@@ -57,7 +60,7 @@ def condense_parser_error(message: str, options: list[str] = ()) -> str:
             keys.append(key.group(1))
         elif cls := re.match(r"(?:- )?Problem with given class_path '([^']+)':", text):
             class_path = cls.group(1)
-        elif text and leaf is None and not text.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value")):
+        elif text and leaf is None and not text.startswith(_REPORT_FRAMING):
             leaf = text.removeprefix("- ")
     if leaf is None:
         return message

@@ -207,9 +207,9 @@ class ControlModule(L.LightningModule):
         if self.trainer.world_size > 1:
             tensors = [self.all_gather(t).flatten(0, 1) for t in tensors]
         seeds = tensors[-1]
-        unique, first = torch.unique(seeds, return_inverse=True)
-        keep = torch.full_like(unique, len(seeds)).scatter_reduce(0, first, torch.arange(len(seeds), device=seeds.device),
-                                                                  "amin")
+        unique, which = torch.unique(seeds, return_inverse=True)
+        positions = torch.arange(len(seeds), device=seeds.device)
+        keep = torch.full_like(unique, len(seeds)).scatter_reduce(0, which, positions, "amin")  # first of each seed
         return tuple(t[keep].cpu() for t in tensors[:-1])
 
     def _eval_epoch_end(self, stage: str) -> None:
