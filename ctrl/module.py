@@ -126,8 +126,9 @@ class ControlModule(L.LightningModule):
         """One rollout of this process's chains ``(labels [b], noise seeds [b])`` and the algorithm's updates.
 
         Every random draw of the step is a function of the batch: the chains' noise comes from their
-        seeds, and the algorithm's own draws (minibatch order, timestep subsets, truncation) from a
-        generator seeded by the first chain's seed, so a resumed run and a run split over ranks draw
+        seeds, and the algorithm's own draws (minibatch order, timestep subsets, truncation) from the
+        global generator reseeded by the first chain's seed inside ``fork_rng`` (the generator outside
+        the step is left as it was), so a resumed run and a run split over ranks draw
         exactly what the uninterrupted single-process run draws for the same chains.
         """
         labels, seeds = batch

@@ -60,11 +60,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _check_images(self, size: int, channels: int) -> None:
         not_images = []
         for path in self.files:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                not_images.append(path.name)
+                continue
             try:
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise UnidentifiedImageError(path.name)
                 with Image.open(path) as image:  # reads the header only
-                    width, height, mode = *image.size, image.mode
+                    width, height, mode, bands = *image.size, image.mode, len(image.getbands())
             except (UnidentifiedImageError, OSError):
                 not_images.append(path.name)
                 continue
@@ -72,8 +73,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise ValueError(f"data.image_size={size} but {path.name} is {width}x{height}; resize the images to "
                                  f"{size}x{size} or set data.image_size to their size.")
             if CHANNELS.get(mode) != channels:
-                have = CHANNELS.get(mode, f"mode {mode}")
-                raise ValueError(f"data.channels={channels} but {path.name} has {have} channels (PIL mode {mode}); "
+                raise ValueError(f"data.channels={channels} but {path.name} has {bands} channels (PIL mode {mode}); "
                                  f"convert the images to {'grayscale (L)' if channels == 1 else 'RGB'} or set "
                                  "data.channels to match them.")
         if not_images:

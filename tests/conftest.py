@@ -43,29 +43,32 @@ def tiny_classifier(tmp_path_factory) -> str:
     return make_tiny_classifier(tmp_path_factory.mktemp("tiny-clf") / "classifier.safetensors")
 
 
-def run_args(root, pretrained: str, classifier: str, *extra: str, checkpoint_every: int = 2) -> list[str]:
-    """Arguments of a tiny digits-control run (configs/digits/control.yaml at 8x8, 3 steps) writing into
-    ``root``, with a resumable checkpoint every ``checkpoint_every`` optimizer steps."""
+def tiny_control_args(root, pretrained: str, classifier: str) -> list[str]:
+    """Arguments of a tiny digits-control run: configs/digits/control.yaml with the tiny models (8x8),
+    3 steps, batches of 4 and 2 evaluation samples per label, writing into ``root``."""
     from pathlib import Path
 
-    callbacks = [{"class_path": "ctrl.callbacks.ResumableCheckpoint",
-                  "init_args": {"every_n_train_steps": checkpoint_every}}]
     return [
         "--config", str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"),
         "--trainer.default_root_dir", str(root),
         "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-        "--trainer.callbacks", json.dumps(callbacks),
         "--model.policy.pretrained", pretrained,
         "--model.reward.path", classifier,
         "--model.evaluator.image_size", "8",
         "--model.num_steps", "3",
         "--data.batch_size", "4",
-        "--data.batches_per_epoch", "6",
         "--data.eval_per_label", "2",
         "--data.eval_batch_size", "10",
-        *extra,
     ]
+
+
+def run_args(root, pretrained: str, classifier: str, *extra: str, checkpoint_every: int = 2) -> list[str]:
+    """:func:`tiny_control_args` for 6 rollouts, without a logger, with a resumable checkpoint every
+    ``checkpoint_every`` optimizer steps as the only callback."""
+    callbacks = [{"class_path": "ctrl.callbacks.ResumableCheckpoint",
+                  "init_args": {"every_n_train_steps": checkpoint_every}}]
+    return [*tiny_control_args(root, pretrained, classifier), "--trainer.logger", "false",
+            "--trainer.callbacks", json.dumps(callbacks), "--data.batches_per_epoch", "6", *extra]
 
 
 def final_state(root) -> tuple[dict, dict]:

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
 from ctrl.cli import main
 
-CONTROL = str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml")
+from conftest import tiny_control_args
 
 
 def tiny_args(tmp_path, pretrained, classifier, *extra):
-    return [
-        "--config", CONTROL,
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks.path", str(tmp_path / "grid.png"),
-        "--model.policy.pretrained", pretrained,
-        "--model.reward.path", classifier,
-        "--model.evaluator.image_size", "8",
-        "--model.num_steps", "3",
-        "--data.batch_size", "4",
-        "--data.batches_per_epoch", "2",
-        "--data.eval_per_label", "2",
-        "--data.eval_batch_size", "10",
-        "--data.predict_per_label", "2",
-        *extra,
-    ]
+    """The tiny control run with the shipped config's own callbacks (its prediction grid into tmp_path)."""
+    return [*tiny_control_args(tmp_path, pretrained, classifier),
+            "--trainer.callbacks.path", str(tmp_path / "grid.png"),
+            "--data.batches_per_epoch", "2", "--data.predict_per_label", "2", *extra]
 
 
 def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):

@@ -98,6 +98,18 @@ TABLE = [
 ]
 
 
+def _the_error_line(argv: list[str], monkeypatch, capsys) -> str:
+    """Runs ``ctrl <argv>`` and returns its one ``ctrl: error:`` line, asserting exit status 2, exactly one
+    such line and no stack trace."""
+    monkeypatch.setattr(sys, "argv", ["ctrl", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
 def _digest(*paths) -> str:
     h = hashlib.sha256()
     for path in paths:
@@ -118,14 +130,8 @@ def test_bad_input_is_one_clear_message(case, extra, message, tmp_path, tiny_pre
 
     files = _files(tmp_path)
     extra = [files[a[1:-1]]() if a.startswith("{") and a.endswith("}") and a[1:-1] in files else a for a in extra]
-    monkeypatch.setattr(sys, "argv", ["ctrl", "fit", *run_args(root, tiny_pretrained, tiny_classifier), *extra])
-    with pytest.raises(SystemExit) as exit_info:
-        console()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert re.search(message, lines[0]), lines[0]
+    line = _the_error_line(["fit", *run_args(root, tiny_pretrained, tiny_classifier), *extra], monkeypatch, capsys)
+    assert re.search(message, line), line
     assert _digest(saved, tiny_pretrained, tiny_classifier) == before
 
 
@@ -162,11 +168,6 @@ def test_bad_image_folder_is_one_clear_message(case, folder, message, tmp_path, 
     data = {"class_path": "ctrl.datamodules.ImageFolderDataModule",
             "init_args": {"root": root, "labels_csv": labels, "image_size": 16, "channels": 1}}
     config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "classifier.yaml"
-    monkeypatch.setattr(sys, "argv", ["ctrl", "fit", "--config", str(config), "--data", json.dumps(data),
-                                      "--trainer.default_root_dir", str(tmp_path / "run")])
-    with pytest.raises(SystemExit) as exit_info:
-        console()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
-    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert re.search(message, lines[0]), lines[0]
+    line = _the_error_line(["fit", "--config", str(config), "--data", json.dumps(data),
+                            "--trainer.default_root_dir", str(tmp_path / "run")], monkeypatch, capsys)
+    assert re.search(message, line), line

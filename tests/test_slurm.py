@@ -92,7 +92,8 @@ PartitionName=ctrl Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
     env = {**os.environ, "SLURM_CONF": str(conf)}
     pid_files = [d / "munge" / "munged.pid", d / "slurmctld.pid", d / "slurmd.pid"]
     try:
-        subprocess.run([_exe("munged"), f"--key-file={key}", f"--socket={d}/munge/munge.socket", f"--pid-file={pid_files[0]}",
+        subprocess.run([_exe("munged"), f"--key-file={key}", f"--socket={d}/munge/munge.socket",
+                        f"--pid-file={pid_files[0]}",
                         f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/seed", "--force"],
                        check=True, env=env)
         subprocess.run([_exe("slurmctld"), "-i"], check=True, env=env)
