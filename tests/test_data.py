@@ -122,3 +122,40 @@ def test_image_folder_gives_labelled_batches(tmp_path):
         assert int(y) == i % 3
         seen.append(i)
     assert sorted(seen) == list(range(10))
+
+
+@pytest.mark.parametrize("setup, kwargs, error, message", [
+    ("csv names an absent file", {}, ValueError,
+     r"data.labels_csv: names 1 files that are not in data.root \(ghost.png\); remove those rows"),
+    ("csv without header", {"header": "name,class"}, ValueError, r"data.labels_csv: .* needs a header line `file,label`"),
+    ("channels", {"channels": 2}, ValueError, r"data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
+    ("val_fraction", {"val_fraction": 1.0}, ValueError, r"data.val_fraction must lie in \[0, 1\), got 1.0"),
+    ("no folder", {"root": "/nowhere/images"}, FileNotFoundError, r"data.root: no folder at '/nowhere/images'"),
+    ("empty folder", {"empty": True}, ValueError, r"data.root: '.*' holds no files; put the images in it"),
+    ("no csv", {"labels_csv": "/nowhere/labels.csv"}, FileNotFoundError,
+     r"data.labels_csv: no file at '/nowhere/labels.csv'"),
+])
+def test_image_folder_refusals(setup, kwargs, error, message, tmp_path):
+    from PIL import Image
+
+    from ctrl.datamodules import ImageFolderDataModule
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    if not kwargs.pop("empty", False):
+        Image.new("L", (8, 8)).save(folder / "a.png")
+    header = kwargs.pop("header", "file,label")
+    (tmp_path / "labels.csv").write_text(f"{header}\na.png,1\nghost.png,2\n")
+    args = {"root": str(folder), "labels_csv": str(tmp_path / "labels.csv"), "image_size": 8, **kwargs}
+    with pytest.raises(error, match=message):
+        ImageFolderDataModule(**args)
+
+
+def test_global_batch_must_divide_among_processes():
+    from types import SimpleNamespace
+
+    dm = LabelsDataModule(num_labels=10, batch_size=8)
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=0)
+    with pytest.raises(ValueError, match=r"data.batch_size=8 is the global batch and must divide evenly among the 3 "
+                                         r"processes .*make it a multiple of 3"):
+        dm.train_dataloader()
