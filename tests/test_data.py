@@ -127,7 +127,8 @@ def test_image_folder_gives_labelled_batches(tmp_path):
 @pytest.mark.parametrize("setup, kwargs, error, message", [
     ("csv names an absent file", {}, ValueError,
      r"data.labels_csv: names 1 files that are not in data.root \(ghost.png\); remove those rows"),
-    ("csv without header", {"header": "name,class"}, ValueError, r"data.labels_csv: .* needs a header line `file,label`"),
+    ("csv without header", {"header": "name,class"}, ValueError,
+     r"data.labels_csv: .* needs a header line `file,label`"),
     ("channels", {"channels": 2}, ValueError, r"data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
     ("val_fraction", {"val_fraction": 1.0}, ValueError, r"data.val_fraction must lie in \[0, 1\), got 1.0"),
     ("no folder", {"root": "/nowhere/images"}, FileNotFoundError, r"data.root: no folder at '/nowhere/images'"),
