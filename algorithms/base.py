@@ -54,11 +54,11 @@ class Algorithm(nn.Module, ABC):
         return []
 
 
-def scored_rollout(trajectory: Trajectory, reward: Reward) -> tuple[Trajectory, Tensor] | None:
+def scored_rollout(trajectory: Trajectory, policy, reward: Reward) -> tuple[Trajectory, Tensor] | None:
     """The rollout's rewards ``[B']`` (no gradient) and the chains they belong to, non-finite ones dropped
     (:func:`finite_rewards`); None when no reward is finite."""
     with torch.no_grad():
-        rewards = reward(trajectory.samples, trajectory.labels)
+        rewards = policy.score(reward, trajectory.samples, trajectory.labels)
     keep = finite_rewards(rewards)
     if not keep.any():
         return None

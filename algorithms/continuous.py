@@ -131,7 +131,7 @@ class ContinuousTimePG(PPO):
         if self.anchor_model == "pretrained":
             eps = eps_pre
         x0_hat = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        return torch.cos(self._angle(t)) * reward(x0_hat, labels)
+        return torch.cos(self._angle(t)) * policy.score(reward, x0_hat, labels)
 
     def values(self, anchor: Tensor, grid: StepGrid, k: int, x: Tensor, labels: Tensor) -> Tensor:
         t = grid.timesteps[k].to(x.device)

@@ -51,7 +51,7 @@ class DirectBackprop(Algorithm):
         return k
 
     def loss(self, trajectory, policy, reward):
-        rewards = reward(trajectory.samples, trajectory.labels)
+        rewards = policy.score(reward, trajectory.samples, trajectory.labels)
         finite = finite_rewards(rewards.detach())
         kl = trajectory.kl.sum(1)[finite]
         objective = rewards[finite] - self.alpha * kl

@@ -109,7 +109,7 @@ class PPO(Algorithm):
         return adv
 
     def updates(self, trajectory, policy, reward):
-        scored = scored_rollout(trajectory, reward)
+        scored = scored_rollout(trajectory, policy, reward)
         if scored is None:
             return
         trajectory, rewards = scored

@@ -82,7 +82,7 @@ class RAFT(Algorithm):
         return weights / len(groups)
 
     def updates(self, trajectory, policy, reward):
-        scored = scored_rollout(trajectory, reward)
+        scored = scored_rollout(trajectory, policy, reward)
         if scored is None:
             return
         trajectory, rewards = scored

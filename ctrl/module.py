@@ -86,8 +86,8 @@ class ControlModule(L.LightningModule):
                              "e.g. 1.0.")
         if num_steps < 2:
             raise ValueError(f"model.num_steps must be at least 2 (the last step is deterministic), got {num_steps}.")
-        if reward.num_labels is not None and reward.num_labels != policy.num_labels:
-            raise ValueError(f"the reward scores {reward.num_labels} labels but the policy has {policy.num_labels} "
+        if reward.num_labels is not None and reward.num_labels != policy.num_reward_labels:
+            raise ValueError(f"the reward scores {reward.num_labels} labels but the policy has {policy.num_reward_labels} "
                              "(model.policy.num_labels); make them equal, or use a classifier trained on the "
                              "policy's label set.")
         algorithm.setup(policy, reward)
@@ -109,6 +109,9 @@ class ControlModule(L.LightningModule):
         if evaluator is not None:
             evaluator.attach(self)
         self._eval_outputs: dict[str, list] = {}
+        # Checkpoints hold the trainable weights only (on_save_checkpoint): the frozen ones come from
+        # the pretrained model, which for Stable Diffusion is gigabytes.
+        self.strict_loading = False
         self.baseline: dict[str, float] | None = None
         self.last_metrics: dict[str, float] = {}
 
@@ -169,8 +172,16 @@ class ControlModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baseline": self.baseline, "last_metrics": self.last_metrics}
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # strict_loading is off because frozen weights are not saved; trainable ones must all be there.
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. "
+                             f"'{missing[0]}'): it was written with another policy or algorithm config; resume "
+                             "with the config that wrote it.")
         state = checkpoint.get("ctrl", {})
         self.bad_steps = state.get("bad_steps", 0)
         self.baseline, self.last_metrics = state.get("baseline"), state.get("last_metrics", {})
@@ -198,8 +209,9 @@ class ControlModule(L.LightningModule):
             runs["pretrained"] = (0.0, self.eval_num_steps)
         for name, (gamma, n) in runs.items():
             traj = self.generate(labels, seeds, gamma, n)
+            images, reward_labels = self.policy.decode(traj.samples), self.policy.reward_labels(labels)
             out = self._eval_outputs.setdefault(name, [])
-            out.append((traj.samples, labels, self.reward(traj.samples, labels), traj.kl.sum(1), seeds))
+            out.append((images, reward_labels, self.reward(images, reward_labels), traj.kl.sum(1), seeds))
 
     def _gathered(self, outs: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         """This epoch's evaluation outputs of all ranks, on the CPU, each sample once: DistributedSampler pads
@@ -237,10 +249,10 @@ class ControlModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image") or samples.ndim != 4:
             return
-        per_label = [samples[labels == y][:8] for y in range(self.policy.num_labels)]
+        shown = min(self.policy.num_reward_labels, 10)  # a grid row per label, at most 10 rows
+        per_label = [samples[labels == y][:8] for y in range(shown)]
         rows = [torch.cat([s, s.new_full((8 - len(s), *s.shape[1:]), -1.0)]) for s in per_label]
-        experiment.add_image(f"{stage}/samples_per_label", image_grid(torch.cat(rows), self.policy.num_labels),
-                             self.global_step)
+        experiment.add_image(f"{stage}/samples_per_label", image_grid(torch.cat(rows), shown), self.global_step)
         if confusion is not None:
             experiment.add_text(f"{stage}/confusion", "    " + str(confusion.tolist()), self.global_step)
 
@@ -287,4 +299,5 @@ class ControlModule(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         labels, seeds = batch
         self.policy.check_labels(labels.tolist(), "data.predict_labels")
-        return {"samples": self.generate(labels, seeds, self.guidance).samples.cpu(), "labels": labels.cpu()}
+        samples = self.policy.decode(self.generate(labels, seeds, self.guidance).samples)
+        return {"samples": samples.cpu(), "labels": labels.cpu()}

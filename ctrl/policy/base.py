@@ -37,6 +37,30 @@ class DiffusionPolicy(nn.Module, ABC):
         pretrained model. Gradients of ``eps_pre`` flow through ``x`` (never into frozen weights).
         """
 
+    def decode(self, x0: Tensor) -> Tensor:
+        """What the reward and the evaluator see of a sample x_0: the sample itself here; a latent policy
+        decodes its latents to images."""
+        return x0
+
+    def reward_labels(self, labels: Tensor) -> Tensor:
+        """The label the reward scores for each condition ``[B]``: the condition itself here; a policy whose
+        conditions are (prompt, class) pairs gives the class."""
+        return labels
+
+    @property
+    def num_reward_labels(self) -> int:
+        """Size of the label set the reward scores (what a classifier reward must have)."""
+        return self.num_labels
+
+    def score(self, reward, x0: Tensor, labels: Tensor) -> Tensor:
+        """``r(decode(x0), reward_labels(labels))``, ``[B]``: the one way every algorithm and evaluation
+        calls a reward on samples of this policy."""
+        return reward(self.decode(x0), self.reward_labels(labels))
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The parameters that training changes, by name (what a checkpoint must hold)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
     @abstractmethod
     def param_groups(self) -> list[dict]:
         """Trainable parameters as optimizer groups, each with its own ``lr`` and a ``name``."""
