@@ -1,4 +1,4 @@
-"""Callbacks: resumable checkpoints, and writing `ctrl predict` samples as a PNG grid."""
+"""Callbacks: resumable checkpoints, `ctrl predict` samples as a PNG grid, LoRA export for diffusers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from PIL import Image
 
 from ctrl.module import image_grid
@@ -98,3 +98,30 @@ class PredictionGrid(BasePredictionWriter):
             raise OSError(f"PredictionGrid path: cannot write '{self.path}' ({err.strerror}); choose a writable "
                           "path with --trainer.callbacks.path or in the config.") from None
         pl_module.print(f"wrote {len(samples)} samples ({rows} labels, guidance {pl_module.guidance}) to {self.path}")
+
+
+class ExportLora(Callback):
+    """At the end of ``ctrl fit``, writes the policy's trained adapter where diffusers loads it:
+    ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(directory)`` (and the class
+    embedding, if any, beside it; :meth:`ctrl.policy.StableDiffusionPolicy.export`).
+
+    Args:
+        directory: the folder to write (created; files in it are replaced).
+    """
+
+    def __init__(self, directory: str = "lora"):
+        self.directory = Path(directory)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not hasattr(pl_module.policy, "export"):
+            raise ValueError(f"ExportLora: the policy {type(pl_module.policy).__name__} has no diffusers export; use it "
+                             "with ctrl.policy.StableDiffusionPolicy or remove the callback.")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            try:
+                pl_module.policy.export(self.directory)
+            except OSError as err:
+                raise OSError(f"ExportLora directory: cannot write '{self.directory}' ({err.strerror}); choose a "
+                              "writable folder (trainer.callbacks' ExportLora directory).") from None
+            pl_module.print(f"wrote the LoRA for diffusers' load_lora_weights to {self.directory}")

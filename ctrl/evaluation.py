@@ -105,6 +105,46 @@ class DigitsEvaluator(Evaluator):
         }
 
 
+class JpegSizeEvaluator(Evaluator):
+    """The true labeller of conditional compressibility: an image's class is the bin of its JPEG size.
+
+    The first paper's evaluation: the JPEG size (kB at quality 95) of each sample, binned by
+    ``boundaries_kb`` (class k: between boundary k-1 and k; class 0 the most compressible), compared
+    with the requested class. Metrics: ``accuracy``, ``macro_f1``, ``min_class_accuracy``,
+    ``jpeg_kb`` (mean size) and the confusion matrix.
+
+    Args:
+        boundaries_kb: increasing sizes separating the classes (``num_labels - 1`` of them).
+        quality: JPEG quality.
+    """
+
+    def __init__(self, boundaries_kb: list[float], quality: int = 95):
+        if any(b >= c for b, c in zip(boundaries_kb, boundaries_kb[1:])) or not boundaries_kb:
+            raise ValueError(f"model.evaluator.boundaries_kb must be increasing and non-empty, got {boundaries_kb}.")
+        self.boundaries = torch.tensor(boundaries_kb, dtype=torch.float32)
+        self.num_labels, self.quality = len(boundaries_kb) + 1, quality
+
+    def attach(self, module) -> None:
+        if module.policy.num_reward_labels != self.num_labels:
+            raise ValueError(f"model.evaluator.boundaries_kb makes {self.num_labels} classes but the policy's reward "
+                             f"labels number {module.policy.num_reward_labels}; give one boundary fewer than classes.")
+
+    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        from ctrl.rewards.images import jpeg_kilobytes
+
+        sizes = jpeg_kilobytes(samples, self.quality).cpu()
+        judged, labels, k = torch.bucketize(sizes, self.boundaries), labels.cpu(), self.num_labels
+        confusion = MulticlassConfusionMatrix(k)(judged, labels)
+        per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+        return {
+            "accuracy": MulticlassAccuracy(k, average="micro")(judged, labels),
+            "macro_f1": MulticlassF1Score(k, average="macro")(judged, labels),
+            "min_class_accuracy": per_class[confusion.sum(1) > 0].min(),
+            "jpeg_kb": sizes.mean(),
+            "confusion": confusion,
+        }
+
+
 def tilted_gaussian(mean: Tensor, std: float | Tensor, A: Tensor, y: Tensor, sigma: float, alpha: float) -> tuple[Tensor, Tensor]:
     """Mean ``[d]`` and covariance ``[d, d]`` of p(x) ∝ N(x; m, s^2 I) exp(-||A x - y||^2 / (2 sigma^2 alpha)).
 

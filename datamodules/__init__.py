@@ -2,6 +2,6 @@
 
 from ctrl.datamodules.digits import DigitsDataModule, digits_split
 from ctrl.datamodules.images import ImageFolderDataModule
-from ctrl.datamodules.labels import LabelsDataModule
+from ctrl.datamodules.labels import LabelsDataModule, PromptsDataModule
 
-__all__ = ["DigitsDataModule", "ImageFolderDataModule", "LabelsDataModule", "digits_split"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "LabelsDataModule", "PromptsDataModule", "digits_split"]

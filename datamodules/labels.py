@@ -33,11 +33,13 @@ def chain_seed(seed: int, epoch: int, index: int) -> int:
 class _PriorChains(Dataset):
     """Item k is chain k of the epoch as ``(label, noise seed)``; chains ``[b*B, (b+1)*B)`` form global
     batch b, whose labels are stratified: the counts follow the prior as closely as a batch allows
-    (systematic sampling), in a random order. Seeded by (seed, epoch, b): reproducible, and a new
+    (systematic sampling), in a random order; with ``group_size`` G, B / G labels are drawn so and each
+    is repeated G times (consecutive chains). Seeded by (seed, epoch, b): reproducible, and a new
     draw each epoch (``epoch`` is set by :class:`ResumableLoader`)."""
 
-    def __init__(self, prior: torch.Tensor, batch_size: int, num_batches: int, seed: int):
+    def __init__(self, prior: torch.Tensor, batch_size: int, num_batches: int, seed: int, group_size: int = 1):
         self.cdf, self.batch_size, self.num_batches, self.seed = prior.cumsum(0), batch_size, num_batches, seed
+        self.group_size = group_size
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -45,9 +47,10 @@ class _PriorChains(Dataset):
 
     def batch_labels(self, b: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + b)
-        u = (torch.arange(self.batch_size) + torch.rand(1, generator=g)) / self.batch_size
+        draws = self.batch_size // self.group_size
+        u = (torch.arange(draws) + torch.rand(1, generator=g)) / draws
         labels = torch.searchsorted(self.cdf, u.clamp(max=float(self.cdf[-1]) - 1e-7))
-        return labels[torch.randperm(self.batch_size, generator=g)]
+        return labels[torch.randperm(draws, generator=g)].repeat_interleave(self.group_size)
 
     def __getitem__(self, k: int) -> tuple[int, int]:
         b, j = divmod(k, self.batch_size)
@@ -100,9 +103,12 @@ class LabelsDataModule(L.LightningDataModule):
     """Labels for conditional control.
 
     Args:
-        num_labels: size of the label set.
+        num_labels: size of the label set (None: the policy's ``num_labels``, read when the run starts).
         prior: probability of each label during training (uniform when omitted).
         batch_size: rollouts per training step, over all processes (each of W processes draws batch_size / W).
+        group_size: chains per drawn label in a training batch (batch_size / group_size labels are drawn,
+            each repeated): per-condition advantage baselines (PPO's ``per_condition``, DDPO's per-prompt
+            statistics) need several chains of a condition in one batch.
         batches_per_epoch: training steps per epoch.
         eval_per_label: samples per label in validate/test (fixed seeds: the same noise every time).
         eval_batch_size: samples per evaluation batch.
@@ -111,20 +117,40 @@ class LabelsDataModule(L.LightningDataModule):
         seed: seeds the label draws and the evaluation noise.
     """
 
-    def __init__(self, num_labels: int = 10, prior: list[float] | None = None, batch_size: int = 32,
+    def __init__(self, num_labels: int | None = 10, prior: list[float] | None = None, batch_size: int = 32,
                  batches_per_epoch: int = 100, eval_per_label: int = 50, eval_batch_size: int = 250,
-                 predict_labels: list[int] | None = None, predict_per_label: int = 8, seed: int = 0):
+                 predict_labels: list[int] | None = None, predict_per_label: int = 8, seed: int = 0,
+                 group_size: int = 1):
         super().__init__()
-        self.num_labels = num_labels
-        self.prior = check_prior(prior, num_labels)
-        bad = [y for y in (predict_labels or []) if not 0 <= y < num_labels]
+        for name in ("batch_size", "group_size", "batches_per_epoch", "eval_per_label", "eval_batch_size",
+                     "predict_per_label"):
+            if locals()[name] < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {locals()[name]}.")
+        if batch_size % group_size:
+            raise ValueError(f"data.batch_size={batch_size} must be a multiple of data.group_size={group_size} "
+                             "(each drawn condition fills a group of chains).")
+        self.save_hyperparameters()
+        self.num_labels: int | None = None
+        if num_labels is not None:
+            self._bind(num_labels)
+
+    def _bind(self, num_labels: int) -> None:
+        """Fix the label set: check the prior and the requested prediction labels against it."""
+        h = self.hparams
+        self.prior = check_prior(h.prior, num_labels)
+        bad = [y for y in (h.predict_labels or []) if not 0 <= y < num_labels]
         if bad:
             raise ValueError(f"data.predict_labels: {bad} are outside the label set 0..{num_labels - 1}; "
                              "request labels in that range.")
-        for name in ("batch_size", "batches_per_epoch", "eval_per_label", "eval_batch_size", "predict_per_label"):
-            if locals()[name] < 1:
-                raise ValueError(f"data.{name} must be at least 1, got {locals()[name]}.")
-        self.save_hyperparameters()
+        self.num_labels = num_labels
+
+    def setup(self, stage: str) -> None:
+        if self.num_labels is not None:
+            return
+        policy = getattr(getattr(self.trainer, "lightning_module", None), "policy", None)
+        if getattr(policy, "num_labels", None) is None:
+            raise ValueError("data.num_labels is not set and there is no policy to take it from; give data.num_labels.")
+        self._bind(policy.num_labels)  # the policy's conditions (a text-to-image policy's prompts x classes)
 
     def train_dataloader(self) -> DataLoader:
         """Batches of ``(labels [b], noise seeds [b])``, b = batch_size / world size: under DDP, rank r gets
@@ -135,7 +161,7 @@ class LabelsDataModule(L.LightningDataModule):
         if h.batch_size % world:
             raise ValueError(f"data.batch_size={h.batch_size} is the global batch and must divide evenly among the "
                              f"{world} processes (trainer.devices x trainer.num_nodes); make it a multiple of {world}.")
-        dataset = _PriorChains(self.prior, h.batch_size, h.batches_per_epoch, h.seed)
+        dataset = _PriorChains(self.prior, h.batch_size, h.batches_per_epoch, h.seed, h.group_size)
         sampler = None
         if world > 1:
             sampler = DistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
@@ -161,3 +187,22 @@ class LabelsDataModule(L.LightningDataModule):
         h = self.hparams
         labels = h.predict_labels if h.predict_labels is not None else list(range(self.num_labels))
         return self._fixed(labels, h.predict_per_label, len(labels) * h.predict_per_label)
+
+
+class PromptsDataModule(LabelsDataModule):
+    """Conditions of a text-to-image policy (:class:`ctrl.policy.StableDiffusionPolicy`): its prompts, or its
+    (prompt, class) pairs, numbered as the policy numbers them.
+
+    The prompts themselves are a setting of the policy (``model.policy.prompts``: a shipped list such as
+    ``ctrl:animals`` or a file of one prompt per line), which encodes them once; this module reads the
+    number of conditions from the policy when the run starts and draws which condition each chain gets
+    (uniformly, or by ``prior`` over the conditions), ``group_size`` chains per drawn condition.
+    Arguments as :class:`LabelsDataModule`; the defaults suit Stable Diffusion (few evaluation images
+    per condition).
+    """
+
+    def __init__(self, prior: list[float] | None = None, batch_size: int = 32, group_size: int = 4,
+                 batches_per_epoch: int = 100, eval_per_label: int = 2, eval_batch_size: int = 16,
+                 predict_labels: list[int] | None = None, predict_per_label: int = 4, seed: int = 0):
+        super().__init__(None, prior, batch_size, batches_per_epoch, eval_per_label, eval_batch_size,
+                         predict_labels, predict_per_label, seed, group_size)

@@ -2,6 +2,7 @@
 
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.policy.gaussian import AnalyticGaussian
+from ctrl.policy.stable_diffusion import StableDiffusionPolicy
 from ctrl.policy.unet import ResidualControlHead, UNetPolicy, load_pretrained_unet
 
-__all__ = ["AnalyticGaussian", "DiffusionPolicy", "UNetPolicy", "ResidualControlHead", "load_pretrained_unet"]
+__all__ = ["AnalyticGaussian", "DiffusionPolicy", "UNetPolicy", "ResidualControlHead", "StableDiffusionPolicy", "load_pretrained_unet"]

@@ -57,10 +57,6 @@ class DiffusionPolicy(nn.Module, ABC):
         calls a reward on samples of this policy."""
         return reward(self.decode(x0), self.reward_labels(labels))
 
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The parameters that training changes, by name (what a checkpoint must hold)."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
     @abstractmethod
     def param_groups(self) -> list[dict]:
         """Trainable parameters as optimizer groups, each with its own ``lr`` and a ``name``."""

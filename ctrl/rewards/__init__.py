@@ -3,5 +3,6 @@
 from ctrl.rewards.base import Reward
 from ctrl.rewards.classifier import ClassifierLogProb
 from ctrl.rewards.gaussian import GaussianLogLikelihood
+from ctrl.rewards.images import AestheticScore, JpegCompressibility
 
-__all__ = ["Reward", "ClassifierLogProb", "GaussianLogLikelihood"]
+__all__ = ["AestheticScore", "ClassifierLogProb", "GaussianLogLikelihood", "JpegCompressibility", "Reward"]

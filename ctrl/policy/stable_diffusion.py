@@ -1,0 +1,273 @@
+"""DiffusionPolicy over a diffusers Stable Diffusion pipeline: latent chains, prompts, classifier-free
+guidance, LoRA on the UNet, optionally the first paper's class embedding.
+
+A condition is a (prompt, class) pair, numbered ``c = prompt * K + class`` with ``K = max(num_classes, 1)``;
+the datamodule draws condition numbers and the reward scores the class (``reward_labels``), or the
+condition itself when there are no classes. The chain runs on VAE latents ``[4, H/8, W/8]``; the
+reward and the evaluator see decoded images ``[3, H, W]`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ctrl.policy.base import DiffusionPolicy
+from ctrl.prompts import load_prompts
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: LoRA targets of diffusers' text-to-image LoRA script (attention projections of the UNet).
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _load(cls, path: str, component: str, **kwargs):
+    try:
+        return cls.from_pretrained(path, subfolder=component, **kwargs)
+    except Exception as err:  # diffusers / transformers raise OSError, ValueError, EnvironmentError, ...
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"model.policy.pretrained: could not load the {component} of '{path}' "
+                         f"({type(err).__name__}: {first}). Give a StableDiffusionPipeline directory "
+                         f"(save_pretrained) or a hub id in the local cache.") from None
+
+
+def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str | None):
+    """``(unet, vae, text_encoder, tokenizer, scheduler)`` of a StableDiffusionPipeline directory or hub id,
+    frozen; the scheduler is DDIM with the pipeline's noise schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = Path(pretrained)
+    if local.exists() or pretrained.startswith(("/", ".")):
+        if not local.is_dir():
+            raise FileNotFoundError(f"model.policy.pretrained: no pipeline directory at '{pretrained}'; give a "
+                                    "directory written by StableDiffusionPipeline.save_pretrained, or a hub id.")
+        missing = [c for c in COMPONENTS if not (local / c).is_dir()]
+        if missing:
+            raise ValueError(f"model.policy.pretrained: '{pretrained}' has no {', '.join(m + '/' for m in missing)}; "
+                             f"a Stable Diffusion pipeline directory holds {', '.join(c + '/' for c in COMPONENTS)} "
+                             "(as StableDiffusionPipeline.save_pretrained writes them).")
+    weights = dict(torch_dtype=dtype, variant=variant)
+    unet = _load(UNet2DConditionModel, pretrained, "unet", **weights)
+    vae = _load(AutoencoderKL, pretrained, "vae", **weights)
+    text_encoder = _load(CLIPTextModel, pretrained, "text_encoder", dtype=dtype)
+    tokenizer = _load(CLIPTokenizer, pretrained, "tokenizer")
+    scheduler = _load(DDIMScheduler, pretrained, "scheduler")
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+class StableDiffusionPolicy(DiffusionPolicy):
+    """A frozen Stable Diffusion pipeline plus LoRA on its UNet (and optionally a class embedding).
+
+    Both the pretrained and the controlled noise predictions use classifier-free guidance with the
+    same scale, ``eps = u + s (c - u)`` (u: empty prompt, c: the chain's prompt), as the papers'
+    rollouts do; the pretrained one runs the same UNet with the adapters switched off and the null class.
+
+    Args:
+        pretrained: a StableDiffusionPipeline directory (unet/, vae/, text_encoder/, tokenizer/,
+            scheduler/) or a hub id (from the local cache when offline).
+        prompts: a list of prompts, a file of one prompt per line, or ``ctrl:animals``.
+        num_classes: classes of conditional control (the first paper): a zero-initialised class
+            embedding added to the UNet's time embedding, with a null class (index num_classes) for
+            the unconditional branch; 0 for reward fine-tuning on prompts alone.
+        guidance_scale: classifier-free guidance scale s of every rollout (1: no guidance, one
+            UNet call per model and step instead of two).
+        resolution: image side in pixels (default: the UNet's sample size times the VAE's factor);
+            must be divisible by the VAE's factor.
+        dtype: dtype of the frozen weights ("float32", "bfloat16", "float16"); LoRA and the class
+            embedding train in float32.
+        variant: weights variant to load (e.g. "fp16"), None for the default files.
+        lora_rank, lora_alpha, lora_target_modules: peft LoraConfig of the UNet adapter
+            (lora_rank 0: no LoRA; lora_alpha defaults to the rank).
+        lora_lr, embedding_lr: learning rates of the adapter and of the class embedding.
+        decode_checkpointing: recompute the VAE decoder in the backward pass (reward backprop through
+            the decoder otherwise holds all its activations).
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        prompts: str | list[str] = "ctrl:animals",
+        num_classes: int = 0,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        dtype: str = "float32",
+        variant: str | None = None,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] | None = None,
+        lora_lr: float = 3e-4,
+        embedding_lr: float = 1e-2,
+        decode_checkpointing: bool = True,
+    ):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"model.policy.dtype: '{dtype}' is not one of {sorted(DTYPES)}.")
+        if num_classes < 0:
+            raise ValueError(f"model.policy.num_classes must be >= 0 (0: prompts only), got {num_classes}.")
+        if lora_rank < 0 or (lora_rank == 0 and num_classes == 0):
+            raise ValueError(f"model.policy.lora_rank={lora_rank}: nothing would be trainable; give lora_rank > 0 "
+                             "(or num_classes > 0 for a class embedding).")
+        if guidance_scale < 1:
+            raise ValueError(f"model.policy.guidance_scale must be >= 1 (1: no classifier-free guidance), got "
+                             f"{guidance_scale}.")
+        self.prompts = load_prompts(prompts)
+        self.unet, self.vae, text_encoder, tokenizer, self.scheduler = load_pipeline_components(
+            pretrained, DTYPES[dtype], variant)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.unet.config.sample_size
+        resolution = resolution or (size if isinstance(size, int) else size[0]) * self.vae_factor
+        if resolution % self.vae_factor:
+            raise ValueError(f"model.policy.resolution={resolution} is not divisible by the VAE's downsampling "
+                             f"factor {self.vae_factor}; use a multiple of {self.vae_factor} (e.g. "
+                             f"{resolution // self.vae_factor * self.vae_factor or self.vae_factor}).")
+        self.resolution = resolution
+        self.sample_shape = (self.unet.config.in_channels, resolution // self.vae_factor, resolution // self.vae_factor)
+        self.num_classes, self.guidance_scale = num_classes, guidance_scale
+        self.num_labels = len(self.prompts) * max(num_classes, 1)
+        self.decode_checkpointing = decode_checkpointing
+        self.lrs = dict(lora=lora_lr, embedding=embedding_lr)
+
+        # The text encoder is needed once: the prompts' embeddings are fixed, so keep those and drop it.
+        with torch.no_grad():
+            embeds = self._encode(text_encoder, tokenizer, [""] + self.prompts)
+        self.register_buffer("empty_embeds", embeds[:1], persistent=False)  # [1, L, D]
+        self.register_buffer("prompt_embeds", embeds[1:], persistent=False)  # [P, L, D]
+
+        if num_classes > 0:
+            dim = self.unet.time_embedding.linear_2.out_features
+            # padding_idx: the null row stays zero and never receives a gradient (the paper zeroes it).
+            self.unet.class_embedding = nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
+            nn.init.zeros_(self.unet.class_embedding.weight)
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            self._add_lora(lora_rank, lora_alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS)
+        if num_classes > 0:
+            self.unet.class_embedding.requires_grad_(True)  # peft freezes all but the adapters
+
+    @staticmethod
+    def _encode(text_encoder, tokenizer, prompts: list[str]) -> Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return text_encoder(ids)[0]
+
+    def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
+        from peft import LoraConfig
+
+        names = [n for n, _ in self.unet.named_modules()]
+        missing = [m for m in targets if not any(n == m or n.endswith("." + m) for n in names)]
+        if missing:
+            raise ValueError(f"model.policy.lora_target_modules: {missing} match no module of the UNet; name its "
+                             f"Linear/Conv2d modules, e.g. {DEFAULT_LORA_TARGETS} (attention) or proj_in, "
+                             "proj_out, ff.net.2, conv1, conv2.")
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        self.unet.add_adapter(self.lora_config)
+        for name, p in self.unet.named_parameters():  # trainable weights in float32 under bf16/fp16 bases
+            if "lora_" in name:
+                p.data = p.data.float()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.unet.eval()  # frozen weights: no dropout, whatever Lightning sets
+        self.vae.eval()
+        return self
+
+    # -- conditions -----------------------------------------------------------------------------
+    @property
+    def num_reward_labels(self) -> int:
+        return self.num_classes if self.num_classes > 0 else self.num_labels
+
+    def prompt_index(self, labels: Tensor) -> Tensor:
+        return labels // max(self.num_classes, 1)
+
+    def reward_labels(self, labels: Tensor) -> Tensor:
+        return labels % self.num_classes if self.num_classes > 0 else labels
+
+    def condition_name(self, c: int) -> str:
+        """A readable name of condition ``c``: its prompt, and its class when there are classes."""
+        prompt = self.prompts[c // max(self.num_classes, 1)]
+        return f"{prompt} | class {c % self.num_classes}" if self.num_classes > 0 else prompt
+
+    # -- the network ----------------------------------------------------------------------------
+    def _guided_unet(self, x: Tensor, t: Tensor, prompts: Tensor, classes: Tensor | None, adapters: bool) -> Tensor:
+        """Classifier-free-guided eps ``[B, C, h, w]`` of the UNet with or without the adapters."""
+        if self.lora_rank > 0:
+            # Set inside the call so that checkpoint's recomputation sees the same adapter state.
+            self.unet.enable_adapters() if adapters else self.unet.disable_adapters()
+        cond = self.prompt_embeds[prompts]
+        b, dtype = x.shape[0], self.unet.dtype
+        if self.guidance_scale == 1:
+            states, xs, cls = cond, x, classes
+        else:  # one call for both branches; the unconditional one has the empty prompt and the null class
+            states = torch.cat([self.empty_embeds.expand(b, -1, -1), cond])
+            xs = torch.cat([x, x])
+            cls = None if classes is None else torch.cat([torch.full_like(classes, self.num_classes), classes])
+        kwargs = {} if cls is None else {"class_labels": cls}
+        eps = self.unet(xs.to(dtype), t, encoder_hidden_states=states, **kwargs).sample.float()
+        if self.guidance_scale == 1:
+            return eps
+        uncond, conditional = eps.chunk(2)
+        return uncond + self.guidance_scale * (conditional - uncond)
+
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+        active = labels != self.null_label  # the null label samples the pretrained model (empty prompt)
+        prompts = torch.where(active, self.prompt_index(labels), 0)
+        null_classes = torch.full_like(labels, self.num_classes) if self.num_classes > 0 else None
+        eps_pre = self._guided_unet(x, t, prompts, null_classes, adapters=False)
+        if not active.any() or guidance == 0:
+            return eps_pre, eps_pre
+        classes = torch.where(active, self.reward_labels(labels), self.num_classes) if self.num_classes > 0 else None
+        eps_theta = self._guided_unet(x, t, prompts, classes, adapters=True)
+        weight = guidance * active.to(x.dtype).view(-1, 1, 1, 1)
+        return eps_pre + weight * (eps_theta - eps_pre), eps_pre
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return images.float().clamp(-1, 1)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Latents ``[B, 4, h, w]`` -> images ``[B, 3, H, W]`` in [-1, 1] through the frozen VAE decoder."""
+        if self.decode_checkpointing and torch.is_grad_enabled() and x0.requires_grad:
+            return checkpoint(self._decode, x0, use_reentrant=False)
+        return self._decode(x0)
+
+    def param_groups(self) -> list[dict]:
+        groups = []
+        if self.lora_rank > 0:
+            groups.append(dict(name="lora", params=[p for n, p in self.unet.named_parameters() if "lora_" in n],
+                               lr=self.lrs["lora"]))
+        if self.num_classes > 0:
+            groups.append(dict(name="embedding", params=list(self.unet.class_embedding.parameters()),
+                               lr=self.lrs["embedding"]))
+        return groups
+
+    # -- export ---------------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> Path:
+        """Write the LoRA as ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it
+        (``pytorch_lora_weights.safetensors``), and the class embedding, if any, as
+        ``class_embedding.safetensors`` (``[num_classes + 1, D]``, the last row the null class)."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.lora_rank > 0:
+            self.unet.enable_adapters()
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            metadata = self.lora_config.to_dict()
+            metadata["target_modules"] = sorted(metadata["target_modules"])
+            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers,
+                                                      unet_lora_adapter_metadata=metadata)
+        if self.num_classes > 0:
+            save_file({"weight": self.unet.class_embedding.weight.detach().cpu().contiguous()},
+                      str(directory / "class_embedding.safetensors"))
+        return directory

@@ -1,0 +1,38 @@
+"""Prompt lists: files of one prompt per line, shipped ones named ``ctrl:<name>`` (e.g. ``ctrl:animals``).
+
+``animals.txt`` is the common-animals list of DDPO (Black et al. 2024) and the conditional-control
+paper's Stable Diffusion experiments: 45 one-word prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROMPTS_DIR = Path(__file__).resolve().parent
+BUILTIN_PREFIX = "ctrl:"
+
+
+def available() -> list[str]:
+    """The shipped prompt lists, as ``ctrl:<name>``."""
+    return sorted(f"{BUILTIN_PREFIX}{p.stem}" for p in PROMPTS_DIR.glob("*.txt"))
+
+
+def load_prompts(prompts: str | list[str], setting: str = "model.policy.prompts") -> list[str]:
+    """The prompts named by ``prompts``: a list of strings, a text file of one prompt per line (blank
+    lines and lines starting with ``#`` are skipped), or ``ctrl:<name>`` for a shipped list.
+
+    One clear message naming ``setting`` when the file is missing or holds no prompt.
+    """
+    if isinstance(prompts, list):
+        found, where = [p.strip() for p in prompts if p.strip()], "the list"
+    else:
+        path = PROMPTS_DIR / f"{prompts[len(BUILTIN_PREFIX):]}.txt" if prompts.startswith(BUILTIN_PREFIX) else Path(prompts)
+        if not path.is_file():
+            shipped = ", ".join(available())
+            raise FileNotFoundError(f"{setting}: no prompt file at '{prompts}'; give a text file with one prompt per "
+                                    f"line, a list of prompts, or a shipped list ({shipped}).")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        found, where = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")], f"'{prompts}'"
+    if not found:
+        raise ValueError(f"{setting}: {where} holds no prompt; write one prompt per line.")
+    return found

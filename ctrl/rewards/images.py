@@ -1,0 +1,137 @@
+"""Rewards on RGB images ``[B, 3, H, W]`` in [-1, 1]: JPEG (in)compressibility and the LAION aesthetic score."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ctrl.rewards.base import Reward
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` in [-1, 1] -> ``[B, H, W, C]`` uint8 (one channel squeezed for grey images)."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
+    """Size in kB (1000 bytes) of each image saved as a JPEG at ``quality``, ``[B]`` (DDPO's measure)."""
+    sizes = []
+    for pixels in to_uint8(images):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, format="JPEG",
+                                                                                       quality=quality)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+class JpegCompressibility(Reward):
+    """``-kB`` of the JPEG at quality 95 (``incompressible: true``: ``+kB``), as DDPO's compressibility tasks.
+
+    Not differentiable: use it with PPO, ContinuousTimePG or RAFT.
+    """
+
+    differentiable = False
+
+    def __init__(self, quality: int = 95, incompressible: bool = False):
+        super().__init__()
+        if not 1 <= quality <= 100:
+            raise ValueError(f"model.reward.quality must lie in 1..100, got {quality}.")
+        self.quality, self.sign = quality, 1.0 if incompressible else -1.0
+
+    def forward(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.sign * jpeg_kilobytes(x0, self.quality)
+
+
+class AestheticMLP(nn.Module):
+    """The LAION aesthetic predictor's head: an MLP on the L2-normalised CLIP image embedding -> score ``[B]``.
+
+    Layer names follow the released ``sac+logos+ava1-l14-linearMSE.pth`` (``layers.0``, ``layers.2``,
+    ``layers.4``, ``layers.6``, ``layers.7``), so that file loads as it is.
+    """
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        return self.layers(embeds).squeeze(-1)
+
+
+def _load_state(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class AestheticScore(Reward):
+    """The LAION aesthetic predictor (v1, as DDPO and AlignProp use it): a CLIP ViT-L/14 image embedding,
+    L2-normalised, through :class:`AestheticMLP`. Differentiable (AlignProp backpropagates through it).
+
+    Args:
+        clip_model: a local directory or hub id of a CLIP model (``CLIPModel`` or
+            ``CLIPVisionModelWithProjection`` weights, e.g. openai/clip-vit-large-patch14).
+        mlp_path: the MLP's weights (``.pth`` state dict as released, or ``.safetensors``).
+        dtype: dtype of the CLIP weights ("float32", "bfloat16", "float16").
+    """
+
+    differentiable = True
+    MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, clip_model: str, mlp_path: str, dtype: str = "float32"):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        from ctrl.policy.stable_diffusion import DTYPES
+
+        if not Path(mlp_path).is_file():
+            raise FileNotFoundError(f"model.reward.mlp_path: no aesthetic MLP weights at '{mlp_path}'; download "
+                                    "sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) on a machine "
+                                    "with internet and give its path.")
+        try:
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(clip_model, dtype=DTYPES[dtype],
+                                                                      local_files_only=True)
+        except Exception as err:  # transformers raises OSError / ValueError for absent or wrong weights
+            raise ValueError(f"model.reward.clip_model: could not load CLIP image weights from '{clip_model}' "
+                             f"({type(err).__name__}); give a local directory (or a hub id already in the cache) "
+                             "of a CLIP model such as openai/clip-vit-large-patch14.") from None
+        dim = self.clip.config.projection_dim
+        self.mlp = AestheticMLP(dim)
+        try:
+            self.mlp.load_state_dict(_load_state(mlp_path))
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ValueError(f"model.reward.mlp_path: '{mlp_path}' is not an aesthetic MLP for {dim}-d CLIP "
+                             f"embeddings ({str(err).splitlines()[0]}).") from None
+        self.requires_grad_(False)
+        self.size = self.clip.config.image_size
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # a frozen judge
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """CLIP's preprocessing in torch (differentiable): resize the short side, centre crop, normalise."""
+        h, w = images.shape[-2:]
+        scale = self.size / min(h, w)
+        x = F.interpolate(images.float(), size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+                          mode="bicubic", align_corners=False, antialias=True)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size]
+        return ((x.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+
+    def forward(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+        embeds = self.clip(pixel_values=self.preprocess(x0).to(self.clip.dtype)).image_embeds.float()
+        return self.mlp(embeds / embeds.norm(dim=-1, keepdim=True))
