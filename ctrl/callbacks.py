@@ -106,13 +106,16 @@ class ExportLora(Callback):
     embedding, if any, beside it; :meth:`ctrl.policy.StableDiffusionPolicy.export`).
 
     Args:
-        directory: the folder to write (created; files in it are replaced).
+        directory: the folder to write (created; files in it are replaced); default
+            ``<trainer.default_root_dir>/lora``.
     """
 
-    def __init__(self, directory: str = "lora"):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | None = None):
+        self.directory = Path(directory) if directory else None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.directory is None:
+            self.directory = Path(trainer.default_root_dir) / "lora"
         if not hasattr(pl_module.policy, "export"):
             raise ValueError(f"ExportLora: the policy {type(pl_module.policy).__name__} has no diffusers export; use it "
                              "with ctrl.policy.StableDiffusionPolicy or remove the callback.")

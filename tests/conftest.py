@@ -154,3 +154,59 @@ def make_tiny_sd(directory, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def make_tiny_aesthetic(directory, seed: int = 0) -> tuple[str, str]:
+    """A random tiny CLIP image tower (CLIPVisionModelWithProjection, 16x16 input, 8-d projection) and a
+    matching aesthetic MLP, saved locally: ``(clip_dir, mlp_path)``."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ctrl.rewards.images import AestheticMLP
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=4, projection_dim=8,
+    )).save_pretrained(directory / "clip")
+    mlp = AestheticMLP(8)
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(directory / "mlp.safetensors"))
+    return str(directory / "clip"), str(directory / "mlp.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_aesthetic(tmp_path_factory) -> tuple[str, str]:
+    return make_tiny_aesthetic(tmp_path_factory.mktemp("tiny-aesthetic"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rgb_classifier(tmp_path_factory) -> str:
+    """A 4-class classifier of RGB images (the conditional-compressibility reward's shape)."""
+    from ctrl.classifier import ConvClassifier, save_classifier
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-rgb-clf") / "classifier.safetensors"
+    save_classifier(ConvClassifier(num_labels=4, channels=3, width=4), 1.0, path)
+    return str(path)
+
+
+def tiny_sd_args(config: str, root, pipeline: str, reward: list[str], *extra: str) -> list[str]:
+    """Arguments of a tiny run of ``configs/sd15/<config>.yaml`` on the CPU: the tiny pipeline in float32,
+    two prompts, 3 steps, 2 rollouts of 4 chains, no logger; ``reward`` swaps in tiny reward weights."""
+    from pathlib import Path
+
+    return [
+        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "sd15" / f"{config}.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+        "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--model.policy.pretrained", pipeline, "--model.policy.dtype", "float32",
+        "--model.policy.prompts", '["a cat", "a dog"]',
+        "--model.num_steps", "3", "--model.eval_num_steps", "3",
+        "--data.batch_size", "4", "--data.group_size", "2", "--data.batches_per_epoch", "2",
+        "--data.eval_per_label", "1",
+        *reward, *extra,
+    ]
