@@ -172,12 +172,13 @@ class ControlModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baseline": self.baseline, "last_metrics": self.last_metrics}
-        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        trainable = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trainable or k not in self._parameter_names}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # strict_loading is off because frozen weights are not saved; trainable ones must all be there.
-        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
+        missing = sorted(n for n in self.trainable_names() if n not in checkpoint["state_dict"])
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. "
                              f"'{missing[0]}'): it was written with another policy or algorithm config; resume "
@@ -185,6 +186,16 @@ class ControlModule(L.LightningModule):
         state = checkpoint.get("ctrl", {})
         self.bad_steps = state.get("bad_steps", 0)
         self.baseline, self.last_metrics = state.get("baseline"), state.get("last_metrics", {})
+
+    def trainable_names(self) -> set[str]:
+        """Names of the parameters the optimizer trains (the policy's and the algorithm's groups). Not
+        ``requires_grad``: peft switches that off while adapters are disabled for the reference model."""
+        ids = {id(p) for g in self.policy.param_groups() + self.algorithm.param_groups() for p in g["params"]}
+        return {n for n, p in self.named_parameters() if id(p) in ids}
+
+    @property
+    def _parameter_names(self) -> set[str]:
+        return {n for n, _ in self.named_parameters()}
 
     def configure_optimizers(self):
         groups = self.policy.param_groups() + self.algorithm.param_groups()

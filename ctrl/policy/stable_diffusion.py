@@ -220,6 +220,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
         prompts = torch.where(active, self.prompt_index(labels), 0)
         null_classes = torch.full_like(labels, self.num_classes) if self.num_classes > 0 else None
         eps_pre = self._guided_unet(x, t, prompts, null_classes, adapters=False)
+        if self.lora_rank > 0:
+            # peft also switches requires_grad off while adapters are disabled: leave them on
+            self.unet.enable_adapters()
         if not active.any() or guidance == 0:
             return eps_pre, eps_pre
         classes = torch.where(active, self.reward_labels(labels), self.num_classes) if self.num_classes > 0 else None
