@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,7 +90,8 @@ ReturnToService=2
 NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
 PartitionName=ctrl Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    # srun runs `ctrl` from PATH: the one installed beside this interpreter, activated or not
+    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     pid_files = [d / "munge" / "munged.pid", d / "slurmctld.pid", d / "slurmd.pid"]
     try:
         subprocess.run([_exe("munged"), f"--key-file={key}", f"--socket={d}/munge/munge.socket",

@@ -1,0 +1,166 @@
+"""Speed and memory of the Stable Diffusion policy per plugin: the real SD 1.5 architecture with random
+weights (nothing can be downloaded on the benchmark machines), bf16 frozen weights, LoRA rank 4,
+gradient checkpointing, 512x512.
+
+For each plugin and batch size it reports rollout images per second (50 steps, CFG 7.5, no gradient),
+the time of one training step (rollout + the plugin's updates), peak GPU memory of the training step,
+and FLOPs per training step (torch's FlopCounterMode) over the measured bf16 matmul peak (MFU).
+
+    python benchmarks/sd15_speed.py --batch 1 4 8                 # on a GPU
+    python benchmarks/sd15_speed.py --tiny --batch 1 2 --steps 4  # the harness itself, on a CPU
+
+Rewards: DirectBackprop scores with a random RGB classifier (differentiable, like the first paper's),
+the score-function plugins with JPEG compressibility.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+PLUGINS = {
+    "DirectBackprop": dict(alpha=1e-5, random_truncation=True),
+    "PPO": dict(alpha=0.0, clip_range=0.2, minibatch_size=None, timestep_fraction=0.2),
+    "ContinuousTimePG": dict(alpha=0.0, clip_range=0.2, minibatch_size=None, timestep_fraction=0.2),
+    "RAFT": dict(keep_fraction=0.5, timestep_fraction=0.2),
+}
+
+
+def make_sd15(directory: Path) -> str:
+    """SD 1.5's architecture (UNet 320-640-1280-1280, cross-attention 768, VAE 128-256-512-512, CLIP
+    ViT-L/14 text tower) with random weights, saved in bf16, and the byte-level test tokenizer (77 tokens)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conftest import make_tiny_sd
+
+    make_tiny_sd(directory)  # tokenizer and scheduler layout; the models are replaced below
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(torch.bfloat16) \
+        .save_pretrained(directory / "unet")
+    AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4) \
+        .to(torch.bfloat16).save_pretrained(directory / "vae")
+    tokenizer_config = json.loads((directory / "tokenizer" / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 77
+    (directory / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=77)).to(torch.bfloat16) \
+        .save_pretrained(directory / "text_encoder")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(directory / "scheduler")
+    return str(directory)
+
+
+def bf16_peak(device: torch.device) -> float:
+    """Measured dense bf16 matmul throughput (FLOP/s) of 8192^2 products: the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--plugins", nargs="+", default=list(PLUGINS))
+    parser.add_argument("--tiny", action="store_true", help="the tiny test pipeline (checks the harness on a CPU)")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from conftest import make_tiny_sd
+    from ctrl.classifier import ConvClassifier, save_classifier
+    from ctrl.module import ControlModule
+    from ctrl.policy import StableDiffusionPolicy
+    from ctrl.registry import get_algorithm
+    from ctrl.rewards import ClassifierLogProb, JpegCompressibility
+    from ctrl.sampling import sample
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(tempfile.mkdtemp(prefix="sd15-bench-"))
+    pipeline = make_tiny_sd(work / "pipe") if args.tiny else make_sd15(work / "pipe")
+    save_classifier(ConvClassifier(num_labels=4, channels=3, width=32), 1.0, work / "clf.safetensors")
+    peak = bf16_peak(device)
+    dtype = "float32" if args.tiny or device.type == "cpu" else "bfloat16"
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    print(f"{'plugin':<18}{'batch':>6}{'rollout img/s':>15}{'train step s':>14}{'peak GiB':>10}"
+          f"{'TFLOP/step':>12}{'MFU':>7}")
+    rows = []
+    for name in args.plugins:
+        conditional = name == "DirectBackprop"
+        policy = StableDiffusionPolicy(pipeline, prompts=["a photo of a cat", "a photo of a dog"],
+                                       num_classes=4 if conditional else 0, guidance_scale=7.5, dtype=dtype,
+                                       lora_rank=4)
+        reward = ClassifierLogProb(str(work / "clf.safetensors")) if conditional else JpegCompressibility()
+        module = ControlModule(policy, reward, get_algorithm(name)(**PLUGINS[name]), num_steps=args.steps,
+                               gradient_checkpointing=True, eval_pretrained=False).to(device)
+        optimizer = torch.optim.AdamW(policy.param_groups() + module.algorithm.param_groups())
+        for batch in args.batch:
+            labels = torch.arange(batch, device=device) % policy.num_labels
+
+            def train_step():
+                with torch.set_grad_enabled(module.algorithm.grad_steps(args.steps) > 0):
+                    traj = sample(policy, labels, args.steps, 1.0, grad_steps=module.algorithm.grad_steps(args.steps),
+                                  gradient_checkpointing=True)
+                for item in module.algorithm.updates(traj, policy, reward):
+                    optimizer.zero_grad()
+                    module.algorithm.loss(item, policy, reward)["loss"].backward()
+                    optimizer.step()
+
+            with torch.no_grad():  # rollout throughput (warm-up first)
+                sample(policy, labels, 2, 1.0)
+                sync(device)
+                start = time.perf_counter()
+                traj = sample(policy, labels, args.steps, 1.0)
+                policy.decode(traj.samples)
+                sync(device)
+                rollout = batch / (time.perf_counter() - start)
+            train_step()  # warm-up
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            start = time.perf_counter()
+            train_step()
+            sync(device)
+            step_s = time.perf_counter() - start
+            memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            with FlopCounterMode(display=False) as counter:
+                train_step()
+            flops = counter.get_total_flops()
+            row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=step_s,
+                       peak_gib=memory, tflop_per_step=flops / 1e12, mfu=flops / step_s / peak)
+            rows.append(row)
+            print(f"{name:<18}{batch:>6}{rollout:>15.3f}{step_s:>14.2f}{memory:>10.1f}{flops / 1e12:>12.1f}"
+                  f"{row['mfu']:>7.1%}", flush=True)
+        del module, policy, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
