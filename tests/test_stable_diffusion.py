@@ -67,6 +67,20 @@ def test_resume_restores_the_trainable_weights(tmp_path, tiny_sd, tiny_aesthetic
         assert torch.equal(p, dict(restored.named_parameters())[name]), name
 
 
+def test_predict_writes_a_grid_of_decoded_images(tmp_path, tiny_sd, tiny_rgb_classifier):
+    """``ctrl predict`` from a trained checkpoint writes RGB images (decoded by the VAE), a row per condition."""
+    from PIL import Image
+
+    args = tiny_sd_args("compressibility", tmp_path, tiny_sd, _rewards("compressibility", tiny_rgb_classifier, None))
+    main(["fit", *args])
+    grid = tmp_path / "grid.png"
+    callbacks = json.dumps([{"class_path": "ctrl.callbacks.PredictionGrid", "init_args": {"path": str(grid), "scale": 1}}])
+    main(["predict", *args, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"), "--trainer.callbacks", callbacks,
+          "--data.predict_labels", "[0, 1, 2, 3]", "--data.predict_per_label", "2"])
+    image = Image.open(grid)
+    assert image.mode == "RGB" and image.size == (2 * 18, 4 * 18)  # 16x16 images with a 1-pixel frame
+
+
 def _pipeline(directory):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
