@@ -30,6 +30,9 @@ class Algorithm(nn.Module, ABC):
     #: Sums a tensor over all processes (set by the module under DDP; identity on one process), so that
     #: statistics over a rollout (advantage baselines) are those of the global batch.
     sum_over_ranks: Callable[[Tensor], Tensor] = staticmethod(lambda t: t)
+    #: Recompute each re-evaluated step's network call in the backward pass (set by the module from its
+    #: ``gradient_checkpointing``): a loss over many stored steps otherwise holds every step's graph.
+    gradient_checkpointing: bool = False
 
     def setup(self, policy, reward: Reward) -> None:
         """Validate the policy and reward before training (raise one clear message)."""

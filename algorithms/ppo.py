@@ -135,7 +135,8 @@ class PPO(Algorithm):
         """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
         differentiable in the policy) and the importance ratio ``[M]``."""
         s = float(batch.grid.sigma[k])
-        mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels)
+        mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels,
+                                    gradient_checkpointing=self.gradient_checkpointing)
         ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
         adv = batch.advantages[:, k]
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))

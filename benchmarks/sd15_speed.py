@@ -4,7 +4,9 @@ gradient checkpointing, 512x512.
 
 For each plugin and batch size it reports rollout images per second (50 steps, CFG 7.5, no gradient),
 the time of one training step (rollout + the plugin's updates), peak GPU memory of the training step,
-and FLOPs per training step (torch's FlopCounterMode) over the measured bf16 matmul peak (MFU).
+and FLOPs per training step (torch's FlopCounterMode) over the measured bf16 matmul peak (MFU; the
+count includes the forward passes that gradient checkpointing recomputes, so it reads higher than
+the useful work).
 
     python benchmarks/sd15_speed.py --batch 1 4 8                 # on a GPU
     python benchmarks/sd15_speed.py --tiny --batch 1 2 --steps 4  # the harness itself, on a CPU
@@ -17,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 PLUGINS = {
     # the first paper draws K ~ U{1..50}; a fixed K = 25 (its mean) keeps the timing and the FLOP count comparable
     "DirectBackprop": dict(alpha=1e-5, backprop_steps=25),
-    "PPO": dict(alpha=0.0, clip_range=0.2, minibatch_size=None, timestep_fraction=0.2),
-    "ContinuousTimePG": dict(alpha=0.0, clip_range=0.2, minibatch_size=None, timestep_fraction=0.2),
+    "PPO": dict(alpha=0.0, clip_range=0.2, timestep_fraction=0.2),
+    "ContinuousTimePG": dict(alpha=0.0, clip_range=0.2, timestep_fraction=0.2),
     "RAFT": dict(keep_fraction=0.5, timestep_fraction=0.2),
 }
 
@@ -41,7 +41,7 @@ def make_sd15(directory: Path) -> str:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conftest import make_tiny_sd
+    from ctrl.testing import make_tiny_sd
 
     make_tiny_sd(directory)  # tokenizer and scheduler layout; the models are replaced below
     UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(torch.bfloat16) \
@@ -91,13 +91,13 @@ def main() -> None:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from conftest import make_tiny_sd
     from ctrl.classifier import ConvClassifier, save_classifier
     from ctrl.module import ControlModule
     from ctrl.policy import StableDiffusionPolicy
     from ctrl.registry import get_algorithm
     from ctrl.rewards import ClassifierLogProb, JpegCompressibility
     from ctrl.sampling import sample
+    from ctrl.testing import make_tiny_sd
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(tempfile.mkdtemp(prefix="sd15-bench-"))
@@ -139,28 +139,36 @@ def main() -> None:
                 policy.decode(traj.samples)
                 sync(device)
                 rollout = batch / (time.perf_counter() - start)
-            train_step()  # warm-up
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            start = time.perf_counter()
-            train_step()
-            sync(device)
-            step_s = time.perf_counter() - start
-            memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            with FlopCounterMode(display=False) as counter:
+            try:
+                train_step()  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(device)
+                start = time.perf_counter()
                 train_step()
-            flops = counter.get_total_flops()
-            row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=step_s,
-                       peak_gib=memory, tflop_per_step=flops / 1e12, mfu=flops / step_s / peak)
+                sync(device)
+                step_s = time.perf_counter() - start
+                memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                with FlopCounterMode(display=False) as counter:
+                    train_step()
+                flops = counter.get_total_flops()
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"{name:<18}{batch:>6}{rollout:>15.3f}  training step: out of memory", flush=True)
+                row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=None)
+            else:
+                row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=step_s,
+                           peak_gib=memory, tflop_per_step=flops / 1e12, mfu=flops / step_s / peak)
+                print(f"{name:<18}{batch:>6}{rollout:>15.3f}{step_s:>14.2f}{memory:>10.1f}{flops / 1e12:>12.1f}"
+                      f"{row['mfu']:>7.1%}", flush=True)
             rows.append(row)
-            print(f"{name:<18}{batch:>6}{rollout:>15.3f}{step_s:>14.2f}{memory:>10.1f}{flops / 1e12:>12.1f}"
-                  f"{row['mfu']:>7.1%}", flush=True)
+            if args.out:  # every finished row is kept, whatever happens to the next
+                Path(args.out).write_text(json.dumps(rows, indent=1))
         del module, policy, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

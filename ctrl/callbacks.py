@@ -127,4 +127,5 @@ class ExportLora(Callback):
             except OSError as err:
                 raise OSError(f"ExportLora directory: cannot write '{self.directory}' ({err.strerror}); choose a "
                               "writable folder (trainer.callbacks' ExportLora directory).") from None
-            pl_module.print(f"wrote the LoRA for diffusers' load_lora_weights to {self.directory}")
+            written = ", ".join(sorted(p.name for p in self.directory.iterdir()))
+            pl_module.print(f"wrote {written} to {self.directory} (diffusers: pipe.load_lora_weights)")

@@ -91,6 +91,7 @@ class ControlModule(L.LightningModule):
                              "(model.policy.num_labels); make them equal, or use a classifier trained on the "
                              "policy's label set.")
         algorithm.setup(policy, reward)
+        algorithm.gradient_checkpointing = gradient_checkpointing
         self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
         self.num_steps, self.eta = num_steps, eta
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]

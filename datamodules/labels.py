@@ -186,7 +186,7 @@ class LabelsDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         h = self.hparams
         labels = h.predict_labels if h.predict_labels is not None else list(range(self.num_labels))
-        return self._fixed(labels, h.predict_per_label, len(labels) * h.predict_per_label)
+        return self._fixed(labels, h.predict_per_label, h.eval_batch_size)
 
 
 class PromptsDataModule(LabelsDataModule):

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from ctrl.testing import make_tiny_aesthetic, make_tiny_sd  # noqa: F401  (fixtures below; tests import them)
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -108,73 +110,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(line)
 
 
-def make_tiny_sd(directory, seed: int = 0) -> str:
-    """A random tiny Stable Diffusion pipeline saved in diffusers' layout (unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/), built offline: UNet2DConditionModel with block_out_channels (4, 8) on 8x8
-    latents, a 2-block AutoencoderKL (factor 2, so 16x16 images), a 2-layer CLIPTextModel and a CLIP
-    tokenizer whose vocabulary is the 256 byte symbols (no merges)."""
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=2,
-    ).save_pretrained(directory / "unet")
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=2,
-        sample_size=16,
-    ).save_pretrained(directory / "vae")
-    # byte-level BPE symbols (GPT-2's byte-to-unicode table: printable bytes stand for themselves)
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
-    (directory / "tokenizer").mkdir(parents=True, exist_ok=True)
-    (directory / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "tokenizer" / "vocab.json"), str(directory / "tokenizer" / "merges.txt"),
-                              model_max_length=16)
-    tokenizer.save_pretrained(directory / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )).save_pretrained(directory / "text_encoder")
-    DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(directory / "scheduler")
-    return str(directory)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-
-
-def make_tiny_aesthetic(directory, seed: int = 0) -> tuple[str, str]:
-    """A random tiny CLIP image tower (CLIPVisionModelWithProjection, 16x16 input, 8-d projection) and a
-    matching aesthetic MLP, saved locally: ``(clip_dir, mlp_path)``."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from ctrl.rewards.images import AestheticMLP
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-        patch_size=4, projection_dim=8,
-    )).save_pretrained(directory / "clip")
-    mlp = AestheticMLP(8)
-    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(directory / "mlp.safetensors"))
-    return str(directory / "clip"), str(directory / "mlp.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,9 @@ PLUGIN_RUNS = {
     "ContinuousTimePG": ("continuous", []),
     "RAFT": ("aesthetic_ddpo", ["--model.algorithm", "RAFT", "--model.algorithm.keep_fraction", "0.5"]),
     "PPO+JPEG": ("aesthetic_ddpo", ["--model.reward", "ctrl.rewards.JpegCompressibility"]),
+    # as shipped: frozen weights in bfloat16 under bf16 autocast, LoRA and class embedding in float32
+    "DirectBackprop+bf16": ("compressibility", ["--model.policy.dtype", "bfloat16", "--trainer.precision", "bf16-mixed"]),
+    "PPO+bf16": ("aesthetic_ddpo", ["--model.policy.dtype", "bfloat16", "--trainer.precision", "bf16-mixed"]),
 }
 
 
@@ -137,6 +140,39 @@ def test_conditions_are_prompt_class_pairs(tiny_sd):
     x = torch.randn(3, *policy.sample_shape)
     eps, eps_pre = policy.eps(x, torch.tensor(500), labels)
     torch.testing.assert_close(eps, eps_pre)
+
+
+def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
+    """eps against classifier-free guidance written out by hand: the pretrained model (adapters off, null
+    class) and the policy (adapters on; the conditional branch with the chain's prompt and class, the
+    unconditional one with the empty prompt and the null class), with a non-zero LoRA and embedding."""
+    scale, guidance = 4.0, 0.7
+    policy = StableDiffusionPolicy(tiny_sd, prompts=["a cat", "a dog"], num_classes=3, guidance_scale=scale, lora_rank=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.unet.named_parameters():
+            if "lora_" in name or "class_embedding" in name:
+                p.normal_(0, 0.5)
+        policy.unet.class_embedding.weight[-1] = 0
+    labels = torch.tensor([5, 0, 4])  # (prompt 1, class 2), (0, 0), (1, 1)
+    prompts, classes = torch.tensor([1, 0, 1]), torch.tensor([2, 0, 1])
+    null = torch.full_like(classes, 3)
+    x, t = torch.randn(3, *policy.sample_shape), torch.tensor(600)
+    empty = policy.empty_embeds.expand(3, -1, -1)
+
+    def unet(text, cls, adapters):
+        policy.unet.enable_adapters() if adapters else policy.unet.disable_adapters()
+        return policy.unet(x, t, encoder_hidden_states=text, class_labels=cls).sample
+
+    with torch.no_grad():
+        u_pre, c_pre = unet(empty, null, False), unet(policy.prompt_embeds[prompts], null, False)
+        u_pol, c_pol = unet(empty, null, True), unet(policy.prompt_embeds[prompts], classes, True)
+        eps, eps_pre = policy.eps(x, t, labels, guidance)
+    expected_pre = u_pre + scale * (c_pre - u_pre)
+    expected_policy = u_pol + scale * (c_pol - u_pol)
+    torch.testing.assert_close(eps_pre, expected_pre, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps, expected_pre + guidance * (expected_policy - expected_pre), atol=1e-5, rtol=1e-5)
+    assert (expected_policy - expected_pre).abs().max() > 1e-3  # the control is not trivially zero
 
 
 def test_prompts_datamodule_draws_groups_of_the_policys_conditions(tmp_path, tiny_sd, tiny_aesthetic):

@@ -56,6 +56,13 @@ def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str |
     text_encoder = _load(CLIPTextModel, pretrained, "text_encoder", dtype=dtype)
     tokenizer = _load(CLIPTokenizer, pretrained, "tokenizer")
     scheduler = _load(DDIMScheduler, pretrained, "scheduler")
+    if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"model.policy.pretrained: '{pretrained}' predicts '{scheduler.config.prediction_type}'; ctrl's "
+                         "sampler needs an epsilon-prediction pipeline (Stable Diffusion 1.x, 2.x-base).")
+    if unet.config.in_channels != vae.config.latent_channels or unet.config.get("addition_embed_type"):
+        raise ValueError(f"model.policy.pretrained: '{pretrained}' is not a text-to-image pipeline of the Stable "
+                         "Diffusion 1.x/2.x kind (its UNet takes extra inputs: inpainting or SDXL); give one whose "
+                         "UNet takes only the VAE latents and the text embeddings.")
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
         model.eval()
@@ -123,7 +130,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = self.unet.config.sample_size
         resolution = resolution or (size if isinstance(size, int) else size[0]) * self.vae_factor
-        if resolution % self.vae_factor:
+        if resolution <= 0 or resolution % self.vae_factor:
             raise ValueError(f"model.policy.resolution={resolution} is not divisible by the VAE's downsampling "
                              f"factor {self.vae_factor}; use a multiple of {self.vae_factor} (e.g. "
                              f"{resolution // self.vae_factor * self.vae_factor or self.vae_factor}).")
@@ -216,13 +223,15 @@ class StableDiffusionPolicy(DiffusionPolicy):
         return uncond + self.guidance_scale * (conditional - uncond)
 
     def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
-        active = labels != self.null_label  # the null label samples the pretrained model (empty prompt)
+        active = labels != self.null_label  # the null label samples the pretrained model (with the first prompt)
         prompts = torch.where(active, self.prompt_index(labels), 0)
         null_classes = torch.full_like(labels, self.num_classes) if self.num_classes > 0 else None
-        eps_pre = self._guided_unet(x, t, prompts, null_classes, adapters=False)
-        if self.lora_rank > 0:
-            # peft also switches requires_grad off while adapters are disabled: leave them on
-            self.unet.enable_adapters()
+        try:
+            eps_pre = self._guided_unet(x, t, prompts, null_classes, adapters=False)
+        finally:
+            if self.lora_rank > 0:
+                # peft also switches requires_grad off while adapters are disabled: always leave them on
+                self.unet.enable_adapters()
         if not active.any() or guidance == 0:
             return eps_pre, eps_pre
         classes = torch.where(active, self.reward_labels(labels), self.num_classes) if self.num_classes > 0 else None
