@@ -220,10 +220,21 @@ def _bad_pipeline(tmp_path, tiny_sd):
     return str(broken)
 
 
+def _v_prediction_pipeline(tmp_path, tiny_sd):
+    changed = tmp_path / "v-pred"
+    shutil.copytree(tiny_sd, changed)
+    config = changed / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
+    return str(changed)
+
+
 BAD_INPUTS = {
     "pipeline missing a component": (
         lambda tmp, sd: ["--model.policy.pretrained", _bad_pipeline(tmp, sd)],
         "model.policy.pretrained: '.*no-vae' has no vae/"),
+    "v-prediction pipeline": (
+        lambda tmp, sd: ["--model.policy.pretrained", _v_prediction_pipeline(tmp, sd)],
+        "model.policy.pretrained: '.*v-pred' predicts 'v_prediction'"),
     "LoRA target that is not in the UNet": (
         lambda tmp, sd: ["--model.policy.lora_target_modules", '["to_q", "attn_qq"]'],
         r"model.policy.lora_target_modules: \['attn_qq'\] match no module of the UNet"),
