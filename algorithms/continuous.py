@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ctrl.algorithms.ppo import PPO, PPOMinibatch
 from ctrl.registry import register_algorithm
-from ctrl.sampling import StepGrid
+from ctrl.sampling import StepGrid, predict_x0
 
 
 class ValueNetwork(nn.Module):
@@ -130,7 +130,7 @@ class ContinuousTimePG(PPO):
         eps, eps_pre = policy.eps(x, t, labels)
         if self.anchor_model == "pretrained":
             eps = eps_pre
-        x0_hat = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x0_hat = predict_x0(x, eps, a)
         return torch.cos(self._angle(t)) * policy.score(reward, x0_hat, labels)
 
     def values(self, anchor: Tensor, grid: StepGrid, k: int, x: Tensor, labels: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Trajectory", "StepGrid", "make_grid", "step_mean", "step_means", "gaussian_log_prob", "gaussian_kl", "sample"]
+__all__ = ["Trajectory", "StepGrid", "make_grid", "predict_x0", "step_from_x0", "step_mean", "step_means", "gaussian_log_prob", "gaussian_kl", "sample"]
 
 
 @dataclass
@@ -112,13 +112,21 @@ def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
     return StepGrid(timesteps, alpha_prod, alpha_prod_prev, sigma)
 
 
+def predict_x0(x: Tensor, eps: Tensor, alpha_prod: float, clip_range: float | None = None) -> Tensor:
+    """Tweedie's estimate of x_0 from x_t and the predicted noise: ``(x - sqrt(1 - a) eps) / sqrt(a)``."""
+    x0_hat = (x - math.sqrt(1 - alpha_prod) * eps) / math.sqrt(alpha_prod)
+    return x0_hat if clip_range is None else x0_hat.clamp(-clip_range, clip_range)
+
+
+def step_from_x0(x0_hat: Tensor, eps: Tensor, alpha_prod_prev: float, sigma: float) -> Tensor:
+    """Mean of a DDIM step given its x0 estimate and noise: ``sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps``."""
+    return math.sqrt(alpha_prod_prev) * x0_hat + math.sqrt(max(1 - alpha_prod_prev - sigma**2, 0.0)) * eps
+
+
 def step_mean(x: Tensor, eps: Tensor, alpha_prod: float, alpha_prod_prev: float, sigma: float,
               clip_range: float | None = None) -> Tensor:
     """Mean of one DDIM step (module docstring), ``[B, C, H, W]``; matches diffusers' DDIMScheduler.step."""
-    x0_hat = (x - math.sqrt(1 - alpha_prod) * eps) / math.sqrt(alpha_prod)
-    if clip_range is not None:
-        x0_hat = x0_hat.clamp(-clip_range, clip_range)
-    return math.sqrt(alpha_prod_prev) * x0_hat + math.sqrt(max(1 - alpha_prod_prev - sigma**2, 0.0)) * eps
+    return step_from_x0(predict_x0(x, eps, alpha_prod, clip_range), eps, alpha_prod_prev, sigma)
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: float) -> Tensor:

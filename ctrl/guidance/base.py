@@ -1,0 +1,87 @@
+"""The interface of inference-time guidance: sample a pretrained model toward a reward without training.
+
+Every guided sampler draws from the PRETRAINED model's noise prediction (``policy.eps(..., guidance=0)``,
+whatever the policy's trainable part holds) on the same DDIM/DDPM grid as ctrl's one sampler
+(:func:`ctrl.sampling.make_grid`, :func:`ctrl.sampling.predict_x0`, :func:`ctrl.sampling.step_from_x0`),
+scores with the same reward as fine-tuning (``policy.score``: for conditional control a classifier's
+log p(y|x0)), and counts what it costs: denoiser evaluations and reward evaluations (gradients
+included) per image, and wall-clock seconds per image.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ctrl.sampling import StepGrid, make_grid, predict_x0, seeded_noise
+
+
+@dataclass
+class GuidedSamples:
+    """What a guided sampler returns.
+
+    Attributes:
+        samples: ``[B, ...]`` final samples x_0 (in the policy's sample space; ``policy.decode`` for images).
+        labels: ``[B]`` the conditions they were sampled for.
+        denoiser_calls_per_image: network evaluations of the pretrained model per returned image (a batch
+            of n inputs counts n).
+        reward_calls_per_image: reward evaluations per returned image (with or without its gradient).
+        seconds_per_image: wall-clock time per returned image.
+    """
+
+    samples: Tensor
+    labels: Tensor
+    denoiser_calls_per_image: float
+    reward_calls_per_image: float
+    seconds_per_image: float
+
+
+class GuidedSampler(ABC):
+    """Template of a guided sampler: :meth:`sample` sets up the grid, the noise and the counters and calls
+    :meth:`run`, which subclasses implement with :meth:`eps`, :meth:`x0_hat` and :meth:`score`.
+
+    The chains' starting noise x_T comes from their seeds exactly as in ctrl's own sampler
+    (:func:`ctrl.sampling.seeded_noise`), so every method starts from the same x_T for the same seed.
+    """
+
+    def sample(self, policy, reward, labels: Tensor, seeds: Tensor, num_steps: int, eta: float = 1.0) -> GuidedSamples:
+        """Guided samples for ``labels`` ``[B]`` with noise fixed by ``seeds`` ``[B]``."""
+        policy.check_labels(labels.tolist(), "guided sampling labels")
+        self._denoiser_calls, self._reward_calls = 0, 0
+        grid = make_grid(policy.scheduler, num_steps, eta)
+        noise = seeded_noise(seeds, num_steps, policy.sample_shape).to(labels.device)
+        generator = torch.Generator(device="cpu").manual_seed(int(seeds[0]) % (1 << 63) + 1)
+        start = time.perf_counter()
+        samples = self.run(policy, reward, labels, grid, noise, generator)
+        seconds = time.perf_counter() - start
+        n = len(labels)
+        return GuidedSamples(samples.detach(), labels, self._denoiser_calls / n, self._reward_calls / n, seconds / n)
+
+    @abstractmethod
+    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator: torch.Generator) -> Tensor:
+        """The final samples ``[B, ...]``. ``noise`` ``[B, N+1, ...]`` holds each chain's x_T (``noise[:, 0]``)
+        and one standard normal draw per step; ``generator`` serves any further draws (particles,
+        candidates, resampling)."""
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def eps(self, policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> Tensor:
+        """The pretrained model's noise prediction at step k, ``like x`` (gradients flow through x)."""
+        self._denoiser_calls += len(x)
+        return policy.eps(x, grid.timesteps[k].to(x.device), labels, 0.0)[1]
+
+    def x0_hat(self, policy, x: Tensor, eps: Tensor, grid: StepGrid, k: int) -> Tensor:
+        return predict_x0(x, eps, float(grid.alpha_prod[k]), policy.clip_range)
+
+    def score(self, policy, reward, x0: Tensor, labels: Tensor) -> Tensor:
+        """The reward of (estimated) samples, ``[B]``, counted."""
+        self._reward_calls += len(x0)
+        return policy.score(reward, x0, labels)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Standard normal draws of ``shape`` from ``generator`` (on the CPU, then moved), like ``like``."""
+    return torch.randn(shape, generator=generator).to(device=like.device, dtype=like.dtype)
