@@ -210,7 +210,12 @@ def console() -> None:
     from ctrl.module import RunStopped
 
     try:
-        main()
+        if sys.argv[1:2] == ["benchmark"]:
+            from ctrl.benchmark import main as benchmark
+
+            benchmark(sys.argv[2:])
+        else:
+            main()
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RunStopped,
             MisconfigurationException) as err:
         if os.environ.get("CTRL_DEBUG"):

@@ -145,6 +145,62 @@ class JpegSizeEvaluator(Evaluator):
         }
 
 
+class LabelSetEvaluator(Evaluator):
+    """Digits samples judged by the TRUE labeller of a label set (``ctrl.datamodules.labelsets``), or of
+    several at once (multi-task: conditions numbered as ``ctrl.rewards.joint.split_condition`` does),
+    plus the Frechet distance to the held-out digits (as :class:`DigitsEvaluator`).
+
+    Metrics: ``accuracy``, ``macro_f1``, ``min_class_accuracy`` and ``confusion`` over the conditions
+    (for several label sets: a sample counts as right when every label is), ``frechet``; with several
+    label sets also ``<set>_accuracy`` and ``<set>_macro_f1`` for each.
+
+    Args:
+        label_sets: one label set name or a list of them ("class", "compressibility", "ink").
+        image_size, num_features: as DigitsEvaluator.
+    """
+
+    def __init__(self, label_sets: str | list[str] = "compressibility", image_size: int = 16, num_features: int = 20):
+        from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set
+
+        self.label_sets = [label_sets] if isinstance(label_sets, str) else list(label_sets)
+        for name in self.label_sets:
+            check_label_set(name, "model.evaluator.label_sets")
+        self.sizes = [NUM_CLASSES[n] for n in self.label_sets]
+        self.num_labels = math.prod(self.sizes)
+        self.frechet = DigitsEvaluator(self.num_labels, image_size, num_features).frechet
+
+    def attach(self, module) -> None:
+        if module.policy.num_reward_labels != self.num_labels:
+            raise ValueError(f"model.evaluator.label_sets {self.label_sets} make {self.num_labels} conditions but the "
+                             f"policy has {module.policy.num_reward_labels} labels; make them agree.")
+
+    @staticmethod
+    def _scores(judged: Tensor, labels: Tensor, k: int) -> dict[str, Tensor]:
+        confusion = MulticlassConfusionMatrix(k)(judged, labels)
+        per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+        return {"accuracy": MulticlassAccuracy(k, average="micro")(judged, labels),
+                "macro_f1": MulticlassF1Score(k, average="macro")(judged, labels),
+                "min_class_accuracy": per_class[confusion.sum(1) > 0].min(), "confusion": confusion}
+
+    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        from ctrl.datamodules.labelsets import true_labels
+        from ctrl.rewards.joint import split_condition
+
+        labels = labels.cpu()
+        judged = [true_labels(name, samples) for name in self.label_sets]
+        wanted = split_condition(labels, self.sizes)
+        condition = torch.zeros_like(labels)
+        for j, n in zip(judged, self.sizes):
+            condition = condition * n + j
+        metrics = self._scores(condition, labels, self.num_labels)
+        if len(self.label_sets) > 1:
+            for name, j, y, n in zip(self.label_sets, judged, wanted, self.sizes):
+                part = self._scores(j, y, n)
+                metrics.update({f"{name}_accuracy": part["accuracy"], f"{name}_macro_f1": part["macro_f1"]})
+        metrics["frechet"] = self.frechet(samples)
+        return metrics
+
+
 def tilted_gaussian(mean: Tensor, std: float | Tensor, A: Tensor, y: Tensor, sigma: float, alpha: float) -> tuple[Tensor, Tensor]:
     """Mean ``[d]`` and covariance ``[d, d]`` of p(x) ∝ N(x; m, s^2 I) exp(-||A x - y||^2 / (2 sigma^2 alpha)).
 

@@ -60,19 +60,26 @@ class DigitsDataModule(L.LightningDataModule):
         test_split: the split to test on.
         batch_size: images per batch.
         image_size: 16 (default) or the native 8.
+        label_set: which labels the images carry (``ctrl.datamodules.labelsets``): "class" (the digit),
+            "compressibility" or "ink"; the latter two use their own half of the classifier and
+            calibration splits.
     """
 
     def __init__(self, train_split: str = "pretrain", val_split: str = "heldout", test_split: str = "heldout",
-                 batch_size: int = 64, image_size: int = 16, num_workers: int = 0):
+                 batch_size: int = 64, image_size: int = 16, num_workers: int = 0, label_set: str = "class"):
+        from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set
+
         super().__init__()
         for name, split in (("train_split", train_split), ("val_split", val_split), ("test_split", test_split)):
             if split not in SPLITS:
                 raise ValueError(f"data.{name}: '{split}' is not a digits split; choose one of {sorted(SPLITS)}.")
         self.save_hyperparameters()
-        self.num_labels = NUM_LABELS
+        self.num_labels = NUM_CLASSES[check_label_set(label_set, "data.label_set")]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        images, labels = digits_split(split, self.hparams.image_size)
+        from ctrl.datamodules.labelsets import offline_split
+
+        images, labels = offline_split(self.hparams.label_set, split, self.hparams.image_size)
         return DataLoader(TensorDataset(images, labels), batch_size=self.hparams.batch_size, shuffle=shuffle,
                           drop_last=shuffle, num_workers=self.hparams.num_workers)
 

@@ -1,0 +1,202 @@
+"""``ctrl benchmark --config configs/digits/benchmark_<task>.yaml``: every method of a conditional-control task
+side by side, judged the same way.
+
+Fine-tuning rows are ``ctrl fit`` runs of control configs (one per plugin); inference-time rows are
+guided samplers (``ctrl.guidance``) on the same pretrained model and reward; the pretrained model is
+the baseline. Every method samples the same labels with the same seeds (the same x_T), and the task's
+evaluator (the config's; for digits the true labeller of the label set) scores them all. Written to
+``output``: ``table.md`` (markdown), ``results.csv`` and ``samples.png`` (a grid per method: a row per
+label). A guidance-strength sweep (gamma) of the first fine-tuning row is included.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ctrl.guidance import GuidedSampler
+
+COLUMNS = ("method", "accuracy", "macro_f1", "frechet", "kl", "sampling_s_per_image", "training_s")
+
+
+@dataclass
+class FineTuningRow:
+    """A fine-tuning method: ``ctrl fit --config <config> <args...>``.
+
+    Attributes:
+        name: the row's name in the table (e.g. the plugin).
+        config: the control config (its evaluator, reward and policy define the task).
+        args: extra command-line overrides (e.g. ``["--model.algorithm", "PPO"]``).
+    """
+
+    name: str
+    config: str
+    args: list[str] = field(default_factory=list)
+
+
+def _cli(row: FineTuningRow, root: Path, subcommand: str | None, *extra: str):
+    from ctrl.cli import main
+
+    args = ["--config", row.config, *row.args, "--trainer.default_root_dir", str(root / row.name), *extra]
+    return main([subcommand, *args] if subcommand else args, run=subcommand is not None)
+
+
+def _scores(module, samples, labels, kl=None) -> dict[str, float]:
+    images = module.policy.decode(samples)
+    metrics = module.evaluator.evaluate(images, module.policy.reward_labels(labels)) if module.evaluator else {}
+    out = {k: float(metrics[k]) for k in ("accuracy", "macro_f1", "frechet") if k in metrics}
+    out["reward"] = float(module.policy.score(module.reward, samples, labels).mean())
+    if kl is not None:
+        out["kl"] = float(kl)
+    return out
+
+
+def _grid(panels: list[tuple[str, torch.Tensor, torch.Tensor]], per_row: int, path: Path, scale: int = 3) -> None:
+    """One PNG: a panel per method (rows: labels, ``per_row`` samples each), its name above it."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ctrl.module import image_grid
+
+    tiles = []
+    for name, images, labels in panels:
+        rows = [images[labels == y][:per_row] for y in labels.unique().tolist()]
+        grid = image_grid(torch.cat(rows), len(rows))
+        pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        tile = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).convert("RGB")
+        tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+        framed = Image.new("RGB", (tile.width + 8, tile.height + 16), "white")
+        framed.paste(tile, (4, 14))
+        ImageDraw.Draw(framed).text((4, 1), name, fill="black")
+        tiles.append(framed)
+    sheet = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, 0))
+        x += tile.width
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def run_benchmark(
+    fine_tuning: list[FineTuningRow],
+    guidance: list[GuidedSampler] | None = None,
+    output: str = "benchmarks/results",
+    per_label: int = 50,
+    gammas: list[float] | None = None,
+    seed: int = 123_456,
+    retrain: bool = False,
+) -> list[dict]:
+    """Run every method and write the table, CSV and figure (module docstring).
+
+    Args:
+        fine_tuning: the fine-tuning rows; the first one's config also provides the pretrained model,
+            reward, evaluator and sampling settings of the guidance rows and the baseline.
+        guidance: inference-time samplers (``class_path: ctrl.guidance.SMC`` ...).
+        output: folder of table.md, results.csv, samples.png and the runs (``runs/<name>``).
+        per_label: samples per label for every method.
+        gammas: guidance strengths at which the first fine-tuning row is also evaluated.
+        seed: the evaluation seeds are ``seed, seed + 1, ...`` (the same x_T for every method).
+        retrain: train again even when ``runs/<name>`` holds a finished run.
+    """
+    guidance = guidance or []
+    if not fine_tuning:
+        raise ValueError("fine_tuning: give at least one fine-tuning row (its config defines the task).")
+    names = [r.name for r in fine_tuning] + [type(g).__name__ for g in guidance]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark: method names must be unique, got {names}; rename the fine-tuning rows.")
+    out = Path(output)
+    runs = out / "runs"
+    # Everything is instantiated (and so checked) before any training starts.
+    bases = [_cli(row, runs, None) for row in fine_tuning]
+    base = bases[0].model
+    labels = torch.arange(base.policy.num_labels).repeat_interleave(per_label)
+    seeds = torch.arange(len(labels)) + seed
+    num_steps = base.eval_num_steps
+    results, panels = [], []
+    progress = tqdm(total=1 + len(guidance) + len(fine_tuning), desc="benchmark", unit="method")
+
+    def record(name, samples, kl, sampling_s, training_s):
+        row = {"method": name, **_scores(base, samples, labels, kl), "sampling_s_per_image": sampling_s,
+               "training_s": training_s}
+        results.append(row)
+        panels.append((name, base.policy.decode(samples).cpu(), labels))
+
+    progress.set_postfix_str("pretrained")
+    start = time.perf_counter()
+    traj = base.generate(labels, seeds, 0.0, num_steps)
+    record("pretrained", traj.samples, None, (time.perf_counter() - start) / len(labels), 0.0)
+    progress.update()
+    for sampler in guidance:
+        name = type(sampler).__name__
+        progress.set_postfix_str(name)
+        guided = sampler.sample(base.policy, base.reward, labels, seeds, num_steps, base.eta)
+        record(name, guided.samples, None, guided.seconds_per_image, 0.0)
+        results[-1]["denoiser_calls_per_image"] = guided.denoiser_calls_per_image
+        progress.update()
+    for i, row in enumerate(fine_tuning):
+        progress.set_postfix_str(f"{row.name}: training")
+        done = runs / row.name / "train_seconds.json"
+        last = runs / row.name / "checkpoints" / "last.ckpt"
+        if retrain or not (done.is_file() and last.is_file()):
+            start = time.perf_counter()
+            module = _cli(row, runs, "fit", "--trainer.enable_progress_bar", "false").model
+            training_s = time.perf_counter() - start
+            done.write_text(json.dumps({"seconds": training_s}))
+        else:
+            module = _cli(row, runs, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar",
+                          "false").model
+            training_s = json.loads(done.read_text())["seconds"]
+        module.eval()
+        progress.set_postfix_str(f"{row.name}: sampling")
+        for gamma in ([module.guidance] + (gammas or []) if i == 0 else [module.guidance]):
+            start = time.perf_counter()
+            traj = module.generate(labels, seeds, gamma, num_steps)
+            sampling_s = (time.perf_counter() - start) / len(labels)
+            name = row.name if gamma == module.guidance else f"{row.name} gamma={gamma:g}"
+            record(name, traj.samples, traj.kl.sum(1).mean(), sampling_s, training_s)
+        progress.update()
+    progress.close()
+    write_outputs(results, panels, out, min(per_label, 8))
+    return results
+
+
+def write_outputs(results: list[dict], panels, out: Path, per_row: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    extra = sorted({k for r in results for k in r} - set(COLUMNS))
+    columns = list(COLUMNS) + extra
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(results)
+
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in results]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _grid([p for p in panels if " gamma=" not in p[0]], per_row, out / "samples.png")
+    print("\n".join(lines))
+    print(f"wrote {out / 'table.md'}, {out / 'results.csv'} and {out / 'samples.png'}")
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    """Parse ``--config`` (and overrides) and run the benchmark."""
+    from jsonargparse import ActionConfigFile
+
+    from ctrl.cli import CtrlArgumentParser
+
+    parser = CtrlArgumentParser(prog="ctrl benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run_benchmark)
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    init.pop("config", None)
+    return run_benchmark(**init)

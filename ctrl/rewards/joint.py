@@ -1,0 +1,47 @@
+"""Multi-task conditional control: a condition is a tuple of labels, the reward the sum of their log-likelihoods."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ctrl.rewards.base import Reward
+
+
+def split_condition(labels: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Condition indices ``[B]`` -> one label tensor ``[B]`` per label set, by mixed radix:
+    ``c = ((l_0 * n_1 + l_1) * n_2 + l_2) ...`` (the last label set varies fastest)."""
+    out, rest = [], labels
+    for n in reversed(sizes):
+        out.append(rest % n)
+        rest = rest // n
+    return out[::-1]
+
+
+class JointLabels(Reward):
+    """``r(x, (y_1, ..., y_k)) = sum_i r_i(x, y_i)``: with each r_i a classifier's log p(y_i | x) this is
+    log p(y_1, ..., y_k | x) when the labels are conditionally independent given x (each classifier
+    learned from its own data). Condition c numbers the tuples as :func:`split_condition` does, so a
+    policy and a datamodule over ``prod(n_i)`` labels condition on all of them at once.
+
+    Args:
+        rewards: one label-taking reward per label set, in order.
+    """
+
+    def __init__(self, rewards: list[Reward]):
+        super().__init__()
+        if len(rewards) < 2 or any(r.num_labels is None for r in rewards):
+            raise ValueError("model.reward.rewards: give at least two rewards that each score a label set "
+                             "(e.g. ClassifierLogProb).")
+        self.rewards = nn.ModuleList(rewards)
+        self.sizes = [r.num_labels for r in rewards]
+        self.num_labels = 1
+        for n in self.sizes:
+            self.num_labels *= n
+        self.differentiable = all(r.differentiable for r in rewards)
+
+    def parts(self, x0: Tensor, labels: Tensor) -> list[Tensor]:
+        """Each reward's term ``[B]``."""
+        return [r(x0, y) for r, y in zip(self.rewards, split_condition(labels, self.sizes))]
+
+    def forward(self, x0: Tensor, labels: Tensor) -> Tensor:
+        return sum(self.parts(x0, labels))

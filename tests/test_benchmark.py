@@ -1,0 +1,88 @@
+"""`ctrl benchmark` on tiny models: every method's row is there with numbers in range, the table, CSV and
+figure are written, and a bad benchmark config is refused in one line before any training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctrl.benchmark import main as benchmark
+from ctrl.cli import console
+
+from conftest import make_tiny_classifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
+
+
+@pytest.fixture
+def tiny_benchmark(tmp_path, tiny_pretrained):
+    """A benchmark config: the compressibility task on the tiny 8x8 model and a tiny 4-class classifier,
+    two fine-tuning rows, every guidance baseline, 2 samples per label."""
+    classifier = make_tiny_classifier(tmp_path / "compress.safetensors", num_labels=4)
+    tiny = ["--config", str(CONFIGS / "tasks" / "compressibility.yaml"),
+            "--model.policy.pretrained", tiny_pretrained, "--model.reward.path", classifier,
+            "--model.evaluator.image_size", "8", "--model.num_steps", "3", "--data.batch_size", "4",
+            "--data.batches_per_epoch", "2", "--data.eval_per_label", "2", "--trainer.logger", "false",
+            "--trainer.callbacks", json.dumps([{"class_path": "ctrl.callbacks.ResumableCheckpoint"}])]
+    config = {
+        "output": str(tmp_path / "out"), "per_label": 2, "gammas": [0.0, 2.0],
+        "fine_tuning": [{"name": "DirectBackprop", "config": str(CONFIGS / "control.yaml"), "args": tiny},
+                        {"name": "PPO", "config": str(CONFIGS / "ppo.yaml"), "args": tiny}],
+        "guidance": [{"class_path": f"ctrl.guidance.{name}", "init_args": args} for name, args in [
+            ("ReconstructionGuidance", {"scale": 1.0}), ("MPGD", {"step_size": 0.5}),
+            ("SVDD", {"num_candidates": 3}), ("SMC", {"num_particles": 3})]],
+    }
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+def test_every_method_has_a_row_in_range(tiny_benchmark):
+    path, config = tiny_benchmark
+    rows = benchmark(["--config", str(path)])
+    names = [r["method"] for r in rows]
+    assert names == ["pretrained", "ReconstructionGuidance", "MPGD", "SVDD", "SMC", "DirectBackprop",
+                     "DirectBackprop gamma=0", "DirectBackprop gamma=2", "PPO"]
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1 and row["frechet"] >= 0, row
+        assert row["sampling_s_per_image"] > 0
+        assert (row["training_s"] > 0) == (row["method"].split()[0] in ("DirectBackprop", "PPO"))
+        assert ("kl" in row) == (row["training_s"] > 0)  # the KL to the pretrained chain: fine-tuned rows only
+    guided = {r["method"]: r for r in rows}
+    assert guided["SVDD"]["denoiser_calls_per_image"] == 1 + 3 * 2  # M candidates at each later step
+    out = Path(config["output"])
+    with open(out / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == names
+    assert (out / "table.md").read_text().count("\n") == len(rows) + 2
+    assert (out / "samples.png").stat().st_size > 0
+    # a second run reuses the finished fine-tuning runs (same training seconds)
+    again = benchmark(["--config", str(path)])
+    assert [r["training_s"] for r in again] == [r["training_s"] for r in rows]
+
+
+@pytest.mark.parametrize("case, change, expected", [
+    ("unknown method", lambda c: c["guidance"].append({"class_path": "ctrl.guidance.Telepathy"}), "guidance"),
+    ("task without a trained classifier",
+     lambda c: c["fine_tuning"][0]["args"].extend(["--model.reward.path", "/nonexistent/classifier.safetensors"]),
+     "model.reward.path: no classifier file at '/nonexistent/classifier.safetensors'"),
+    ("prior that does not sum to one",
+     lambda c: c["fine_tuning"][1]["args"].extend(["--data.prior", "[0.5, 0.4, 0.05, 0.01]"]),
+     "data.prior: .* is not a probability distribution"),
+])
+def test_bad_benchmark_config_is_refused_before_training(case, change, expected, tiny_benchmark, capsys, monkeypatch):
+    import re
+
+    path, config = tiny_benchmark
+    change(config)
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("sys.argv", ["ctrl", "benchmark", "--config", str(path)])
+    with pytest.raises(SystemExit) as exit_:
+        console()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ctrl: error:")]
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert re.search(expected, err[0]), err[0]
+    assert not (Path(config["output"]) / "runs" / "DirectBackprop" / "checkpoints").exists()
