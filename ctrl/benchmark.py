@@ -187,8 +187,8 @@ def write_outputs(results: list[dict], panels, out: Path, per_row: int) -> None:
     print(f"wrote {out / 'table.md'}, {out / 'results.csv'} and {out / 'samples.png'}")
 
 
-def main(args: list[str] | None = None) -> list[dict]:
-    """Parse ``--config`` (and overrides) and run the benchmark."""
+def parse(args: list[str] | None = None) -> dict:
+    """The arguments of :func:`run_benchmark` from ``--config`` (and overrides), samplers instantiated."""
     from jsonargparse import ActionConfigFile
 
     from ctrl.cli import CtrlArgumentParser
@@ -196,7 +196,11 @@ def main(args: list[str] | None = None) -> list[dict]:
     parser = CtrlArgumentParser(prog="ctrl benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(run_benchmark)
-    cfg = parser.parse_args(args)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate_classes(parser.parse_args(args))
     init.pop("config", None)
-    return run_benchmark(**init)
+    return init
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    """Parse ``--config`` (and overrides) and run the benchmark."""
+    return run_benchmark(**parse(args))

@@ -89,7 +89,14 @@ class CtrlArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:  # a subcommand's parser: the top-level parser words the message
             return super().error(message, *args, **kwargs)
         unknown = self._UNKNOWN_ALGORITHM.search(message)
-        if unknown:
+        sampler = re.search(r"module 'ctrl\.guidance' has no attribute '(\w+)'", message)
+        if sampler:
+            import ctrl.guidance
+
+            message = (f"guidance: '{sampler.group(1)}' is not an inference-time method; available: "
+                       f"{', '.join(n for n in sorted(ctrl.guidance.__all__) if not n.startswith('Guided'))} "
+                       "(class_path: ctrl.guidance.<name>).")
+        elif unknown:
             given = unknown.group(1) or unknown.group(2)
             message = (f"model.algorithm '{given}' is not an available algorithm; available: "
                        f"{', '.join(sorted(load_plugins()))}. Set `algorithm:` in the config or --model.algorithm "

@@ -65,7 +65,8 @@ def test_every_method_has_a_row_in_range(tiny_benchmark):
 
 
 @pytest.mark.parametrize("case, change, expected", [
-    ("unknown method", lambda c: c["guidance"].append({"class_path": "ctrl.guidance.Telepathy"}), "guidance"),
+    ("unknown method", lambda c: c["guidance"].append({"class_path": "ctrl.guidance.Telepathy"}),
+     "guidance: 'Telepathy' is not an inference-time method; available: MPGD, ReconstructionGuidance, SMC, SVDD"),
     ("task without a trained classifier",
      lambda c: c["fine_tuning"][0]["args"].extend(["--model.reward.path", "/nonexistent/classifier.safetensors"]),
      "model.reward.path: no classifier file at '/nonexistent/classifier.safetensors'"),

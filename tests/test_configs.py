@@ -31,9 +31,29 @@ def _tiny_components(config: Path, request) -> list[str]:
     return swaps + ["--model.reward.clip_model", clip, "--model.reward.mlp_path", mlp]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def _is_benchmark(config: Path) -> bool:
+    return config.name.startswith("benchmark_")
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not _is_benchmark(c)],
+                         ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_instantiates(config, tmp_path, request):
-    cli = main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path),
+    # a task overlay (configs/digits/tasks/) goes after the main control config, as its header says
+    base = ["--config", str(config.parents[1] / "control.yaml")] if config.parent.name == "tasks" else []
+    cli = main([*base, "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
                 *_tiny_components(config, request)], run=False)
     assert cli.model is not None and cli.datamodule is not None
     assert cli.trainer.max_epochs or cli.trainer.max_steps
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if _is_benchmark(c)], ids=lambda p: p.name)
+def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
+    from ctrl.benchmark import _cli, parse
+    from ctrl.guidance import GuidedSampler
+
+    monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
+    spec = parse(["--config", str(config)])
+    assert spec["fine_tuning"] and all(isinstance(g, GuidedSampler) for g in spec["guidance"])
+    for row in spec["fine_tuning"]:
+        cli = _cli(row, tmp_path, None)
+        assert cli.model.evaluator is not None and cli.datamodule.num_labels == cli.model.policy.num_labels
