@@ -50,7 +50,10 @@ def _cli(row: FineTuningRow, root: Path, subcommand: str | None, *extra: str):
 def _scores(module, samples, labels, kl=None) -> dict[str, float]:
     images = module.policy.decode(samples)
     metrics = module.evaluator.evaluate(images, module.policy.reward_labels(labels)) if module.evaluator else {}
-    out = {k: float(metrics[k]) for k in ("accuracy", "macro_f1", "frechet") if k in metrics}
+    # the main figures, and per-label-set ones of a multi-task evaluator (``<set>_accuracy``, ``<set>_macro_f1``)
+    out = {k: float(v) for k, v in metrics.items()
+           if k in ("accuracy", "macro_f1", "frechet") or k.endswith(("_accuracy", "_macro_f1"))}
+    out.pop("min_class_accuracy", None)
     out["reward"] = float(module.policy.score(module.reward, samples, labels).mean())
     if kl is not None:
         out["kl"] = float(kl)
