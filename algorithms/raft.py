@@ -104,7 +104,7 @@ class RAFT(Algorithm):
             s = float(batch.grid.sigma[k])
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
                 mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels,
-                                                    gradient_checkpointing=self.gradient_checkpointing)
+                                            gradient_checkpointing=self.gradient_checkpointing)
                 fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * fit).sum()
@@ -113,7 +113,7 @@ class RAFT(Algorithm):
                 noise = torch.randn_like(x0)
                 x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
                 mean, mean_pre = step_means(policy, x_t, batch.grid, k, batch.labels,
-                                                    gradient_checkpointing=self.gradient_checkpointing)
+                                            gradient_checkpointing=self.gradient_checkpointing)
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()

@@ -22,6 +22,7 @@ import json
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,6 +59,21 @@ def make_sd15(directory: Path) -> str:
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(directory / "scheduler")
     return str(directory)
+
+
+def training_step(module, optimizer, labels: torch.Tensor, num_steps: int) -> None:
+    """One rollout of ``labels`` and the plugin's optimizer steps on it (what ControlModule does per batch,
+    without a Trainer)."""
+    from ctrl.sampling import sample
+
+    policy, reward, algorithm = module.policy, module.reward, module.algorithm
+    grad_steps = algorithm.grad_steps(num_steps)
+    with torch.set_grad_enabled(grad_steps > 0):
+        traj = sample(policy, labels, num_steps, 1.0, grad_steps=grad_steps, gradient_checkpointing=True)
+    for item in algorithm.updates(traj, policy, reward):
+        optimizer.zero_grad()
+        algorithm.loss(item, policy, reward)["loss"].backward()
+        optimizer.step()
 
 
 def bf16_peak(device: torch.device) -> float:
@@ -121,15 +137,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(policy.param_groups() + module.algorithm.param_groups())
         for batch in args.batch:
             labels = torch.arange(batch, device=device) % policy.num_labels
-
-            def train_step():
-                with torch.set_grad_enabled(module.algorithm.grad_steps(args.steps) > 0):
-                    traj = sample(policy, labels, args.steps, 1.0, grad_steps=module.algorithm.grad_steps(args.steps),
-                                  gradient_checkpointing=True)
-                for item in module.algorithm.updates(traj, policy, reward):
-                    optimizer.zero_grad()
-                    module.algorithm.loss(item, policy, reward)["loss"].backward()
-                    optimizer.step()
+            train_step = partial(training_step, module, optimizer, labels, args.steps)
 
             with torch.no_grad():  # rollout throughput (warm-up first)
                 sample(policy, labels, 2, 1.0)

@@ -47,14 +47,14 @@ def _cli(row: FineTuningRow, root: Path, subcommand: str | None, *extra: str):
     return main([subcommand, *args] if subcommand else args, run=subcommand is not None)
 
 
-def _scores(module, samples, labels, kl=None) -> dict[str, float]:
-    images = module.policy.decode(samples)
-    metrics = module.evaluator.evaluate(images, module.policy.reward_labels(labels)) if module.evaluator else {}
+def _scores(module, images, labels, kl=None) -> dict[str, float]:
+    """The evaluator's figures and the mean reward of decoded ``images`` sampled for conditions ``labels``."""
+    reward_labels = module.policy.reward_labels(labels)
+    metrics = module.evaluator.evaluate(images, reward_labels) if module.evaluator else {}
     # the main figures, and per-label-set ones of a multi-task evaluator (``<set>_accuracy``, ``<set>_macro_f1``)
-    out = {k: float(v) for k, v in metrics.items()
-           if k in ("accuracy", "macro_f1", "frechet") or k.endswith(("_accuracy", "_macro_f1"))}
-    out.pop("min_class_accuracy", None)
-    out["reward"] = float(module.policy.score(module.reward, samples, labels).mean())
+    out = {k: float(v) for k, v in metrics.items() if k in ("accuracy", "macro_f1", "frechet")
+           or (k.endswith(("_accuracy", "_macro_f1")) and k != "min_class_accuracy")}
+    out["reward"] = float(module.reward(images, reward_labels).mean())
     if kl is not None:
         out["kl"] = float(kl)
     return out
@@ -126,10 +126,11 @@ def run_benchmark(
     progress = tqdm(total=1 + len(guidance) + len(fine_tuning), desc="benchmark", unit="method")
 
     def record(name, samples, kl, sampling_s, training_s):
-        row = {"method": name, **_scores(base, samples, labels, kl), "sampling_s_per_image": sampling_s,
+        images = base.policy.decode(samples)
+        row = {"method": name, **_scores(base, images, labels, kl), "sampling_s_per_image": sampling_s,
                "training_s": training_s}
         results.append(row)
-        panels.append((name, base.policy.decode(samples).cpu(), labels))
+        panels.append((name, images.cpu(), labels))
 
     progress.set_postfix_str("pretrained")
     start = time.perf_counter()

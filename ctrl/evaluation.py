@@ -31,6 +31,19 @@ class Evaluator(ABC):
         ...
 
 
+def classification_scores(judged: Tensor, labels: Tensor, num_labels: int) -> dict[str, Tensor]:
+    """Judged against requested labels (``[N]`` each): ``accuracy``, ``macro_f1``, ``min_class_accuracy``
+    (over the labels requested at least once) and ``confusion`` (rows requested, columns judged)."""
+    confusion = MulticlassConfusionMatrix(num_labels)(judged, labels)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    return {
+        "accuracy": MulticlassAccuracy(num_labels, average="micro")(judged, labels),
+        "macro_f1": MulticlassF1Score(num_labels, average="macro")(judged, labels),
+        "min_class_accuracy": per_class[confusion.sum(1) > 0].min(),
+        "confusion": confusion,
+    }
+
+
 class LinearFeatures(nn.Module):
     """A fixed linear map of flattened pixels to ``num_features`` features (PCA), ``[N, C, H, W] -> [N, F]``.
 
@@ -91,18 +104,8 @@ class DigitsEvaluator(Evaluator):
         return fid.compute().float()
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        judged, labels = self.judge(samples), labels.cpu()
-        k = self.num_labels
-        confusion = MulticlassConfusionMatrix(k)(judged, labels)
-        per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
-        present = confusion.sum(1) > 0
-        return {
-            "accuracy": MulticlassAccuracy(k, average="micro")(judged, labels),
-            "macro_f1": MulticlassF1Score(k, average="macro")(judged, labels),
-            "min_class_accuracy": per_class[present].min(),
-            "frechet": self.frechet(samples),
-            "confusion": confusion,
-        }
+        return {**classification_scores(self.judge(samples), labels.cpu(), self.num_labels),
+                "frechet": self.frechet(samples)}
 
 
 class JpegSizeEvaluator(Evaluator):
@@ -133,16 +136,8 @@ class JpegSizeEvaluator(Evaluator):
         from ctrl.rewards.images import jpeg_kilobytes
 
         sizes = jpeg_kilobytes(samples, self.quality).cpu()
-        judged, labels, k = torch.bucketize(sizes, self.boundaries), labels.cpu(), self.num_labels
-        confusion = MulticlassConfusionMatrix(k)(judged, labels)
-        per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
-        return {
-            "accuracy": MulticlassAccuracy(k, average="micro")(judged, labels),
-            "macro_f1": MulticlassF1Score(k, average="macro")(judged, labels),
-            "min_class_accuracy": per_class[confusion.sum(1) > 0].min(),
-            "jpeg_kb": sizes.mean(),
-            "confusion": confusion,
-        }
+        judged = torch.bucketize(sizes, self.boundaries)
+        return {**classification_scores(judged, labels.cpu(), self.num_labels), "jpeg_kb": sizes.mean()}
 
 
 class LabelSetEvaluator(Evaluator):
@@ -174,14 +169,6 @@ class LabelSetEvaluator(Evaluator):
             raise ValueError(f"model.evaluator.label_sets {self.label_sets} make {self.num_labels} conditions but the "
                              f"policy has {module.policy.num_reward_labels} labels; make them agree.")
 
-    @staticmethod
-    def _scores(judged: Tensor, labels: Tensor, k: int) -> dict[str, Tensor]:
-        confusion = MulticlassConfusionMatrix(k)(judged, labels)
-        per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
-        return {"accuracy": MulticlassAccuracy(k, average="micro")(judged, labels),
-                "macro_f1": MulticlassF1Score(k, average="macro")(judged, labels),
-                "min_class_accuracy": per_class[confusion.sum(1) > 0].min(), "confusion": confusion}
-
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         from ctrl.datamodules.labelsets import true_labels
         from ctrl.rewards.joint import split_condition
@@ -192,10 +179,10 @@ class LabelSetEvaluator(Evaluator):
         condition = torch.zeros_like(labels)
         for j, n in zip(judged, self.sizes):
             condition = condition * n + j
-        metrics = self._scores(condition, labels, self.num_labels)
+        metrics = classification_scores(condition, labels, self.num_labels)
         if len(self.label_sets) > 1:
             for name, j, y, n in zip(self.label_sets, judged, wanted, self.sizes):
-                part = self._scores(j, y, n)
+                part = classification_scores(j, y, n)
                 metrics.update({f"{name}_accuracy": part["accuracy"], f"{name}_macro_f1": part["macro_f1"]})
         metrics["frechet"] = self.frechet(samples)
         return metrics

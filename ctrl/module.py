@@ -173,9 +173,8 @@ class ControlModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baseline": self.baseline, "last_metrics": self.last_metrics}
-        trainable = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k in trainable or k not in self._parameter_names}
+        frozen = {n for n, _ in self.named_parameters()} - self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # strict_loading is off because frozen weights are not saved; trainable ones must all be there.
@@ -193,10 +192,6 @@ class ControlModule(L.LightningModule):
         ``requires_grad``: peft switches that off while adapters are disabled for the reference model."""
         ids = {id(p) for g in self.policy.param_groups() + self.algorithm.param_groups() for p in g["params"]}
         return {n for n, p in self.named_parameters() if id(p) in ids}
-
-    @property
-    def _parameter_names(self) -> set[str]:
-        return {n for n, _ in self.named_parameters()}
 
     def configure_optimizers(self):
         groups = self.policy.param_groups() + self.algorithm.param_groups()

@@ -26,7 +26,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 SPLITS = {"pretrain": (0, 1000), "classifier": (1000, 1350), "calibration": (1350, 1437), "heldout": (1437, 1797)}
-NUM_LABELS = 10
 
 
 @lru_cache(maxsize=4)

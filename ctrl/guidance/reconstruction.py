@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ctrl.guidance.base import GuidedSampler
-from ctrl.sampling import StepGrid, predict_x0, step_from_x0
+from ctrl.sampling import StepGrid, step_from_x0
 
 
 class ReconstructionGuidance(GuidedSampler):
@@ -37,6 +37,6 @@ class ReconstructionGuidance(GuidedSampler):
                 grad, = torch.autograd.grad(self.score(policy, reward, self.x0_hat(policy, x_in, eps, grid, k),
                                                        labels).sum(), x_in)
             eps = eps.detach() - self.scale * math.sqrt(1 - a) * grad
-            mean = step_from_x0(predict_x0(x, eps, a, policy.clip_range), eps, float(grid.alpha_prod_prev[k]), s)
+            mean = step_from_x0(self.x0_hat(policy, x, eps, grid, k), eps, float(grid.alpha_prod_prev[k]), s)
             x = (mean + s * noise[:, k + 1]).detach()
         return x

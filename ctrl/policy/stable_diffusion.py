@@ -134,7 +134,6 @@ class StableDiffusionPolicy(DiffusionPolicy):
             raise ValueError(f"model.policy.resolution={resolution} is not divisible by the VAE's downsampling "
                              f"factor {self.vae_factor}; use a multiple of {self.vae_factor} (e.g. "
                              f"{resolution // self.vae_factor * self.vae_factor or self.vae_factor}).")
-        self.resolution = resolution
         self.sample_shape = (self.unet.config.in_channels, resolution // self.vae_factor, resolution // self.vae_factor)
         self.num_classes, self.guidance_scale = num_classes, guidance_scale
         self.num_labels = len(self.prompts) * max(num_classes, 1)
@@ -190,16 +189,16 @@ class StableDiffusionPolicy(DiffusionPolicy):
     def num_reward_labels(self) -> int:
         return self.num_classes if self.num_classes > 0 else self.num_labels
 
-    def prompt_index(self, labels: Tensor) -> Tensor:
+    def prompt_index(self, labels: Tensor | int) -> Tensor | int:
         return labels // max(self.num_classes, 1)
 
-    def reward_labels(self, labels: Tensor) -> Tensor:
+    def reward_labels(self, labels: Tensor | int) -> Tensor | int:
         return labels % self.num_classes if self.num_classes > 0 else labels
 
     def condition_name(self, c: int) -> str:
         """A readable name of condition ``c``: its prompt, and its class when there are classes."""
-        prompt = self.prompts[c // max(self.num_classes, 1)]
-        return f"{prompt} | class {c % self.num_classes}" if self.num_classes > 0 else prompt
+        prompt = self.prompts[self.prompt_index(c)]
+        return f"{prompt} | class {self.reward_labels(c)}" if self.num_classes > 0 else prompt
 
     # -- the network ----------------------------------------------------------------------------
     def _guided_unet(self, x: Tensor, t: Tensor, prompts: Tensor, classes: Tensor | None, adapters: bool) -> Tensor:
