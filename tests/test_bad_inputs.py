@@ -106,3 +106,55 @@ def test_datamodule_label_count_must_match_policy(tiny_pretrained, tiny_classifi
     module.trainer = SimpleNamespace(datamodule=SimpleNamespace(num_labels=7))  # what Lightning attaches
     with pytest.raises(ValueError, match="data.num_labels=7 but model.policy.num_labels=10"):
         module.setup("fit")
+
+
+def _refusals(tiny_sd, tiny_pretrained, tiny_classifier):
+    """(case, a call that must be refused, its message), for the settings this release added."""
+    from ctrl.datamodules import DigitsDataModule, LabelsDataModule
+    from ctrl.evaluation import JpegSizeEvaluator, LabelSetEvaluator
+    from ctrl.policy import StableDiffusionPolicy
+    from ctrl.rewards import JointLabels
+
+    def sd(**kw):
+        return lambda: StableDiffusionPolicy(tiny_sd, prompts=["a cat"], **kw)
+
+    return [
+        ("SD dtype", sd(dtype="float64"), r"model.policy.dtype: 'float64' is not one of"),
+        ("SD negative classes", sd(num_classes=-1), r"model.policy.num_classes must be >= 0"),
+        ("SD nothing trainable", sd(lora_rank=0), r"model.policy.lora_rank=0: nothing would be trainable"),
+        ("SD guidance below 1", sd(guidance_scale=0.5), r"model.policy.guidance_scale must be >= 1"),
+        ("group size not dividing the batch", lambda: LabelsDataModule(batch_size=6, group_size=4),
+         r"data.batch_size=6 must be a multiple of data.group_size=4"),
+        ("unknown label set", lambda: DigitsDataModule(label_set="colour"),
+         r"data.label_set: 'colour' is not a label set; choose one of \['class', 'compressibility', 'ink'\]"),
+        ("unknown evaluator label set", lambda: LabelSetEvaluator(["ink", "colour"]),
+         r"model.evaluator.label_sets: 'colour' is not a label set"),
+        ("JPEG boundaries not increasing", lambda: JpegSizeEvaluator([3.0, 2.0]),
+         r"model.evaluator.boundaries_kb must be increasing and non-empty"),
+        ("joint reward of one", lambda: JointLabels([ClassifierLogProb(tiny_classifier)]),
+         r"model.reward.rewards: give at least two rewards that each score a label set"),
+        ("JPEG evaluator classes vs policy labels",
+         lambda: _module(tiny_pretrained, tiny_classifier, evaluator=JpegSizeEvaluator([1.0, 2.0])),
+         r"boundaries_kb makes 3 classes but the policy's reward labels number 10"),
+    ]
+
+
+REFUSALS = ["SD dtype", "SD negative classes", "SD nothing trainable", "SD guidance below 1",
+            "group size not dividing the batch", "unknown label set", "unknown evaluator label set",
+            "JPEG boundaries not increasing", "joint reward of one", "JPEG evaluator classes vs policy labels"]
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_new_settings_are_refused_with_one_message(case, tiny_sd, tiny_pretrained, tiny_classifier):
+    cases = {name: (call, message) for name, call, message in _refusals(tiny_sd, tiny_pretrained, tiny_classifier)}
+    assert sorted(cases) == sorted(REFUSALS)
+    call, message = cases[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_checkpoint_without_the_trainable_weights_is_refused(tiny_pretrained, tiny_classifier):
+    module = _module(tiny_pretrained, tiny_classifier)
+    with pytest.raises(ValueError, match=r"the checkpoint lacks \d+ trainable weights of this model .*resume with "
+                                         r"the config that wrote it"):
+        module.on_load_checkpoint({"state_dict": {}})
