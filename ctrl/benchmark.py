@@ -2,8 +2,9 @@
 side by side, judged the same way.
 
 Fine-tuning rows are ``ctrl fit`` runs of control configs (one per plugin); inference-time rows are
-guided samplers (``ctrl.guidance``) on the same pretrained model and reward; the pretrained model is
-the baseline. Every method samples the same labels with the same seeds (the same x_T), and the task's
+guided samplers (``ctrl.guidance``) on the same pretrained model and reward (classifier-free guidance
+trains its own conditional model first: :meth:`GuidedSampler.prepare`); the pretrained model is the
+baseline. Trained rows are kept under ``<output>/runs`` and reused unless ``retrain``. Every method samples the same labels with the same seeds (the same x_T), and the task's
 evaluator (the config's; for digits the true labeller of the label set) scores them all. Written to
 ``output``: ``table.md`` (markdown), ``results.csv`` and ``samples.png`` (a grid per method: a row per
 label). A guidance-strength sweep (gamma) of the first fine-tuning row is included.
@@ -118,32 +119,52 @@ def run_benchmark(
     runs = out / "runs"
     # Everything is instantiated (and so checked) before any training starts.
     bases = [_cli(row, runs, None) for row in fine_tuning]
+    for sampler in guidance:
+        sampler.check(runs / type(sampler).__name__)
     base = bases[0].model
     labels = torch.arange(base.policy.num_labels).repeat_interleave(per_label)
     seeds = torch.arange(len(labels)) + seed
     num_steps = base.eval_num_steps
     results, panels = [], []
-    progress = tqdm(total=1 + len(guidance) + len(fine_tuning), desc="benchmark", unit="method")
+    progress = tqdm(total=(2 + len(guidance) + len(fine_tuning) + len(gammas or [])) * base.policy.num_labels,
+                    desc="benchmark", unit="label")
 
-    def record(name, samples, kl, sampling_s, training_s):
+    def each_label(name: str, draw) -> tuple[torch.Tensor, float]:
+        """``draw(labels, seeds)`` for each label in turn (the bar names the method and label): the samples
+        in ``labels``' order and the seconds per image. Every chain's x_T comes from its own seed, so the
+        split changes nothing but the bar."""
+        out, seconds = [], 0.0
+        for y in labels.unique().tolist():
+            progress.set_postfix_str(f"{name}: label {y}")
+            pick = labels == y
+            start = time.perf_counter()
+            out.append(draw(labels[pick], seeds[pick]))
+            seconds += time.perf_counter() - start
+            progress.update()
+        return torch.cat(out), seconds / len(labels)
+
+    def record(name, samples, kl, sampling_s, training_s, **extra):
         images = base.policy.decode(samples)
         row = {"method": name, **_scores(base, images, labels, kl), "sampling_s_per_image": sampling_s,
-               "training_s": training_s}
+               "training_s": training_s, **extra}
         results.append(row)
         panels.append((name, images.cpu(), labels))
 
-    progress.set_postfix_str("pretrained")
-    start = time.perf_counter()
-    traj = base.generate(labels, seeds, 0.0, num_steps)
-    record("pretrained", traj.samples, None, (time.perf_counter() - start) / len(labels), 0.0)
-    progress.update()
+    samples, sampling_s = each_label("pretrained", lambda y, s: base.generate(y, s, 0.0, num_steps).samples)
+    record("pretrained", samples, None, sampling_s, 0.0)
     for sampler in guidance:
         name = type(sampler).__name__
-        progress.set_postfix_str(name)
-        guided = sampler.sample(base.policy, base.reward, labels, seeds, num_steps, base.eta)
-        record(name, guided.samples, None, guided.seconds_per_image, 0.0)
-        results[-1]["denoiser_calls_per_image"] = guided.denoiser_calls_per_image
-        progress.update()
+        progress.set_postfix_str(f"{name}: preparing")
+        training_s = sampler.prepare(runs / name, retrain)
+        calls = []
+
+        def draw(y, s):
+            guided = sampler.sample(base.policy, base.reward, y, s, num_steps, base.eta)
+            calls.append(guided.denoiser_calls_per_image * len(y))
+            return guided.samples
+
+        samples, sampling_s = each_label(name, draw)
+        record(name, samples, None, sampling_s, training_s, denoiser_calls_per_image=sum(calls) / len(labels))
     for i, row in enumerate(fine_tuning):
         progress.set_postfix_str(f"{row.name}: training")
         done = runs / row.name / "train_seconds.json"
@@ -158,14 +179,17 @@ def run_benchmark(
                           "false").model
             training_s = json.loads(done.read_text())["seconds"]
         module.eval()
-        progress.set_postfix_str(f"{row.name}: sampling")
         for gamma in ([module.guidance] + (gammas or []) if i == 0 else [module.guidance]):
-            start = time.perf_counter()
-            traj = module.generate(labels, seeds, gamma, num_steps)
-            sampling_s = (time.perf_counter() - start) / len(labels)
             name = row.name if gamma == module.guidance else f"{row.name} gamma={gamma:g}"
-            record(name, traj.samples, traj.kl.sum(1).mean(), sampling_s, training_s)
-        progress.update()
+            kls = []
+
+            def draw(y, s):
+                traj = module.generate(y, s, gamma, num_steps)
+                kls.append(traj.kl.sum(1))
+                return traj.samples
+
+            samples, sampling_s = each_label(name, draw)
+            record(name, samples, torch.cat(kls).mean(), sampling_s, training_s)
     progress.close()
     write_outputs(results, panels, out, min(per_label, 8))
     return results

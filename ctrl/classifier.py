@@ -89,6 +89,15 @@ class ClassifierTraining(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x) / self.temperature
 
+    def setup(self, stage: str) -> None:
+        n = getattr(self.trainer.datamodule, "num_labels", None) if self.trainer.datamodule is not None else None
+        if isinstance(n, (list, tuple)):
+            raise ValueError("data.label_set: a classifier learns one label set; give one name (a list is the "
+                             "data of a conditional model, ctrl.pretrain.DiffusionPretraining).")
+        if n is not None and n != self.hparams.num_labels:
+            raise ValueError(f"model.num_labels={self.hparams.num_labels} but the data's label set has {n} labels; "
+                             "make them equal.")
+
     def _robust_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         b = x.shape[0]
         shifts = torch.randint(-1, 2, (2,)).tolist()

@@ -1,13 +1,22 @@
-"""Train a base (unconditional) diffusion model: a diffusers UNet2DModel with epsilon prediction.
+"""Train a diffusion model: a diffusers UNet2DModel with epsilon prediction, unconditional or conditional.
 
-This is how the shipped ``ctrl:digits-ddpm`` weights are made (configs/digits/pretrain.yaml). The
-exponential moving average of the weights is exported with ``save_pretrained`` as a
-DDPMPipeline-style directory (``unet/``, ``scheduler/``), which ``UNetPolicy(pretrained=...)`` and
-diffusers' own ``from_pretrained`` both load.
+Unconditional: how the shipped ``ctrl:digits-ddpm`` weights are made (configs/digits/pretrain.yaml).
+Conditional (``num_labels``): the model of the classifier-free guidance baseline
+(:class:`ctrl.guidance.ClassifierFreeGuidance`), learned from offline labelled data with label dropout,
+usually starting from the pretrained unconditional model (``init_from``). Several label sets at once
+(``num_labels: [4, 2]``) are learned from data in which each image carries one set's label (the others
+null); the sampler composes them.
+
+The exponential moving average of the weights is exported with ``save_pretrained`` as a
+DDPMPipeline-style directory (``unet/``, ``scheduler/``; a conditional model adds ``labels.json``),
+which ``UNetPolicy(pretrained=...)`` (unconditional), :func:`load_conditional_unet` and diffusers' own
+``from_pretrained`` load.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +24,31 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+LABELS_FILE = "labels.json"
+
+
+def condition_codes(labels: Tensor, sizes: list[int]) -> Tensor:
+    """Labels ``[B, S]`` (label set s in ``0..sizes[s]``, ``sizes[s]`` its null label) -> the conditional
+    UNet's class index ``[B]``, by mixed radix over ``sizes[s] + 1`` (the last set varies fastest); all
+    null labels give ``prod(sizes[s] + 1) - 1``, the unconditional input."""
+    code = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+    for s, n in enumerate(sizes):
+        code = code * (n + 1) + labels[:, s].long()
+    return code
+
+
+def load_conditional_unet(path: str | Path, setting: str) -> tuple[UNet2DModel, DDPMScheduler, list[int]]:
+    """The EMA UNet, noise schedule and label-set sizes written by a conditional :class:`DiffusionPretraining`."""
+    path = Path(path)
+    if not (path / LABELS_FILE).is_file() or not (path / "unet").is_dir():
+        raise FileNotFoundError(f"{setting}: '{path}' holds no conditional model (unet/ and {LABELS_FILE}); train one "
+                                "with ctrl.pretrain.DiffusionPretraining and num_labels set (e.g. configs/digits/cfg_*.yaml).")
+    sizes = json.loads((path / LABELS_FILE).read_text())["num_labels"]
+    unet = UNet2DModel.from_pretrained(path / "unet").eval().requires_grad_(False)
+    return unet, DDPMScheduler.from_pretrained(path / "scheduler"), sizes
 
 
 class DiffusionPretraining(L.LightningModule):
@@ -28,6 +61,16 @@ class DiffusionPretraining(L.LightningModule):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up and cosine decay over the run.
         ema_decay: decay of the exported exponential moving average.
         export_dir: where the EMA model is written when fit ends.
+        num_labels: None: unconditional (batches ``(x,)`` or ``(x, labels)``, labels ignored). An int or a
+            list of label-set sizes: conditional on batches ``(x, labels)``, labels ``[B]`` (one set) or
+            ``[B, S]`` with ``num_labels[s]`` as set s's null label; a class embedding (zero-initialised)
+            is added to the time embedding.
+        label_dropout: probability that an image's labels are all replaced by null during training
+            (classifier-free guidance needs the unconditional model too).
+        embedding_lr: learning rate of the class embedding (None: ``lr``). A new embedding next to a
+            pretrained network needs a larger one than the fine-tune of the rest.
+        init_from: start from this unconditional model (a directory or ``ctrl:digits-ddpm``): its
+            architecture, weights and noise schedule; the architecture arguments above are then unused.
     """
 
     def __init__(
@@ -45,18 +88,41 @@ class DiffusionPretraining(L.LightningModule):
         warmup_steps: int = 50,
         ema_decay: float = 0.995,
         export_dir: str | None = None,
+        num_labels: int | list[int] | None = None,
+        label_dropout: float = 0.1,
+        embedding_lr: float | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.unet = UNet2DModel(
-            sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-            norm_num_groups=8, attention_head_dim=8,
-        )
+        self.label_sizes = None if num_labels is None else [num_labels] if isinstance(num_labels, int) else list(num_labels)
+        if self.label_sizes is not None and (not self.label_sizes or min(self.label_sizes) < 1):
+            raise ValueError(f"model.num_labels: give a label-set size >= 1 (or one per label set), got {num_labels}.")
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f"model.label_dropout must lie in [0, 1), got {label_dropout}.")
+        class_embeds = math.prod(n + 1 for n in self.label_sizes) if self.label_sizes else None
+        if init_from is not None:
+            from ctrl.policy.unet import load_pretrained_unet
+
+            base, schedule = load_pretrained_unet(init_from, "model.init_from")
+            self.unet = UNet2DModel.from_config(base.config, num_class_embeds=class_embeds)
+            missing, _ = self.unet.load_state_dict(base.state_dict(), strict=False)
+            assert all(name.startswith("class_embedding") for name in missing), missing
+            scheduler_config = schedule.config
+        else:
+            self.unet = UNet2DModel(
+                sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
+                norm_num_groups=8, attention_head_dim=8, num_class_embeds=class_embeds,
+            )
+            scheduler_config = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+        if class_embeds:  # the model starts as the unconditional one for every label
+            nn.init.zeros_(self.unet.class_embedding.weight)
+        self.unet.requires_grad_(True)
+        self.unet.train()
         # clip_sample off: the sampler's step is then exactly Gaussian in eps (DESIGN.md's KL).
-        self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                       clip_sample=False, timestep_spacing="trailing")
+        self.scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False, timestep_spacing="trailing")
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
 
@@ -65,7 +131,19 @@ class DiffusionPretraining(L.LightningModule):
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(self.unet(xt, t).sample, noise)
+        kwargs = {}
+        if self.label_sizes is not None:
+            if len(batch) < 2:
+                raise ValueError("model.num_labels is set but the data has no labels; use labelled data "
+                                 "(e.g. DigitsDataModule with label_set) or leave num_labels unset.")
+            labels = batch[1].view(len(x0), -1)
+            if labels.shape[1] != len(self.label_sizes):
+                raise ValueError(f"the data carries {labels.shape[1]} label set(s) but model.num_labels has "
+                                 f"{len(self.label_sizes)} ({self.label_sizes}); make them agree.")
+            null = torch.tensor(self.label_sizes, device=labels.device)
+            drop = torch.rand(len(x0), 1, device=labels.device) < self.hparams.label_dropout
+            kwargs["class_labels"] = condition_codes(torch.where(drop, null, labels), self.label_sizes)
+        loss = F.mse_loss(self.unet(xt, t, **kwargs).sample, noise)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -73,7 +151,12 @@ class DiffusionPretraining(L.LightningModule):
         self.ema.update_parameters(self.unet)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        embedding = list(self.unet.class_embedding.parameters()) if self.unet.class_embedding is not None else []
+        rest = [p for n, p in self.unet.named_parameters() if not n.startswith("class_embedding.")]
+        groups = [{"params": rest}]
+        if embedding:
+            groups.append({"params": embedding, "lr": self.hparams.embedding_lr or self.hparams.lr, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches
         sched = get_cosine_schedule_with_warmup(opt, self.hparams.warmup_steps, int(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -83,6 +166,8 @@ class DiffusionPretraining(L.LightningModule):
         directory = Path(directory)
         self.ema.module.save_pretrained(directory / "unet")
         self.scheduler.save_pretrained(directory / "scheduler")
+        if self.label_sizes is not None:
+            (directory / LABELS_FILE).write_text(json.dumps({"num_labels": self.label_sizes}))
 
     def on_fit_end(self):
         if self.hparams.export_dir and self.trainer.is_global_zero:

@@ -61,11 +61,14 @@ class DigitsDataModule(L.LightningDataModule):
         image_size: 16 (default) or the native 8.
         label_set: which labels the images carry (``ctrl.datamodules.labelsets``): "class" (the digit),
             "compressibility" or "ink"; the latter two use their own half of the classifier and
-            calibration splits.
+            calibration splits. A list of label sets (a conditional model's offline data, e.g.
+            ``[compressibility, ink]``) gives labels ``[B, S]`` with each set's null label where an image
+            lacks it (:func:`ctrl.datamodules.labelsets.offline_conditions`); ``num_labels`` is then a list.
     """
 
     def __init__(self, train_split: str = "pretrain", val_split: str = "heldout", test_split: str = "heldout",
-                 batch_size: int = 64, image_size: int = 16, num_workers: int = 0, label_set: str = "class"):
+                 batch_size: int = 64, image_size: int = 16, num_workers: int = 0,
+                 label_set: str | list[str] = "class"):
         from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set
 
         super().__init__()
@@ -73,12 +76,17 @@ class DigitsDataModule(L.LightningDataModule):
             if split not in SPLITS:
                 raise ValueError(f"data.{name}: '{split}' is not a digits split; choose one of {sorted(SPLITS)}.")
         self.save_hyperparameters()
-        self.num_labels = NUM_CLASSES[check_label_set(label_set, "data.label_set")]
+        if isinstance(label_set, str):
+            self.num_labels = NUM_CLASSES[check_label_set(label_set, "data.label_set")]
+        else:
+            self.num_labels = [NUM_CLASSES[check_label_set(name, "data.label_set")] for name in label_set]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        from ctrl.datamodules.labelsets import offline_split
+        from ctrl.datamodules.labelsets import offline_conditions, offline_split
 
-        images, labels = offline_split(self.hparams.label_set, split, self.hparams.image_size)
+        label_set = self.hparams.label_set
+        images, labels = (offline_split(label_set, split, self.hparams.image_size) if isinstance(label_set, str)
+                          else offline_conditions(list(label_set), split, self.hparams.image_size))
         return DataLoader(TensorDataset(images, labels), batch_size=self.hparams.batch_size, shuffle=shuffle,
                           drop_last=shuffle, num_workers=self.hparams.num_workers)
 

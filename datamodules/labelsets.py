@@ -81,3 +81,20 @@ def offline_split(name: str, split: str, image_size: int = 16) -> tuple[Tensor, 
     part = OFFLINE_PART[name] if split in ("classifier", "calibration") else slice(None)
     images, digits = images[part], digits[part]
     return images, digits if name == "class" else true_labels(name, images)
+
+
+def offline_conditions(names: list[str], split: str, image_size: int = 16) -> tuple[Tensor, Tensor]:
+    """The offline data of several label sets at once, for a conditional model that learns each from its
+    own data: every label set's part of ``split`` (:func:`offline_split`), concatenated, with labels
+    ``[N, S]`` (one column per set) holding the set's label and ``NUM_CLASSES[other]`` (that set's null
+    label: unknown) in the other columns. No image needs more than one label."""
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"data.label_set: give distinct label sets, got {names}.")
+    images, labels = [], []
+    for s, name in enumerate(names):
+        x, y = offline_split(check_label_set(name, "data.label_set"), split, image_size)
+        rows = torch.tensor([NUM_CLASSES[n] for n in names]).repeat(len(x), 1)
+        rows[:, s] = y
+        images.append(x)
+        labels.append(rows)
+    return torch.cat(images), torch.cat(labels)

@@ -158,3 +158,20 @@ def test_checkpoint_without_the_trainable_weights_is_refused(tiny_pretrained, ti
     with pytest.raises(ValueError, match=r"the checkpoint lacks \d+ trainable weights of this model .*resume with "
                                          r"the config that wrote it"):
         module.on_load_checkpoint({"state_dict": {}})
+
+
+@pytest.mark.parametrize("label_set, num_labels, expected", [
+    (["compressibility", "ink"], 4, "data.label_set: a classifier learns one label set"),
+    ("ink", 4, "model.num_labels=4 but the data's label set has 2 labels"),
+])
+def test_classifier_data_must_be_one_label_set_of_its_size(label_set, num_labels, expected, tmp_path):
+    import lightning as L
+
+    from ctrl.classifier import ClassifierTraining
+    from ctrl.datamodules import DigitsDataModule
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=expected):
+        trainer.fit(ClassifierTraining(num_labels=num_labels, width=4, robust=False),
+                    DigitsDataModule(train_split="classifier", val_split="calibration", label_set=label_set))

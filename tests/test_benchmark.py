@@ -33,6 +33,9 @@ def tiny_benchmark(tmp_path, tiny_pretrained):
         "fine_tuning": [{"name": "DirectBackprop", "config": str(CONFIGS / "control.yaml"), "args": tiny},
                         {"name": "PPO", "config": str(CONFIGS / "ppo.yaml"), "args": tiny}],
         "guidance": [{"class_path": f"ctrl.guidance.{name}", "init_args": args} for name, args in [
+            ("ClassifierFreeGuidance", {"config": str(CONFIGS / "cfg_compressibility.yaml"), "scale": 2.0, "args": [
+                "--model.init_from", tiny_pretrained, "--data.image_size", "8", "--trainer.max_steps", "3",
+                "--trainer.logger", "false"]}),
             ("ReconstructionGuidance", {"scale": 1.0}), ("MPGD", {"step_size": 0.5}),
             ("SVDD", {"num_candidates": 3}), ("SMC", {"num_particles": 3})]],
     }
@@ -45,15 +48,18 @@ def test_every_method_has_a_row_in_range(tiny_benchmark):
     path, config = tiny_benchmark
     rows = benchmark(["--config", str(path)])
     names = [r["method"] for r in rows]
-    assert names == ["pretrained", "ReconstructionGuidance", "MPGD", "SVDD", "SMC", "DirectBackprop",
+    assert names == ["pretrained", "ClassifierFreeGuidance", "ReconstructionGuidance", "MPGD", "SVDD", "SMC", "DirectBackprop",
                      "DirectBackprop gamma=0", "DirectBackprop gamma=2", "PPO"]
     for row in rows:
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1 and row["frechet"] >= 0, row
         assert row["sampling_s_per_image"] > 0
-        assert (row["training_s"] > 0) == (row["method"].split()[0] in ("DirectBackprop", "PPO"))
-        assert ("kl" in row) == (row["training_s"] > 0)  # the KL to the pretrained chain: fine-tuned rows only
+        fine_tuned = row["method"].split()[0] in ("DirectBackprop", "PPO")
+        assert (row["training_s"] > 0) == (fine_tuned or row["method"] == "ClassifierFreeGuidance")
+        assert ("kl" in row) == fine_tuned  # the KL to the pretrained chain: fine-tuned rows only
     guided = {r["method"]: r for r in rows}
     assert guided["SVDD"]["denoiser_calls_per_image"] == 1 + 3 * 2  # M candidates at each later step
+    assert guided["ClassifierFreeGuidance"]["denoiser_calls_per_image"] == 2 * 3  # conditional + unconditional
+    assert (Path(config["output"]) / "runs" / "ClassifierFreeGuidance" / "model" / "labels.json").is_file()
     out = Path(config["output"])
     with open(out / "results.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == names
@@ -66,7 +72,7 @@ def test_every_method_has_a_row_in_range(tiny_benchmark):
 
 @pytest.mark.parametrize("case, change, expected", [
     ("unknown method", lambda c: c["guidance"].append({"class_path": "ctrl.guidance.Telepathy"}),
-     "guidance: 'Telepathy' is not an inference-time method; available: MPGD, ReconstructionGuidance, SMC, SVDD"),
+     "guidance: 'Telepathy' is not an inference-time method; available: ClassifierFreeGuidance, MPGD, ReconstructionGuidance, SMC, SVDD"),
     ("task without a trained classifier",
      lambda c: c["fine_tuning"][0]["args"].extend(["--model.reward.path", "/nonexistent/classifier.safetensors"]),
      "model.reward.path: no classifier file at '/nonexistent/classifier.safetensors'"),

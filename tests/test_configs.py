@@ -54,6 +54,8 @@ def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, mo
     monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
     spec = parse(["--config", str(config)])
     assert spec["fine_tuning"] and all(isinstance(g, GuidedSampler) for g in spec["guidance"])
+    for sampler in spec["guidance"]:  # classifier-free guidance instantiates its training config
+        sampler.check(tmp_path / type(sampler).__name__)
     for row in spec["fine_tuning"]:
         cli = _cli(row, tmp_path, None)
         assert cli.model.evaluator is not None and cli.datamodule.num_labels == cli.model.policy.num_labels

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctrl.evaluation import tilted_gaussian
-from ctrl.guidance import MPGD, SMC, SVDD, ReconstructionGuidance
+from ctrl.guidance import MPGD, SMC, SVDD, ClassifierFreeGuidance, ReconstructionGuidance
 from ctrl.policy import AnalyticGaussian
 from ctrl.rewards import GaussianLogLikelihood
 from ctrl.sampling import sample, seeded_noise
@@ -70,8 +70,67 @@ def test_guidance_raises_the_reward_and_counts_its_cost(world, sampler, denoiser
     assert out.seconds_per_image > 0
 
 
+def _gaussian_cfg(policy, means: dict[tuple[int, ...], list[float]], sizes: list[int], scale: float):
+    """A ClassifierFreeGuidance whose conditional model is exact: for the label tuple ``l`` (null = size) the
+    data are N(means[l], std^2 I), so its eps is the closed form of that Gaussian."""
+    import itertools
+
+    from ctrl.pretrain import condition_codes
+
+    tuples = list(itertools.product(*[range(n + 1) for n in sizes]))
+    table = torch.zeros(len(tuples), policy.dim)
+    for code, labels in zip(condition_codes(torch.tensor(tuples), sizes).tolist(), tuples):
+        table[code] = torch.tensor(means.get(labels, [9.0] * policy.dim))  # never-trained joint rows: must go unused
+    alphas = policy.alphas_cumprod
+
+    def model(x, t, codes):
+        a = alphas[t.long()]
+        return (1 - a).sqrt() * (x - a.sqrt() * table[codes]) / (a * policy.std**2 + 1 - a)
+
+    sampler = ClassifierFreeGuidance(pretrained="unused", scale=scale)
+    sampler.model, sampler.sizes, sampler.alphas_cumprod = model, sizes, policy.scheduler.alphas_cumprod.float()
+    return sampler
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
+def test_classifier_free_guidance_is_the_chain_of_the_guided_gaussian(scale):
+    """eps is affine in the data mean, so with exact conditional Gaussians CFG at scale w is exactly the
+    pretrained chain of N(m_null + w (m_y - m_null), std^2): same noise, same samples."""
+    policy = AnalyticGaussian(dim=2, mean=[0.0, 0.0], std=0.7)
+    policy.num_labels = 2
+    m_null, m = [0.5, -0.5], {(0,): [2.0, 1.0], (1,): [-1.0, 0.0], (2,): [0.5, -0.5]}
+    sampler = _gaussian_cfg(policy, m, [2], scale)
+    labels, seeds = torch.tensor([0, 1] * 32), torch.arange(64)
+    out = sampler.sample(policy, None, labels, seeds, STEPS)
+    for y in (0, 1):
+        target = [a + scale * (b - a) for a, b in zip(m_null, m[(y,)])]
+        expected = _pretrained(AnalyticGaussian(dim=2, mean=target, std=0.7), labels[labels == y], seeds[labels == y])
+        torch.testing.assert_close(out.samples[labels == y], expected, atol=1e-4, rtol=0)
+    assert out.denoiser_calls_per_image == 2 * STEPS
+
+
+def test_classifier_free_guidance_composes_label_sets():
+    """Two label sets, each learned alone: condition (a, b) samples the chain of
+    N(m_null + w (m_(a,null) - m_null) + w (m_(null,b) - m_null)); the joint rows are never read."""
+    policy = AnalyticGaussian(dim=2, mean=[0.0, 0.0], std=0.7)
+    policy.num_labels = 6  # sizes [3, 2], condition = a * 2 + b
+    means = {(3, 2): [0.0, 0.0], (0, 2): [1.0, 0.0], (1, 2): [0.0, 1.0], (2, 2): [-1.0, -1.0],
+             (3, 0): [0.5, 0.5], (3, 1): [-0.5, 0.0]}
+    scale = 1.5
+    sampler = _gaussian_cfg(policy, means, [3, 2], scale)
+    labels, seeds = torch.arange(6).repeat_interleave(8), torch.arange(48)
+    out = sampler.sample(policy, None, labels, seeds, STEPS)
+    for c in range(6):
+        a, b = divmod(c, 2)
+        target = [scale * (u + v) for u, v in zip(means[(a, 2)], means[(3, b)])]
+        expected = _pretrained(AnalyticGaussian(dim=2, mean=target, std=0.7), labels[labels == c], seeds[labels == c])
+        torch.testing.assert_close(out.samples[labels == c], expected, atol=1e-4, rtol=0)
+    assert out.denoiser_calls_per_image == 3 * STEPS
+
+
 def test_bad_settings_are_refused():
-    for make in (lambda: SMC(num_particles=0), lambda: SMC(lam=0), lambda: SVDD(num_candidates=0),
+    for make in (lambda: ClassifierFreeGuidance(), lambda: ClassifierFreeGuidance(pretrained="a", config="b"),
+                 lambda: ClassifierFreeGuidance(pretrained="a", scale=-1), lambda: SMC(num_particles=0), lambda: SMC(lam=0), lambda: SVDD(num_candidates=0),
                  lambda: ReconstructionGuidance(scale=-1), lambda: MPGD(step_size=-1)):
         with pytest.raises(ValueError):
             make()

@@ -67,6 +67,15 @@ class GuidedSampler(ABC):
         and one standard normal draw per step; ``generator`` serves any further draws (particles,
         candidates, resampling)."""
 
+    def check(self, root) -> None:
+        """Refuse bad settings before any method trains (``ctrl benchmark`` calls it first; ``root``: the
+        sampler's folder under the benchmark's runs). Default: nothing beyond ``__init__``'s checks."""
+
+    def prepare(self, root, retrain: bool = False) -> float:
+        """Train or load what the sampler needs under ``root`` (``retrain``: even when done before); returns
+        the training seconds (0: nothing trained). Default: nothing to prepare."""
+        return 0.0
+
     # -- helpers ------------------------------------------------------------------------------------
     def eps(self, policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> Tensor:
         """The pretrained model's noise prediction at step k, ``like x`` (gradients flow through x)."""
