@@ -18,24 +18,36 @@ from conftest import make_tiny_classifier
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
 
 
-@pytest.fixture
-def tiny_benchmark(tmp_path, tiny_pretrained):
-    """A benchmark config: the compressibility task on the tiny 8x8 model and a tiny 4-class classifier,
-    two fine-tuning rows, every guidance baseline, 2 samples per label."""
-    classifier = make_tiny_classifier(tmp_path / "compress.safetensors", num_labels=4)
-    tiny = ["--config", str(CONFIGS / "tasks" / "compressibility.yaml"),
-            "--model.policy.pretrained", tiny_pretrained, "--model.reward.path", classifier,
-            "--model.evaluator.image_size", "8", "--model.num_steps", "3", "--data.batch_size", "4",
-            "--data.batches_per_epoch", "2", "--data.eval_per_label", "2", "--trainer.logger", "false",
+TASKS = {"class": 10, "compressibility": 4, "multitask": 8}
+
+
+def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
+    """A benchmark config: ``task`` on the tiny 8x8 model and tiny classifiers, two fine-tuning rows, every
+    guidance baseline (classifier-free guidance with a 3-step conditional model), 2 samples per label."""
+    tiny = ["--model.policy.pretrained", tiny_pretrained, "--model.evaluator.image_size", "8",
+            "--model.num_steps", "3", "--data.batch_size", "4", "--data.batches_per_epoch", "2",
+            "--data.eval_per_label", "2", "--trainer.logger", "false",
             "--trainer.callbacks", json.dumps([{"class_path": "ctrl.callbacks.ResumableCheckpoint"}])]
+    if task == "class":
+        tiny += ["--model.reward.path", make_tiny_classifier(tmp_path / "class.safetensors", num_labels=10)]
+    elif task == "compressibility":
+        tiny = ["--config", str(CONFIGS / "tasks" / "compressibility.yaml"), *tiny,
+                "--model.reward.path", make_tiny_classifier(tmp_path / "compress.safetensors", num_labels=4)]
+    else:  # the two classifiers of the joint reward, swapped in by an overlay of its own
+        rewards = [{"class_path": "ctrl.rewards.ClassifierLogProb", "init_args": {
+            "path": make_tiny_classifier(tmp_path / f"{name}.safetensors", num_labels=n)}}
+            for name, n in (("compress", 4), ("ink", 2))]
+        overlay = tmp_path / "tiny_rewards.yaml"
+        overlay.write_text(yaml.safe_dump({"model": {"init_args": {"reward": {"init_args": {"rewards": rewards}}}}}))
+        tiny = ["--config", str(CONFIGS / "tasks" / "multitask.yaml"), "--config", str(overlay), *tiny]
+    cfg_args = ["--model.init_from", tiny_pretrained, "--data.image_size", "8", "--trainer.max_steps", "3",
+                "--trainer.logger", "false"]
     config = {
         "output": str(tmp_path / "out"), "per_label": 2, "gammas": [0.0, 2.0],
         "fine_tuning": [{"name": "DirectBackprop", "config": str(CONFIGS / "control.yaml"), "args": tiny},
                         {"name": "PPO", "config": str(CONFIGS / "ppo.yaml"), "args": tiny}],
         "guidance": [{"class_path": f"ctrl.guidance.{name}", "init_args": args} for name, args in [
-            ("ClassifierFreeGuidance", {"config": str(CONFIGS / "cfg_compressibility.yaml"), "scale": 2.0, "args": [
-                "--model.init_from", tiny_pretrained, "--data.image_size", "8", "--trainer.max_steps", "3",
-                "--trainer.logger", "false"]}),
+            ("ClassifierFreeGuidance", {"config": str(CONFIGS / f"cfg_{task}.yaml"), "scale": 2.0, "args": cfg_args}),
             ("ReconstructionGuidance", {"scale": 1.0}), ("MPGD", {"step_size": 0.5}),
             ("SVDD", {"num_candidates": 3}), ("SMC", {"num_particles": 3})]],
     }
@@ -44,8 +56,14 @@ def tiny_benchmark(tmp_path, tiny_pretrained):
     return path, config
 
 
-def test_every_method_has_a_row_in_range(tiny_benchmark):
-    path, config = tiny_benchmark
+@pytest.fixture
+def tiny_benchmark(tmp_path, tiny_pretrained):
+    return _tiny_config(tmp_path, tiny_pretrained)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
+    path, config = _tiny_config(tmp_path, tiny_pretrained, task)
     rows = benchmark(["--config", str(path)])
     names = [r["method"] for r in rows]
     assert names == ["pretrained", "ClassifierFreeGuidance", "ReconstructionGuidance", "MPGD", "SVDD", "SMC", "DirectBackprop",
@@ -58,7 +76,10 @@ def test_every_method_has_a_row_in_range(tiny_benchmark):
         assert ("kl" in row) == fine_tuned  # the KL to the pretrained chain: fine-tuned rows only
     guided = {r["method"]: r for r in rows}
     assert guided["SVDD"]["denoiser_calls_per_image"] == 1 + 3 * 2  # M candidates at each later step
-    assert guided["ClassifierFreeGuidance"]["denoiser_calls_per_image"] == 2 * 3  # conditional + unconditional
+    label_sets = 2 if task == "multitask" else 1  # one conditional branch per label set, plus the unconditional
+    assert guided["ClassifierFreeGuidance"]["denoiser_calls_per_image"] == (1 + label_sets) * 3
+    if task == "multitask":  # the per-condition figures beside the pair's
+        assert all(0 <= r[f"{name}_accuracy"] <= 1 for r in rows for name in ("compressibility", "ink"))
     assert (Path(config["output"]) / "runs" / "ClassifierFreeGuidance" / "model" / "labels.json").is_file()
     out = Path(config["output"])
     with open(out / "results.csv") as f:
