@@ -4,10 +4,11 @@ side by side, judged the same way.
 Fine-tuning rows are ``ctrl fit`` runs of control configs (one per plugin); inference-time rows are
 guided samplers (``ctrl.guidance``) on the same pretrained model and reward (classifier-free guidance
 trains its own conditional model first: :meth:`GuidedSampler.prepare`); the pretrained model is the
-baseline. Trained rows are kept under ``<output>/runs`` and reused unless ``retrain``. Every method samples the same labels with the same seeds (the same x_T), and the task's
-evaluator (the config's; for digits the true labeller of the label set) scores them all. Written to
-``output``: ``table.md`` (markdown), ``results.csv`` and ``samples.png`` (a grid per method: a row per
-label). A guidance-strength sweep (gamma) of the first fine-tuning row is included.
+baseline. Trained rows are kept under ``<output>/runs`` and reused unless ``retrain``. Every method
+samples the same labels with the same seeds (the same x_T), and the task's evaluator (the config's; for
+digits the true labeller of the label set) scores them all. Written to ``output``: ``table.md``
+(markdown), ``results.csv`` and ``samples.png`` (a grid per method: a row per label). A guidance-strength
+sweep (gamma) of the first fine-tuning row is included.
 """
 
 from __future__ import annotations

@@ -171,15 +171,12 @@ class LabelSetEvaluator(Evaluator):
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         from ctrl.datamodules.labelsets import true_labels
-        from ctrl.rewards.joint import split_condition
+        from ctrl.rewards.joint import join_condition, split_condition
 
         labels = labels.cpu()
         judged = [true_labels(name, samples) for name in self.label_sets]
         wanted = split_condition(labels, self.sizes)
-        condition = torch.zeros_like(labels)
-        for j, n in zip(judged, self.sizes):
-            condition = condition * n + j
-        metrics = classification_scores(condition, labels, self.num_labels)
+        metrics = classification_scores(join_condition(judged, self.sizes), labels, self.num_labels)
         if len(self.label_sets) > 1:
             for name, j, y, n in zip(self.label_sets, judged, wanted, self.sizes):
                 part = classification_scores(j, y, n)

@@ -34,10 +34,9 @@ def condition_codes(labels: Tensor, sizes: list[int]) -> Tensor:
     """Labels ``[B, S]`` (label set s in ``0..sizes[s]``, ``sizes[s]`` its null label) -> the conditional
     UNet's class index ``[B]``, by mixed radix over ``sizes[s] + 1`` (the last set varies fastest); all
     null labels give ``prod(sizes[s] + 1) - 1``, the unconditional input."""
-    code = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
-    for s, n in enumerate(sizes):
-        code = code * (n + 1) + labels[:, s].long()
-    return code
+    from ctrl.rewards.joint import join_condition
+
+    return join_condition(list(labels.long().unbind(1)), [n + 1 for n in sizes])
 
 
 def load_conditional_unet(path: str | Path, setting: str) -> tuple[UNet2DModel, DDPMScheduler, list[int]]:
@@ -155,7 +154,7 @@ class DiffusionPretraining(L.LightningModule):
         rest = [p for n, p in self.unet.named_parameters() if not n.startswith("class_embedding.")]
         groups = [{"params": rest}]
         if embedding:
-            groups.append({"params": embedding, "lr": self.hparams.embedding_lr or self.hparams.lr, "weight_decay": 0.0})
+            groups.append({"params": embedding, "lr": self.hparams.lr if self.hparams.embedding_lr is None else self.hparams.embedding_lr, "weight_decay": 0.0})
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches
         sched = get_cosine_schedule_with_warmup(opt, self.hparams.warmup_steps, int(total))

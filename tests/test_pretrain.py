@@ -93,3 +93,40 @@ def test_bad_conditional_settings_and_data_are_refused(tiny_pretrained, tmp_path
         ClassifierFreeGuidance(pretrained=tiny_pretrained).sample(
             UNetPolicy(pretrained=tiny_pretrained, num_labels=2), None, torch.zeros(2, dtype=torch.long),
             torch.arange(2), 3)
+
+
+def test_classifier_free_guidance_refusals_name_the_setting(tiny_pretrained, tmp_path):
+    with pytest.raises(ValueError, match="give exactly one of pretrained .* or config"):
+        ClassifierFreeGuidance()
+    with pytest.raises(ValueError, match="give exactly one of pretrained .* or config"):
+        ClassifierFreeGuidance(pretrained="a", config="b")
+    with pytest.raises(ValueError, match="scale must be >= 0, got -1"):
+        ClassifierFreeGuidance(pretrained="a", scale=-1)
+    with pytest.raises(RuntimeError, match="the conditional model is not trained yet; call prepare"):
+        ClassifierFreeGuidance(config="c.yaml").sample(UNetPolicy(pretrained=tiny_pretrained, num_labels=2), None,
+                                                       torch.zeros(2, dtype=torch.long), torch.arange(2), 3)
+    # a conditional model of [2, 2] label sets for a task of 3 labels; then one with another noise schedule
+    module = DiffusionPretraining(init_from=tiny_pretrained, num_labels=[2, 2])
+    module.export(tmp_path / "model")
+    policy = UNetPolicy(pretrained=tiny_pretrained, num_labels=3)
+    y, seeds = torch.zeros(2, dtype=torch.long), torch.arange(2)
+    with pytest.raises(ValueError, match=r"label sets of sizes \[2, 2\] \(4 conditions\) but the task has 3"):
+        ClassifierFreeGuidance(pretrained=str(tmp_path / "model")).sample(policy, None, y, seeds, 3)
+    module.scheduler.register_to_config(beta_end=0.03)
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler.from_config(module.scheduler.config).save_pretrained(tmp_path / "model" / "scheduler")
+    with pytest.raises(ValueError, match="noise schedule differs from the pretrained model's"):
+        ClassifierFreeGuidance(pretrained=str(tmp_path / "model")).sample(
+            UNetPolicy(pretrained=tiny_pretrained, num_labels=4), None, y, seeds, 3)
+
+
+def test_conditional_data_refusals(tiny_pretrained, tmp_path):
+    with pytest.raises(ValueError, match=r"data.label_set: give distinct label sets, got \['ink', 'ink'\]"):
+        offline_conditions(["ink", "ink"], "classifier")
+    module = DiffusionPretraining(init_from=tiny_pretrained, num_labels=2)
+    loader = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8)), batch_size=32)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="model.num_labels is set but the data has no labels"):
+        trainer.fit(module, loader)

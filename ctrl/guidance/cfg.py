@@ -64,7 +64,8 @@ class ClassifierFreeGuidance(GuidedSampler):
 
     def prepare(self, root: Path, retrain: bool = False) -> float:
         if self.config is None:
-            self.load(self.pretrained)
+            if self.model is None:  # check() has loaded it already
+                self.load(self.pretrained)
             return 0.0
         done = root / "train_seconds.json"
         if retrain or not done.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ctrl.rewards.base import Reward
@@ -15,6 +16,14 @@ def split_condition(labels: Tensor, sizes: list[int]) -> list[Tensor]:
         out.append(rest % n)
         rest = rest // n
     return out[::-1]
+
+
+def join_condition(parts: list[Tensor], sizes: list[int]) -> Tensor:
+    """The inverse of :func:`split_condition`: one label tensor ``[B]`` per label set -> condition indices ``[B]``."""
+    condition = torch.zeros_like(parts[0])
+    for part, n in zip(parts, sizes):
+        condition = condition * n + part
+    return condition
 
 
 class JointLabels(Reward):
