@@ -9,6 +9,7 @@ import torch
 
 from ctrl.evaluation import tilted_gaussian
 from ctrl.guidance import MPGD, SMC, SVDD, ClassifierFreeGuidance, ReconstructionGuidance
+from ctrl.guidance.base import GuidedSampler
 from ctrl.policy import AnalyticGaussian
 from ctrl.rewards import GaussianLogLikelihood
 from ctrl.sampling import sample, seeded_noise
@@ -43,6 +44,76 @@ def test_smc_reaches_the_tilted_target(world, lam):
     assert (torch.cov(x.T) - cov_t).norm() / cov_t.norm() < 0.06
     # and far from the pretrained model's mean, so the check has teeth
     assert (mean_pre.double() - mean_t).norm() / mean_t.norm() > 0.3
+
+
+def test_smc_reaches_the_tilted_target_from_a_wide_prior():
+    """A wide prior (data sd 100, 1-D) makes x0_hat(x_T), and so the initial twist lam * r(x0_hat(x_T)), vary
+    a lot between particles: SMC must weigh x_T by it (the increments telescope to lam * (r(x0) - that
+    twist)), or its mean lands about halfway between the pretrained and the tilted one (38 against 71).
+
+    Tolerance from the Monte-Carlo error: each image returns one particle of its own independent particle
+    set, so the n sample mean has standard error sd_t / sqrt(n) (0.94 here) and the sample sd about
+    sd_t / sqrt(2 n) (0.67); the self-normalised weights add an O(1/K) bias, budgeted sd_t / K (0.66;
+    measured with 20,000 images: mean -2.0 at K = 8, -0.5 at 16, within the 0.3 error at 32 to 128).
+    Bound: 4 standard errors + sd_t / K (4.4 on the mean, 3.3 on the sd; over 20 blocks of 2,000 seeds
+    the largest errors were 2.0 and 1.3)."""
+    policy = AnalyticGaussian(dim=1, mean=0.0, std=100.0)
+    reward = GaussianLogLikelihood(y=[100.0], sigma=50.0)
+    n, k, lam = 2000, 64, 1.0
+    out = SMC(num_particles=k, lam=lam).sample(policy, reward, torch.zeros(n, dtype=torch.long), torch.arange(n),
+                                               STEPS)
+    mean_pre, var_pre = policy.pretrained_marginal(STEPS, 1.0)
+    mean_t, cov_t = tilted_gaussian(mean_pre, var_pre ** 0.5, reward.A, reward.y, reward.sigma, 1.0 / lam)
+    mean_t, sd_t = float(mean_t), float(cov_t) ** 0.5
+    x = out.samples.double().flatten()
+    mean, sd = float(x.mean()), float(x.std())
+    print(f"SMC wide prior: mean {mean:.2f} (target {mean_t:.2f}, pretrained {float(mean_pre):.2f}), "
+          f"sd {sd:.2f} (target {sd_t:.2f})")
+    assert abs(mean - mean_t) < 4 * sd_t / n ** 0.5 + sd_t / k, (mean, mean_t)
+    assert abs(sd - sd_t) < 4 * sd_t / (2 * n) ** 0.5 + sd_t / k, (sd, sd_t)
+    assert mean_t - float(mean_pre) > 20 * sd_t / n ** 0.5  # the tilt moves the mean far beyond the bound
+
+
+class _Probe(GuidedSampler):
+    """Keeps the extra-draw generator's first draw, shaped like one chain's noise ``[N+1, ...]``, in ``first``."""
+
+    def run(self, policy, reward, labels, grid, noise, generator):
+        self.first = torch.randn(noise.shape[1:], generator=generator)
+        return noise[:, 0]
+
+
+def _first_extra_draw(policy, seeds: list[int]):
+    probe = _Probe()
+    probe.sample(policy, None, torch.zeros(len(seeds), dtype=torch.long), torch.tensor(seeds), STEPS)
+    return probe.first
+
+
+@pytest.mark.parametrize("s", [0, 7, 1 << 40], ids=["eval", "eval7", "train"])
+def test_extra_draws_are_not_another_chains_noise(world, s):
+    """Candidates and particles come from a generator of their own: for chains with seeds [s, s+1] its first
+    draws are not those of a generator seeded with either seed (seeded_noise: one generator per chain, so
+    that is the chain's x_T and step noise), they depend on every seed of the batch, not on the first
+    alone, and the same seeds give the same draws."""
+    policy, _ = world
+    first = _first_extra_draw(policy, [s, s + 1])
+    for seed in (s, s + 1):
+        chain = seeded_noise(torch.tensor([seed]), STEPS, policy.sample_shape)[0]  # [N+1, d]
+        torch.testing.assert_close(chain, torch.randn(chain.shape, generator=torch.Generator().manual_seed(seed)))
+        assert not (first == chain).any(), f"the extra draws repeat chain {seed}'s noise"
+    assert not torch.equal(first, _first_extra_draw(policy, [s, s + 2]))
+    assert torch.equal(first, _first_extra_draw(policy, [s, s + 1]))
+
+
+@pytest.mark.parametrize("sampler", [SMC(num_particles=8), SVDD(num_candidates=4, temperature=1.0)],
+                         ids=lambda s: type(s).__name__)
+def test_samplers_with_extra_draws_are_reproducible(world, sampler):
+    """The same seeds give the same samples, in a new sampler call and whatever ran in between."""
+    policy, reward = world
+    labels, seeds = torch.zeros(16, dtype=torch.long), torch.arange(100, 116)
+    first = sampler.sample(policy, reward, labels, seeds, STEPS).samples
+    torch.randn(10)  # the global generator plays no part
+    sampler.sample(policy, reward, labels, seeds + 16, STEPS)
+    torch.testing.assert_close(sampler.sample(policy, reward, labels, seeds, STEPS).samples, first, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("sampler", [ReconstructionGuidance(scale=0.0), MPGD(step_size=0.0), SVDD(num_candidates=1)],
@@ -130,7 +201,8 @@ def test_classifier_free_guidance_composes_label_sets():
 
 def test_bad_settings_are_refused():
     for make in (lambda: ClassifierFreeGuidance(), lambda: ClassifierFreeGuidance(pretrained="a", config="b"),
-                 lambda: ClassifierFreeGuidance(pretrained="a", scale=-1), lambda: SMC(num_particles=0), lambda: SMC(lam=0), lambda: SVDD(num_candidates=0),
+                 lambda: ClassifierFreeGuidance(pretrained="a", scale=-1), lambda: SMC(num_particles=0),
+                 lambda: SMC(lam=0), lambda: SVDD(num_candidates=0),
                  lambda: ReconstructionGuidance(scale=-1), lambda: MPGD(step_size=-1)):
         with pytest.raises(ValueError):
             make()

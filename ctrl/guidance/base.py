@@ -10,6 +10,7 @@ included) per image, and wall-clock seconds per image.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -40,12 +41,28 @@ class GuidedSamples:
     seconds_per_image: float
 
 
+EXTRA_DRAW_SALT = b"ctrl.guidance extra draws v1:"
+
+
+def extra_draw_seed(seeds: Tensor) -> int:
+    """The seed of the generator of a batch's extra draws (candidates, particles, resampling) for its chain
+    seeds ``[B]``: a salted blake2b hash of all of them, in order, so the draws are reproducible and
+    change with any chain of the batch, and are not another chain's noise (:func:`ctrl.sampling.seeded_noise`
+    seeds chain i's generator with ``seeds[i]``; a seed near them, such as ``seeds[0] + 1``, is the next
+    chain's). In [2**31, 2**63) with bit 31 set: torch's CPU generator keeps only the low 32 bits of a
+    seed, and those of evaluation seeds (small consecutive integers) never have it."""
+    payload = EXTRA_DRAW_SALT + ",".join(str(int(s)) for s in seeds.tolist()).encode()
+    digest = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+    return digest % (1 << 63) | (1 << 31)
+
+
 class GuidedSampler(ABC):
     """Template of a guided sampler: :meth:`sample` sets up the grid, the noise and the counters and calls
     :meth:`run`, which subclasses implement with :meth:`eps`, :meth:`x0_hat` and :meth:`score`.
 
     The chains' starting noise x_T comes from their seeds exactly as in ctrl's own sampler
-    (:func:`ctrl.sampling.seeded_noise`), so every method starts from the same x_T for the same seed.
+    (:func:`ctrl.sampling.seeded_noise`), so every method starts from the same x_T for the same seed; any
+    further draw comes from one generator per batch seeded by :func:`extra_draw_seed`.
     """
 
     def sample(self, policy, reward, labels: Tensor, seeds: Tensor, num_steps: int, eta: float = 1.0) -> GuidedSamples:
@@ -54,7 +71,7 @@ class GuidedSampler(ABC):
         self._denoiser_calls, self._reward_calls = 0, 0
         grid = make_grid(policy.scheduler, num_steps, eta)
         noise = seeded_noise(seeds, num_steps, policy.sample_shape).to(labels.device)
-        generator = torch.Generator(device="cpu").manual_seed(int(seeds[0]) % (1 << 63) + 1)
+        generator = torch.Generator(device="cpu").manual_seed(extra_draw_seed(seeds))
         start = time.perf_counter()
         samples = self.run(policy, reward, labels, grid, noise, generator)
         seconds = time.perf_counter() - start

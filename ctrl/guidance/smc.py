@@ -10,13 +10,15 @@ from ctrl.sampling import StepGrid, step_mean
 
 
 class SMC(GuidedSampler):
-    """K particles per image follow the pretrained chain; after each step particle i is reweighted by
+    """K particles per image follow the pretrained chain from x_T drawn from the prior, weighted first by
+    ``exp(lam * r(x0_hat(x_T)))`` and after each step reweighted by
     ``exp(lam * (r(x0_hat(x_{t-1})) - r(x0_hat(x_t))))`` (a twisting function r(x0_hat), as twisted SMC
-    samplers use; at the last step r of the sample itself) and the set is resampled (systematic) when
-    its effective sample size falls below ``ess_threshold * K``. The returned image is one particle
-    drawn by the final weights, so as K grows the samples follow ``p_pre(x0) exp(lam * r(x0)) / Z``
-    exactly: with r = log p(y|x) and lam = 1 that is p(x | y); lam = 1 / alpha is the KL-regularised
-    target of fine-tuning. Costs per step: K denoiser and K reward calls per image.
+    samplers use; at the last step r of the sample itself), so the weights telescope to exp(lam * r(x0));
+    the set is resampled (systematic) when its effective sample size falls below ``ess_threshold * K``.
+    The returned image is one particle drawn by the final weights, so as K grows the samples follow
+    ``p_pre(x0) exp(lam * r(x0)) / Z`` exactly: with r = log p(y|x) and lam = 1 that is p(x | y);
+    lam = 1 / alpha is the KL-regularised target of fine-tuning. Costs per step: K denoiser and K reward
+    calls per image.
 
     Args:
         num_particles: K >= 1.
@@ -46,7 +48,9 @@ class SMC(GuidedSampler):
         x = torch.cat([noise[:, 0, None], randn((b, k - 1, *shape), generator, noise)], 1).flatten(0, 1)  # [B*K, ...]
         eps = self.eps(policy, x, grid, 0, labels_k)
         twist = self.lam * self.score(policy, reward, self.x0_hat(policy, x, eps, grid, 0), labels_k)
-        log_w = torch.zeros(b, k, device=x.device, dtype=torch.float64)
+        # x_T is drawn from the prior, so the first target p(x_T) exp(twist(x_T)) weighs it by exp(twist); the
+        # increments then telescope to lam * r(x0) (from 0 they would leave a factor exp(-twist(x_T)) in).
+        log_w = twist.double().view(b, k)
         for step in range(n):
             s = float(grid.sigma[step])
             mean = step_mean(x, eps, float(grid.alpha_prod[step]), float(grid.alpha_prod_prev[step]), s,
@@ -54,7 +58,8 @@ class SMC(GuidedSampler):
             x = mean + s * randn(tuple(x.shape), generator, x)
             if step + 1 < n:
                 eps = self.eps(policy, x, grid, step + 1, labels_k)
-                new_twist = self.lam * self.score(policy, reward, self.x0_hat(policy, x, eps, grid, step + 1), labels_k)
+                x0 = self.x0_hat(policy, x, eps, grid, step + 1)
+                new_twist = self.lam * self.score(policy, reward, x0, labels_k)
             else:
                 new_twist = self.lam * self.score(policy, reward, x, labels_k)
             log_w = log_w + (new_twist - twist).double().view(b, k)
