@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrl.rewards.base import Reward
-from ctrl.sampling import Trajectory
+from ctrl.sampling import GradientPlan, Trajectory
 
 
 class Algorithm(nn.Module, ABC):
@@ -37,9 +37,12 @@ class Algorithm(nn.Module, ABC):
     def setup(self, policy, reward: Reward) -> None:
         """Validate the policy and reward before training (raise one clear message)."""
 
-    def grad_steps(self, num_steps: int) -> int:
-        """How many of the last sampling steps carry gradients in a training rollout."""
-        return num_steps if self.requires_grad_through_sampler else 0
+    def check_steps(self, num_stochastic: int) -> None:
+        """Validate settings that depend on the training grid (``num_stochastic``: its steps with sigma > 0)."""
+
+    def gradient_plan(self, num_stochastic: int) -> GradientPlan:
+        """Which steps of a training rollout carry gradients (drawn anew for each rollout)."""
+        return GradientPlan(steps=num_stochastic) if self.requires_grad_through_sampler else GradientPlan()
 
     def updates(self, trajectory: Trajectory, policy, reward: Reward) -> Iterator[Any]:
         """What one rollout turns into: one item per optimizer step, each passed to :meth:`loss`.

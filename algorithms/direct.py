@@ -5,9 +5,22 @@ sample x0 (and the per-step KL) with respect to the policy's parameters. ``alpha
 ``r = log p(y|x)`` targets the conditional p(x|y) of the pretrained model (the first paper); a
 smaller alpha sharpens the label (the target is p_pre(x) p(y|x)^(1/alpha)).
 
-Truncation covers the related methods: ``backprop_steps=K`` backpropagates through the last K steps
-only (DRaFT-K; ``K=1`` is AlignProp's last-step variant), ``random_truncation=True`` draws K
-uniformly from 1..K each step (AlignProp's randomised truncation).
+Truncation covers the related methods: ``backprop_steps=K`` backpropagates through the last K
+stochastic steps only (DRaFT-K; ``K=1`` is AlignProp's last-step variant; a deterministic last step
+has no control and is not counted), ``random_truncation=True`` draws K uniformly from 1..K each
+rollout (AlignProp's randomised truncation).
+
+What each variant optimises:
+  - the whole chain (no truncation): the KL-regularised objective exactly;
+  - fixed K: the reward reaches only the last K steps; the steps before them get the direct
+    gradient of their own KL (at the detached state), so their control is held to the pretrained
+    chain instead of drifting unpenalised. With per-step parameters that is the optimum of the
+    family whose early steps are not controlled;
+  - random K with ``unbiased_truncation`` (default): the step d-th from the end is inside the
+    window with probability P_d = (K - d + 1) / K, and its parameter gradient is weighted by 1 / P_d,
+    so the expected gradient is the whole chain's (steps never inside, d > K, are treated as for a
+    fixed K). Without it (AlignProp's estimator) each step's gradient is scaled by P_d, which
+    reweights the steps of a shared network.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import torch
 
 from ctrl.algorithms.base import Algorithm, finite_rewards
 from ctrl.registry import register_algorithm
+from ctrl.sampling import GradientPlan
 
 
 @register_algorithm
@@ -24,11 +38,14 @@ class DirectBackprop(Algorithm):
         alpha: KL weight (>= 0).
         backprop_steps: steps at the end of the chain that carry gradients (None: all).
         random_truncation: draw the number of steps uniformly from 1..backprop_steps each batch.
+        unbiased_truncation: with random truncation, weight each step's parameter gradient by
+            1 / P(step inside the window) (module docstring); False is AlignProp's own estimator.
     """
 
     requires_grad_through_sampler = True
 
-    def __init__(self, alpha: float = 0.1, backprop_steps: int | None = None, random_truncation: bool = False):
+    def __init__(self, alpha: float = 0.1, backprop_steps: int | None = None, random_truncation: bool = False,
+                 unbiased_truncation: bool = True):
         super().__init__()
         if alpha < 0:
             raise ValueError(f"DirectBackprop alpha (the KL weight) must be >= 0, got {alpha}.")
@@ -36,7 +53,7 @@ class DirectBackprop(Algorithm):
             raise ValueError(f"DirectBackprop backprop_steps must be >= 1 or null (the whole chain), got {backprop_steps}.")
         self.alpha = alpha
         self.backprop_steps = backprop_steps
-        self.random_truncation = random_truncation
+        self.random_truncation, self.unbiased_truncation = random_truncation, unbiased_truncation
 
     def setup(self, policy, reward) -> None:
         if not getattr(reward, "differentiable", False):
@@ -44,11 +61,23 @@ class DirectBackprop(Algorithm):
                              "(its gradient carries no signal); use a score-function algorithm such as PPO, "
                              "or a differentiable reward.")
 
-    def grad_steps(self, num_steps: int) -> int:
-        k = num_steps if self.backprop_steps is None else min(self.backprop_steps, num_steps)
-        if self.random_truncation:
-            k = int(torch.randint(1, k + 1, ()).item())
-        return k
+    def check_steps(self, num_stochastic: int) -> None:
+        if self.backprop_steps is not None and self.backprop_steps > num_stochastic:
+            raise ValueError(f"model.algorithm.backprop_steps={self.backprop_steps} is more than the {num_stochastic} "
+                             "stochastic steps of a training rollout (model.num_steps; a deterministic last step "
+                             f"is not counted): set it to at most {num_stochastic}, or null for the whole chain.")
+
+    def gradient_plan(self, num_stochastic: int) -> GradientPlan:
+        k_max = num_stochastic if self.backprop_steps is None else self.backprop_steps
+        if not self.random_truncation:
+            return GradientPlan(steps=k_max, kl_steps=num_stochastic - k_max)
+        k = int(torch.randint(1, k_max + 1, ()).item())
+        if not self.unbiased_truncation:
+            return GradientPlan(steps=k, kl_steps=num_stochastic - k)
+        # the d-th stochastic step from the end (d = 1..k_max) is in the window with P = (k_max - d + 1) / k_max
+        distance = torch.arange(num_stochastic, 0, -1, dtype=torch.float64)
+        weights = (k_max / (k_max - distance + 1)).clamp(min=1.0).where(distance <= k_max, torch.ones(()))
+        return GradientPlan(steps=k, weights=weights.float(), kl_steps=num_stochastic - k_max)
 
     def loss(self, trajectory, policy, reward):
         rewards = policy.score(reward, trajectory.samples, trajectory.labels)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ctrl.linear_gaussian import chain_moments, chain_optimum
+
 
 class Evaluator(ABC):
     """Scores samples ``[N, C, H, W]`` generated for labels ``[N]``; returns named scalar tensors."""
@@ -205,19 +207,32 @@ def gaussian_kl_full(mean: Tensor, cov: Tensor, mean_ref: Tensor, std_ref: float
                   + d * math.log(std_ref**2) - torch.logdet(cov))
 
 
+def relative_errors(mean: Tensor, cov: Tensor, mean_ref: Tensor, cov_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """``||mean - mean_ref|| / ||mean_ref||`` (over sqrt(tr cov_ref) when mean_ref = 0) and
+    ``||cov - cov_ref||_F / ||cov_ref||_F``."""
+    scale = mean_ref.norm() if mean_ref.norm() > 1e-8 else torch.trace(cov_ref).sqrt()
+    return ((mean - mean_ref).norm() / scale).float(), ((cov - cov_ref).norm() / cov_ref.norm()).float()
+
+
 class TiltedGaussianEvaluator(Evaluator):
-    """Checks samples against the closed-form target of the Gaussian world.
+    """Checks samples against the closed-form targets of the Gaussian world.
 
-    The target is p_pre(x) exp(r(x) / alpha) / Z, where p_pre is the N(m', v I) that the pretrained
-    chain really samples on the evaluation grid (``AnalyticGaussian.pretrained_marginal``; close to
-    the data N(m, s^2 I) for fine grids), r is the GaussianLogLikelihood reward (A, y, sigma) and
-    alpha the algorithm's KL weight. All are read from the module, so any of them can be changed on
-    the command line and the check follows.
+    Two targets, both read from the module (policy m, s; reward A, y, sigma; the algorithm's KL
+    weight alpha; the evaluation grid), so any of them can be changed on the command line:
 
-    Metrics: ``target_mean_rel_err`` = ||mean_hat - mean*|| / ||mean*|| (over sqrt(tr cov*) when
-    mean* = 0), ``target_cov_rel_err`` = ||cov_hat - cov*||_F / ||cov*||_F, and ``target_kl``, the
-    closed-form KL of the target to p_pre (beside the module's estimated ``kl``, an upper bound:
-    the chain KL is at least the KL of its final marginal).
+    - ``target_*``: the continuous-time target p_pre(x) exp(r(x) / alpha) / Z, with p_pre the
+      N(m', v I) that the pretrained chain really samples on the evaluation grid
+      (``AnalyticGaussian.pretrained_marginal``).
+    - ``optimum_*``: the optimum of E[r] - alpha KL over the discrete chain's own family (mean
+      controls at the pretrained step variances, :func:`ctrl.linear_gaussian.chain_optimum`), which a
+      plugin can reach exactly on the grid it trained on; the gap to the first is the family's.
+
+    Metrics: ``<target>_mean_rel_err`` = ||mean_hat - mean*|| / ||mean*|| (over sqrt(tr cov*) when
+    mean* = 0) and ``<target>_cov_rel_err`` = ||cov_hat - cov*||_F / ||cov*||_F from the samples;
+    ``policy_optimum_{mean,cov}_rel_err``, the same against the optimum from the policy's own chain
+    moments, exactly (its control is affine, so no sampling noise: what is left is the estimator's
+    error); ``target_kl``, the closed-form KL of the continuous target to p_pre (beside the module's
+    estimated ``kl``, an upper bound: the chain KL is at least the KL of its final marginal).
     """
 
     num_labels = 1
@@ -230,22 +245,26 @@ class TiltedGaussianEvaluator(Evaluator):
         if not alpha or alpha <= 0:
             raise ValueError("TiltedGaussianEvaluator needs the algorithm's KL weight alpha > 0 (the target "
                              "p_pre exp(r / alpha) is undefined at alpha = 0); set model.algorithm.alpha.")
-        if not hasattr(policy, "pretrained_marginal") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
+        if not hasattr(policy, "affine_steps") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
             raise ValueError("TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward "
                              "GaussianLogLikelihood.")
         mean, var = policy.pretrained_marginal(module.eval_num_steps, module.eta)
         self.pretrained = (mean, math.sqrt(var))
         self.target = tilted_gaussian(mean, math.sqrt(var), reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)
+        steps = policy.affine_steps(module.eval_num_steps, module.eta, guidance=0.0)
+        self.optimum = chain_optimum(steps, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)[1:]
+        self.policy_moments = lambda: chain_moments(
+            policy.affine_steps(module.eval_num_steps, module.eta, guidance=module.guidance))
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         if self.target is None:
             raise RuntimeError("TiltedGaussianEvaluator.attach was not called")
-        mean_t, cov_t = self.target
         x = samples.detach().cpu().double()
-        mean_hat, cov_hat = x.mean(0), torch.cov(x.T).reshape(cov_t.shape)
-        scale = mean_t.norm() if mean_t.norm() > 1e-8 else torch.trace(cov_t).sqrt()
-        return {
-            "target_mean_rel_err": ((mean_hat - mean_t).norm() / scale).float(),
-            "target_cov_rel_err": ((cov_hat - cov_t).norm() / cov_t.norm()).float(),
-            "target_kl": gaussian_kl_full(mean_t, cov_t, *self.pretrained).float(),
-        }
+        mean_hat, cov_hat = x.mean(0), torch.cov(x.T).reshape(self.target[1].shape)
+        out = {}
+        for name, ref, (mean, cov) in (("target", self.target, (mean_hat, cov_hat)),
+                                       ("optimum", self.optimum, (mean_hat, cov_hat)),
+                                       ("policy_optimum", self.optimum, self.policy_moments())):
+            out[f"{name}_mean_rel_err"], out[f"{name}_cov_rel_err"] = relative_errors(mean, cov, *ref)
+        out["target_kl"] = gaussian_kl_full(*self.target, *self.pretrained).float()
+        return out

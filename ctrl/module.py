@@ -19,7 +19,7 @@ from ctrl.algorithms.base import Algorithm, NonFiniteRewardWarning
 from ctrl.evaluation import Evaluator
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
-from ctrl.sampling import sample, seeded_noise
+from ctrl.sampling import make_grid, sample, seeded_noise
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
 
@@ -91,6 +91,8 @@ class ControlModule(L.LightningModule):
                              "(model.policy.num_labels); make them equal, or use a classifier trained on the "
                              "policy's label set.")
         algorithm.setup(policy, reward)
+        self._num_stochastic = int((make_grid(policy.scheduler, num_steps, eta).sigma > 0).sum())
+        algorithm.check_steps(self._num_stochastic)
         algorithm.gradient_checkpointing = gradient_checkpointing
         self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
         self.num_steps, self.eta = num_steps, eta
@@ -154,9 +156,10 @@ class ControlModule(L.LightningModule):
 
     def _train_on(self, labels: Tensor, seeds: Tensor) -> None:
         optimizer = self.optimizers()
-        grad_steps = self.algorithm.grad_steps(self.num_steps)
-        with torch.set_grad_enabled(grad_steps > 0):
-            trajectory = sample(self.policy, labels, self.num_steps, self.eta, grad_steps=grad_steps,
+        plan = self.algorithm.gradient_plan(self._num_stochastic)
+        with torch.set_grad_enabled(plan.steps > 0 or plan.kl_steps > 0):
+            trajectory = sample(self.policy, labels, self.num_steps, self.eta, grad_steps=plan.steps,
+                                grad_weights=plan.weights, kl_grad_steps=plan.kl_steps,
                                 noise=self._fixed_noise(seeds, self.num_steps),
                                 gradient_checkpointing=self.gradient_checkpointing)
         out = None

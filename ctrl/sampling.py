@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Trajectory", "StepGrid", "make_grid", "predict_x0", "step_from_x0", "step_mean", "step_means", "gaussian_log_prob", "gaussian_kl", "sample"]
+__all__ = ["Trajectory", "StepGrid", "GradientPlan", "make_grid", "predict_x0", "step_from_x0", "step_mean",
+           "step_means", "gaussian_log_prob", "gaussian_kl", "sample"]
 
 
 @dataclass
@@ -90,6 +91,26 @@ class StepGrid:
     sigma: Tensor
 
 
+@dataclass(frozen=True)
+class GradientPlan:
+    """Which steps of a training rollout carry gradients (what an algorithm asks of :func:`sample`).
+
+    Attributes:
+        steps: K, how many of the LAST stochastic steps are differentiated through (the window; a
+            deterministic step after them rides along, it has no control). 0: none.
+        weights: ``[S]`` multiplier of the parameter gradient of each stochastic step in the window, in
+            sampling order (None: 1). Random truncation uses 1 / P(step in the window), so that the
+            expected gradient is the whole chain's.
+        kl_steps: the first ``kl_steps`` steps, when outside the window, still give their KL's direct
+            gradient (the policy's mean at the detached state), so that a truncated chain's early steps
+            stay regularised toward the pretrained chain instead of drifting unpenalised.
+    """
+
+    steps: int = 0
+    weights: Tensor | None = None
+    kl_steps: int = 0
+
+
 def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
     """The timestep grid of ``scheduler`` (a diffusers DDIM/DDPM scheduler) with N steps.
 
@@ -145,23 +166,44 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, sigma: float) -> Tensor:
     return (mean - mean_ref).flatten(1).pow(2).sum(1) / (2 * sigma**2)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, guidance: float = 1.0,
-               gradient_checkpointing: bool = False) -> tuple[Tensor, Tensor]:
+               gradient_checkpointing: bool = False, grad_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``.
 
     The one place where a step's network call happens (sampling and every algorithm's re-evaluation
     of a stored step). Control is switched off on a deterministic step (sigma = 0): it has no
-    density and an infinite KL.
+    density and an infinite KL. ``grad_weight`` w multiplies the gradient that reaches the
+    parameters through this call and nothing else: the input's gradient is scaled by 1/w and the
+    outputs' by w, so a gradient passing through to x is unchanged.
     """
     a, a_prev, s = float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])
     t = grid.timesteps[k].to(x.device)
     g = guidance if s > 0 else 0.0
+    weighted = grad_weight != 1.0 and torch.is_grad_enabled()
+    if weighted:
+        x = _ScaleGrad.apply(x, 1.0 / grad_weight)
     if gradient_checkpointing and torch.is_grad_enabled():
         eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, use_reentrant=False)
     else:
         eps, eps_pre = policy.eps(x, t, labels, g)
     clip = policy.clip_range
-    return step_mean(x, eps, a, a_prev, s, clip), step_mean(x, eps_pre, a, a_prev, s, clip)
+    mean, mean_pre = step_mean(x, eps, a, a_prev, s, clip), step_mean(x, eps_pre, a, a_prev, s, clip)
+    if weighted:
+        mean, mean_pre = _ScaleGrad.apply(mean, grad_weight), _ScaleGrad.apply(mean_pre, grad_weight)
+    return mean, mean_pre
 
 
 def seeded_noise(seeds: Tensor, num_steps: int, sample_shape: tuple[int, ...]) -> Tensor:
@@ -182,6 +224,8 @@ def sample(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     grad_steps: int = 0,
+    grad_weights: Tensor | None = None,
+    kl_grad_steps: int = 0,
     gradient_checkpointing: bool = False,
 ) -> Trajectory:
     """Sample ``len(labels)`` chains from ``policy`` and record log-probabilities and KL per step.
@@ -195,8 +239,13 @@ def sample(
         guidance: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
         noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T and each step's z); drawn from
             ``generator`` when absent, so a fixed seed gives a fixed chain.
-        grad_steps: how many of the LAST steps carry gradients (0: none, N: the whole chain);
-            earlier steps run under no_grad and their output is detached (truncated backprop).
+        grad_steps: how many of the LAST stochastic steps carry gradients (0: none; the number of
+            stochastic steps or more: the whole chain); earlier steps run under no_grad and their output
+            is detached (truncated backprop). A deterministic last step (sigma = 0) has no control and
+            is not counted. Fields of :class:`GradientPlan`, as are the next two.
+        grad_weights: ``[S]`` multiplier of the parameter gradient of each stochastic step (in sampling
+            order) when it is in the window (None: 1).
+        kl_grad_steps: the first steps, outside the window, whose KL keeps its direct gradient.
         gradient_checkpointing: recompute each step's network call in the backward pass.
 
     Returns:
@@ -212,13 +261,19 @@ def sample(
         raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
     x = noise[:, 0]
     latents, log_probs, ref_log_probs, kls = [x], [], [], []
-    first_grad_step = num_steps - max(0, min(grad_steps, num_steps))
+    stochastic = (grid.sigma > 0).nonzero().squeeze(1).tolist()
+    first_grad_step = stochastic[-grad_steps] if 0 < grad_steps <= len(stochastic) else \
+        (0 if grad_steps > 0 else num_steps)
+    grad_enabled = torch.is_grad_enabled()
     for k in range(num_steps):
         s = float(grid.sigma[k])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
-            if k == first_grad_step:
+        in_window, kl_only = k >= first_grad_step, k < min(kl_grad_steps, first_grad_step) and s > 0
+        weight = float(grad_weights[stochastic.index(k)]) if grad_weights is not None and in_window and s > 0 \
+            else 1.0
+        with torch.set_grad_enabled(grad_enabled and (in_window or kl_only)):
+            if k == first_grad_step or kl_only:
                 x = x.detach()
-            mean, mean_pre = step_means(policy, x, grid, k, labels, guidance, gradient_checkpointing)
+            mean, mean_pre = step_means(policy, x, grid, k, labels, guidance, gradient_checkpointing, weight)
             if s > 0:
                 x_next = mean + s * noise[:, k + 1]
                 log_probs.append(gaussian_log_prob(x_next.detach(), mean, s))
@@ -230,7 +285,7 @@ def sample(
                 log_probs.append(zero)
                 ref_log_probs.append(zero)
                 kls.append(zero)
-        x = x_next
+        x = x_next.detach() if kl_only else x_next
         latents.append(x)
     return Trajectory(
         latents=torch.stack(latents, 1),

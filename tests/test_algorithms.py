@@ -38,7 +38,7 @@ def test_nonfinite_rewards_are_counted_and_dropped(algorithm):
     algorithm.setup(policy, reward)
     labels = torch.zeros(8, dtype=torch.long)
     with torch.set_grad_enabled(algorithm.requires_grad_through_sampler):
-        traj = sample(policy, labels, 5, 1.0, grad_steps=algorithm.grad_steps(5),
+        traj = sample(policy, labels, 5, 1.0, grad_steps=algorithm.gradient_plan(4).steps,
                       generator=torch.Generator().manual_seed(0))
     with pytest.warns(RuntimeWarning, match="NaN or Inf for 2 of 8 samples; they are dropped"):
         outputs = [algorithm.loss(batch, policy, reward) for batch in algorithm.updates(traj, policy, reward)]

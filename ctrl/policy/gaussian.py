@@ -12,7 +12,9 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
+from ctrl.linear_gaussian import AffineStep, chain_moments
 from ctrl.policy.base import DiffusionPolicy
+from ctrl.sampling import make_grid, step_means
 
 
 class AnalyticGaussian(DiffusionPolicy):
@@ -61,26 +63,28 @@ class AnalyticGaussian(DiffusionPolicy):
         return (1 - a).sqrt() * (x - a.sqrt() * self.mean) / (a * self.std**2 + 1 - a)
 
     @torch.no_grad()
+    def affine_steps(self, num_steps: int, eta: float, guidance: float = 1.0) -> list[AffineStep]:
+        """The chain on an N-step grid as affine steps ``x' = F x + g + sigma z`` (sampling order), read off
+        by probing each step's mean at 0 and at the unit vectors: every step of this world is affine in x.
+        ``guidance`` 0 is the pretrained chain, 1 the policy's (its current correction, label 0)."""
+        grid = make_grid(self.scheduler, num_steps, eta)
+        probe = torch.cat([torch.zeros(1, self.dim), torch.eye(self.dim)]).to(self.mean.device)
+        labels = torch.zeros(len(probe), dtype=torch.long, device=probe.device)
+        steps = []
+        for k in range(num_steps):
+            mean = step_means(self, probe, grid, k, labels, guidance)[0].double().cpu()
+            steps.append(AffineStep((mean[1:] - mean[0]).T, mean[0], float(grid.sigma[k])))
+        return steps
+
     def pretrained_marginal(self, num_steps: int, eta: float) -> tuple[Tensor, float]:
         """Mean ``[d]`` and variance (isotropic) of x_0 from the PRETRAINED chain on an N-step grid.
 
         A coarse DDIM/DDPM grid does not reproduce N(m, s^2 I) exactly (each step keeps only the
         posterior mean of x_0, and the last step is deterministic), so the target of fine-tuning,
-        p_pre(x) exp(r(x) / alpha), is computed from what the pretrained sampler really gives. Every
-        step is affine in x, ``x' = f x + g + sigma z``, so the moments propagate exactly.
+        p_pre(x) exp(r(x) / alpha), is computed from what the pretrained sampler really gives.
         """
-        from ctrl.sampling import make_grid, step_mean
-
-        grid = make_grid(self.scheduler, num_steps, eta)
-        mean, var = torch.zeros(self.dim, dtype=torch.float64), 1.0
-        probe = torch.stack([torch.zeros(self.dim), torch.ones(self.dim)]).double()
-        for k in range(num_steps):
-            t = grid.timesteps[k]
-            eps = self.eps_pretrained(probe.float(), t).double()
-            out = step_mean(probe, eps, float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k]))
-            g, f = out[0], (out[1] - out[0])  # f is the same in every coordinate (isotropic step)
-            mean, var = f * mean + g, float(f[0]) ** 2 * var + float(grid.sigma[k]) ** 2
-        return mean.float(), var
+        mean, cov = chain_moments(self.affine_steps(num_steps, eta, guidance=0.0))
+        return mean.float(), float(cov[0, 0])
 
     def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
         eps_pre = self.eps_pretrained(x, t)
