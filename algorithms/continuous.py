@@ -153,6 +153,9 @@ class ContinuousTimePG(PPO):
 
     @torch.no_grad()
     def per_chain(self, trajectory, rewards: Tensor, policy, reward) -> dict[str, Tensor]:
+        """Per chain and step ``[B, N]``: the advantages (the temporal differences of V minus the KL to go, centred
+        by PPO's leave-one-out baseline: V(x_{k+1}) depends on step k's action, so a baseline that contained the
+        chain's own value would scale its gradient by (1 - 1/n)), what V regresses and V's anchor."""
         latents, labels, grid, n = trajectory.latents, trajectory.labels, trajectory.grid, trajectory.num_steps
         anchor = torch.stack([self._anchor(policy, reward, grid, k, latents[:, k], labels) for k in range(n)], 1)
         v = torch.stack([self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)]

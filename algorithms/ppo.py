@@ -9,10 +9,12 @@ parts, both used here:
   - the direct gradient of ``alpha * KL_k`` with respect to the policy at the stored state x_k.
 With both, the optimum is the tilted target ``p_pre(x) exp(r(x) / alpha) / Z``.
 
-Advantages are centred per step (optionally per condition); ``standardize`` also divides by their
-standard deviation as DDPO does, which rescales the reward part against the KL part and so moves
-the optimum away from the closed-form target (an effective alpha): use it for speed, not for the
-closed-form check.
+Advantages are centred per step (optionally per condition) by a leave-one-out baseline, the mean
+return of the OTHER chains of the group: a baseline that includes the chain's own return scales
+the score-function part by (1 - 1/n) for a group of n chains but not the direct KL part, so the
+fixed point would leave the tilted target. ``standardize`` also divides by their standard deviation
+as DDPO does, which rescales the reward part against the KL part and so moves the optimum away from
+the closed-form target (an effective alpha): use it for speed, not for the closed-form check.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class PPO(Algorithm):
         minibatch_size: chains per optimizer step (None: the whole rollout).
         timestep_fraction: fraction of the stochastic steps used per update, in (0, 1] (DDPO's
             ``timestep_fraction``); the loss is rescaled to stay unbiased.
-        advantages: "center" (subtract the per-step mean) or "standardize" (also divide by the std).
+        advantages: "center" (subtract the per-step mean of the other chains) or "standardize" (also divide by
+            the std).
         per_condition: compute the baselines per label instead of over the whole batch.
         advantage_clip: clip advantages to +-this (None: no clipping).
     """
@@ -91,18 +94,33 @@ class PPO(Algorithm):
         self.num_groups = policy.num_labels + 1  # the labels and the null label
 
     def _normalise(self, returns: Tensor, labels: Tensor) -> Tensor:
-        """``[B, N]`` returns -> advantages: centred per step (and per label with ``per_condition``) by the
-        mean over the GLOBAL batch, from per-group sums reduced over all processes (float64)."""
+        """``[B, N]`` returns -> advantages ``[B, N]``: at each step, a chain's return minus the mean return of the
+        OTHER chains of its group (its label with ``per_condition``, else the whole batch), over the GLOBAL batch:
+        from per-group counts and sums reduced over all processes (float64).
+
+        The baseline must not depend on the chain's own sample, or the score-function gradient is scaled by
+        (1 - 1/n) for a group of n. Every other chain is sampled independently, so:
+          - a chain alone in its group takes the mean of all other chains of the batch;
+          - a chain alone in the whole batch has no other chain, and its baseline is 0 (the advantage is its
+            return: unbiased, with the variance of the raw return). A constant derived from its own return, or
+            an advantage of 0, would bias the gradient (the latter to the KL part alone).
+        ``standardize`` divides by the std of the group (of the batch for a chain alone in its group; 1 when the
+        batch is one chain) that the baseline came from.
+        """
         group = labels if self.per_condition else torch.zeros_like(labels)
         onehot = torch.nn.functional.one_hot(group, self.num_groups).double()  # [B, G]
         r = returns.double()
         sums = self.sum_over_ranks(torch.stack([onehot.T @ torch.ones_like(r), onehot.T @ r, onehot.T @ r.square()]))
-        count, mean = sums[0], sums[1] / sums[0].clamp(min=1)  # [G, N]
-        adv = r - mean[group]
+        count, total, square = sums[:, group]  # [B, N] each: the chain's group
+        alone = count < 2
+        batch = sums.sum(1, keepdim=True).expand(-1, len(r), -1)  # [3, B, N]: the whole batch
+        count, total, square = (torch.where(alone, b, g) for g, b in zip((count, total, square), batch))
+        others = count - 1
+        adv = torch.where(others > 0, r - (total - r) / others.clamp(min=1), r)
         if self.advantage_mode == "standardize":
-            var = (sums[2] - count * mean.square()) / (count - 1).clamp(min=1)
-            std = torch.where(count > 1, var.clamp(min=0).sqrt(), torch.ones_like(var))
-            adv = adv / (std[group] + 1e-8)
+            var = (square - total.square() / count) / others.clamp(min=1)
+            std = torch.where(others > 0, var.clamp(min=0).sqrt(), torch.ones_like(var))
+            adv = adv / (std + 1e-8)
         adv = adv.to(returns.dtype)
         if self.advantage_clip is not None:
             adv = adv.clamp(-self.advantage_clip, self.advantage_clip)
@@ -117,8 +135,9 @@ class PPO(Algorithm):
 
     def per_chain(self, trajectory, rewards: Tensor, policy, reward) -> dict[str, Tensor]:
         """What the minibatches carry per chain and step, ``[B, N]`` each: here the advantages, the return
-        ``r(x0) - alpha * sum_{j>k} KL_j`` centred per step."""
-        return {"advantages": self._normalise(rewards[:, None] - self.alpha * trajectory.kl_to_go(), trajectory.labels)}
+        ``r(x0) - alpha * sum_{j>k} KL_j`` centred per step by the other chains' mean (:meth:`_normalise`)."""
+        returns = rewards[:, None] - self.alpha * trajectory.kl_to_go()
+        return {"advantages": self._normalise(returns, trajectory.labels)}
 
     def _minibatches(self, trajectory, rewards: Tensor, **per_chain: Tensor):
         """Minibatches of chains over the inner epochs, each with its random subset of steps."""

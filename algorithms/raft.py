@@ -9,7 +9,8 @@ RAFT. Its fixed point is the pretrained model truncated to high rewards, not the
 optimum, so it does not reach the closed-form target of the Gaussian check.
 ``selection="tilted"`` instead weights every chain by ``exp(r / alpha) * p_pre(path) / q(path)``
 (self-normalised over the rollout; the path ratio comes from the stored log-probabilities) and
-fits the weighted chains' own transitions by maximum likelihood. The weighted chains represent
+fits the weighted chains' own transitions by maximum likelihood (a minibatch estimates the rollout's
+weighted fit: its weights are scaled, not renormalised). The weighted chains represent
 ``p_pre(path) exp(r(x0) / alpha)``, so this variant's fixed point is the tilted target, and the KL
 is already in the weights (alpha enters only there).
 """
@@ -30,7 +31,11 @@ from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_mean, s
 
 @dataclass
 class RAFTMinibatch:
-    """Kept chains: latents ``[M, N+1, ...]``, weights, labels and rewards ``[M]``; steps to fit."""
+    """Kept chains: latents ``[M, N+1, ...]``, weights, labels and rewards ``[M]``; steps to fit.
+
+    The weights are the rollout's (summing to 1 over the kept chains) times kept / M, so that the loss
+    ``sum_i weights_i fit_i`` is an unbiased estimate of the rollout's weighted fit.
+    """
 
     latents: Tensor
     weights: Tensor
@@ -69,7 +74,8 @@ class RAFT(Algorithm):
 
     def _weights(self, trajectory, rewards: Tensor) -> Tensor:
         labels = trajectory.labels
-        groups = [labels == y for y in labels.unique()] if self.per_condition else [torch.ones_like(labels, dtype=torch.bool)]
+        groups = ([labels == y for y in labels.unique()] if self.per_condition
+                  else [torch.ones_like(labels, dtype=torch.bool)])
         weights = torch.zeros_like(rewards)
         for g in groups:
             if self.selection == "top":
@@ -91,10 +97,12 @@ class RAFT(Algorithm):
         size = self.minibatch_size or len(kept)
         for _ in range(self.inner_epochs):
             for idx in kept[torch.randperm(len(kept), device=kept.device)].split(size):
-                # weights renormalised within the minibatch: each update is a weighted average
-                yield RAFTMinibatch(trajectory.latents[idx], weights[idx] / weights[idx].sum(), trajectory.labels[idx],
-                                    rewards[idx], pick_steps(trajectory.stochastic_steps, self.timestep_fraction),
-                                    trajectory.grid)
+                # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled
+                # by kept / its size, estimates the rollout's weighted fit without bias (renormalising it would
+                # not); an epoch's minibatch losses average to it exactly when the minibatch size divides kept.
+                yield RAFTMinibatch(trajectory.latents[idx], weights[idx] * (len(kept) / len(idx)),
+                                    trajectory.labels[idx], rewards[idx],
+                                    pick_steps(trajectory.stochastic_steps, self.timestep_fraction), trajectory.grid)
 
     def loss(self, batch: RAFTMinibatch, policy, reward):
         total, kl_total = 0.0, 0.0
