@@ -69,14 +69,17 @@ class DirectBackprop(Algorithm):
 
     def gradient_plan(self, num_stochastic: int) -> GradientPlan:
         k_max = num_stochastic if self.backprop_steps is None else self.backprop_steps
-        if not self.random_truncation:
-            return GradientPlan(steps=k_max, kl_steps=num_stochastic - k_max)
-        k = int(torch.randint(1, k_max + 1, ()).item())
-        if not self.unbiased_truncation:
+        k = int(torch.randint(1, k_max + 1, ()).item()) if self.random_truncation else k_max
+        return self.window(k, num_stochastic)
+
+    def window(self, k: int, num_stochastic: int) -> GradientPlan:
+        """The plan of a rollout whose window is the last ``k`` of ``num_stochastic`` stochastic steps."""
+        k_max = num_stochastic if self.backprop_steps is None else self.backprop_steps
+        if not (self.random_truncation and self.unbiased_truncation):
             return GradientPlan(steps=k, kl_steps=num_stochastic - k)
         # the d-th stochastic step from the end (d = 1..k_max) is in the window with P = (k_max - d + 1) / k_max
         distance = torch.arange(num_stochastic, 0, -1, dtype=torch.float64)
-        weights = (k_max / (k_max - distance + 1)).clamp(min=1.0).where(distance <= k_max, torch.ones(()))
+        weights = (k_max / (k_max - distance + 1).clamp(min=1)).where(distance <= k_max, torch.ones(()))
         return GradientPlan(steps=k, weights=weights.float(), kl_steps=num_stochastic - k_max)
 
     def loss(self, trajectory, policy, reward):

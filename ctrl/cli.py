@@ -121,6 +121,17 @@ class CtrlCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, evaluate the fitted model on the test seeds (as ctrl test does)")
+
+    def after_fit(self) -> None:
+        if self.config_init[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
+            fitted = dict(self.trainer.callback_metrics)  # test() starts its own; keep fit's val/... beside them
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self.trainer.callback_metrics.update({k: v for k, v in fitted.items() if k not in
+                                                  self.trainer.callback_metrics})
+
     def instantiate_trainer(self, **kwargs):
         from ctrl.callbacks import ResumableCheckpoint
 

@@ -12,6 +12,7 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -20,6 +21,7 @@ from ctrl.evaluation import Evaluator
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
 from ctrl.sampling import make_grid, sample, seeded_noise
+from ctrl.seeds import derived_seed
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
 
@@ -58,7 +60,12 @@ class ControlModule(L.LightningModule):
         max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
         max_bad_steps: stop the run once this many training steps had a NaN or Inf reward (such samples
             are always dropped and counted; None: never stop).
-        weight_decay: AdamW weight decay (learning rates are per part, in the policy and the algorithm).
+        weight_decay: weight decay of the default optimizer (AdamW).
+        optimizer: any torch optimizer, the LightningCLI way (``class_path: torch.optim.SGD`` with its
+            ``init_args``); it receives the parameter groups with their own learning rates (per part, set in
+            the policy and the algorithm). Default: AdamW with ``weight_decay``.
+        lr_scheduler: a torch learning-rate scheduler (e.g. ``torch.optim.lr_scheduler.LinearLR``), stepped
+            once per rollout, so its ``total_iters`` / ``T_max`` count rollouts. Default: constant rates.
     """
 
     def __init__(
@@ -76,6 +83,8 @@ class ControlModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         max_bad_steps: int | None = 10,
         weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         # An algorithm may take several optimizer steps per rollout (PPO's inner epochs).
@@ -102,6 +111,7 @@ class ControlModule(L.LightningModule):
         self.eval_num_steps, self.extra_eval_num_steps = steps[0], steps[1:]
         self.guidance, self.eval_pretrained = guidance, eval_pretrained
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"model.max_grad_norm must be > 0 or null, got {max_grad_norm}.")
         self.max_grad_norm = max_grad_norm
@@ -115,8 +125,9 @@ class ControlModule(L.LightningModule):
         # Checkpoints hold the trainable weights only (on_save_checkpoint): the frozen ones come from
         # the pretrained model, which for Stable Diffusion is gigabytes.
         self.strict_loading = False
-        self.baseline: dict[str, float] | None = None
+        self.baselines: dict[str, dict[str, float]] = {}  # the pretrained model's figures per stage (val, test)
         self.last_metrics: dict[str, float] = {}
+        self.last_stage = "val"
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -133,16 +144,16 @@ class ControlModule(L.LightningModule):
 
         Every random draw of the step is a function of the batch: the chains' noise comes from their
         seeds, and the algorithm's own draws (minibatch order, timestep subsets, truncation) from the
-        global generator reseeded by the first chain's seed inside ``fork_rng`` (the generator outside
-        the step is left as it was), so a resumed run and a run split over ranks draw
-        exactly what the uninterrupted single-process run draws for the same chains.
+        global generator reseeded from the first chain's seed (another stream than its noise) inside
+        ``fork_rng`` (the generator outside the step is left as it was), so a resumed run and a run split
+        over ranks draw exactly what the uninterrupted single-process run draws for the same chains.
         """
         labels, seeds = batch
         self._rollouts = (self._rollouts[0] + 1, len(labels))
         with warnings.catch_warnings(record=True) as caught, \
                 torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             warnings.simplefilter("always", NonFiniteRewardWarning)
-            torch.manual_seed(int(seeds[0]) % (1 << 63))
+            torch.manual_seed(derived_seed("algorithm draws", int(seeds[0])))
             self._train_on(labels, seeds)
         for w in caught:  # pass every warning on; count the steps with non-finite rewards
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -170,12 +181,16 @@ class ControlModule(L.LightningModule):
             if self.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
         if out is None:  # no finite reward in this rollout (already reported): nothing to learn from
             return
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baseline": self.baseline, "last_metrics": self.last_metrics}
+        checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baselines": self.baselines, "last_metrics": self.last_metrics,
+                              "last_stage": self.last_stage}
         frozen = {n for n, _ in self.named_parameters()} - self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
@@ -188,7 +203,9 @@ class ControlModule(L.LightningModule):
                              "with the config that wrote it.")
         state = checkpoint.get("ctrl", {})
         self.bad_steps = state.get("bad_steps", 0)
-        self.baseline, self.last_metrics = state.get("baseline"), state.get("last_metrics", {})
+        old = {"val": state["baseline"]} if state.get("baseline") else {}  # written before the test seeds had theirs
+        self.baselines, self.last_metrics = state.get("baselines", old), state.get("last_metrics", {})
+        self.last_stage = state.get("last_stage", "val")
 
     def trainable_names(self) -> set[str]:
         """Names of the parameters the optimizer trains (the policy's and the algorithm's groups). Not
@@ -198,7 +215,13 @@ class ControlModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.policy.param_groups() + self.algorithm.param_groups()
-        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     # -- evaluation -----------------------------------------------------------------------------
     def _fixed_noise(self, seeds: Tensor, num_steps: int) -> Tensor:
@@ -210,12 +233,12 @@ class ControlModule(L.LightningModule):
         n = num_steps or self.eval_num_steps
         return sample(self.policy, labels, n, self.eta, guidance=guidance, noise=self._fixed_noise(seeds, n))
 
-    def _eval_step(self, batch) -> None:
+    def _eval_step(self, batch, stage: str) -> None:
         labels, seeds = batch
         self.policy.check_labels(labels.tolist(), "evaluation labels")
         runs = {"policy": (self.guidance, self.eval_num_steps)}
         runs.update({f"steps_{n}": (self.guidance, n) for n in self.extra_eval_num_steps})
-        if self.eval_pretrained and self.baseline is None:
+        if self.eval_pretrained and stage not in self.baselines:
             runs["pretrained"] = (0.0, self.eval_num_steps)
         for name, (gamma, n) in runs.items():
             traj = self.generate(labels, seeds, gamma, n)
@@ -251,8 +274,8 @@ class ControlModule(L.LightningModule):
                 self._log_images(stage, samples, labels, confusion)
         self._eval_outputs = {}
         if "pretrained" in results:
-            self.baseline = results["pretrained"]
-        self.last_metrics = results.get("policy", {})
+            self.baselines[stage] = results["pretrained"]
+        self.last_metrics, self.last_stage = results.get("policy", {}), stage
 
     @rank_zero_only
     def _log_images(self, stage: str, samples: Tensor, labels: Tensor, confusion: Tensor | None) -> None:
@@ -267,25 +290,26 @@ class ControlModule(L.LightningModule):
             experiment.add_text(f"{stage}/confusion", "    " + str(confusion.tolist()), self.global_step)
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch)
+        self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self):
         self._eval_epoch_end("val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch)
+        self._eval_step(batch, "test")
 
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")
 
     def summary(self) -> str:
-        """A table of the last evaluation: the fine-tuned policy beside the pretrained model."""
+        """A table of the last evaluation: the fine-tuned policy beside the pretrained model on the same seeds."""
         if not self.last_metrics:
             return "no evaluation has run"
+        baseline = self.baselines.get(self.last_stage)
         lines = [f"{'metric':<20}{'pretrained':>12}{'fine-tuned':>12}"]
         keys = [k for k in SUMMARY_KEYS if k in self.last_metrics]
         for key in keys + [k for k in self.last_metrics if k not in keys]:
-            base = f"{self.baseline[key]:.4f}" if self.baseline and key in self.baseline else "-"
+            base = f"{baseline[key]:.4f}" if baseline and key in baseline else "-"
             lines.append(f"{key:<20}{base:>12}{self.last_metrics[key]:>12.4f}")
         return "\n".join(lines)
 
@@ -294,16 +318,20 @@ class ControlModule(L.LightningModule):
             print(f"ctrl: rank {self.global_rank} of {self.trainer.world_size} trained {self._rollouts[0]} rollouts "
                   f"of {self._rollouts[1]} chains", flush=True)
 
+    def _heading(self) -> str:
+        seeds = {"val": "validation seeds: where settings are chosen",
+                 "test": "test seeds: disjoint from training and validation"}[self.last_stage]
+        return f"{seeds} (guidance {self.guidance}, {self.eval_num_steps} steps)"
+
     def on_fit_end(self):
-        self.print(f"\nheld-out evaluation after fine-tuning (guidance {self.guidance}, {self.eval_num_steps} steps)\n"
-                   + self.summary())
+        self.print(f"\nevaluation after fine-tuning on the {self._heading()}\n" + self.summary())
 
     def on_validation_end(self):
         if not self.trainer.state.fn == "fit":
-            self.print("\n" + self.summary())
+            self.print(f"\nevaluation on the {self._heading()}\n" + self.summary())
 
     def on_test_end(self):
-        self.print("\n" + self.summary())
+        self.print(f"\nevaluation on the {self._heading()}\n" + self.summary())
 
     # -- prediction -----------------------------------------------------------------------------
     def predict_step(self, batch, batch_idx):

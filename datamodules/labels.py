@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ctrl.seeds import TEST, check_seeds, chain_seed
+
 
 def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data.prior") -> torch.Tensor:
     """The prior as a ``[num_labels]`` tensor (uniform when None); one clear message when it is not a distribution."""
@@ -19,15 +21,6 @@ def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data
         raise ValueError(f"{setting}: {prior} is not a probability distribution (entries must be >= 0 and sum "
                          f"to 1; they sum to {float(p.sum()):.6g}).")
     return p.float()
-
-
-TRAIN_SEED_OFFSET = 1 << 40  # training chains' noise seeds start here: never equal to an evaluation seed
-
-
-def chain_seed(seed: int, epoch: int, index: int) -> int:
-    """The noise seed of training chain ``index`` of ``epoch``: a pure function of its position, so that
-    a chain's rollout is the same whichever rank draws it and after a resume."""
-    return TRAIN_SEED_OFFSET + ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (1 << 62)
 
 
 class _PriorChains(Dataset):
@@ -114,13 +107,17 @@ class LabelsDataModule(L.LightningDataModule):
         eval_batch_size: samples per evaluation batch.
         predict_labels: labels that ``ctrl predict`` samples (all labels when omitted).
         predict_per_label: samples per label for ``ctrl predict``.
-        seed: seeds the label draws and the evaluation noise.
+        seed: seeds the label draws and the training chains' noise (:mod:`ctrl.seeds`).
+        val_seed: the first validation seed (``validate``, and the evaluation during ``fit``: where settings
+            are chosen); sample i has seed ``val_seed + i``. Default 7919.
+        test_seed: the first test seed (``ctrl test``: where reported numbers come from). Default
+            ``2**30 + 7919``. The three sets are disjoint ranges, each checked (:mod:`ctrl.seeds`).
     """
 
     def __init__(self, num_labels: int | None = 10, prior: list[float] | None = None, batch_size: int = 32,
                  batches_per_epoch: int = 100, eval_per_label: int = 50, eval_batch_size: int = 250,
                  predict_labels: list[int] | None = None, predict_per_label: int = 8, seed: int = 0,
-                 group_size: int = 1):
+                 group_size: int = 1, val_seed: int | None = None, test_seed: int | None = None):
         super().__init__()
         for name in ("batch_size", "group_size", "batches_per_epoch", "eval_per_label", "eval_batch_size",
                      "predict_per_label"):
@@ -130,6 +127,9 @@ class LabelsDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size={batch_size} must be a multiple of data.group_size={group_size} "
                              "(each drawn condition fills a group of chains).")
         self.save_hyperparameters()
+        # the same evaluation chains whatever the run's seed: runs with other seeds are compared on them
+        self.val_seed = 7919 if val_seed is None else val_seed
+        self.test_seed = TEST.start + 7919 if test_seed is None else test_seed
         self.num_labels: int | None = None
         if num_labels is not None:
             self._bind(num_labels)
@@ -142,6 +142,9 @@ class LabelsDataModule(L.LightningDataModule):
         if bad:
             raise ValueError(f"data.predict_labels: {bad} are outside the label set 0..{num_labels - 1}; "
                              "request labels in that range.")
+        n = num_labels * h.eval_per_label
+        check_seeds("data.val_seed", self.val_seed, n, "validation")
+        check_seeds("data.test_seed", self.test_seed, n, "test")
         self.num_labels = num_labels
 
     def setup(self, stage: str) -> None:
@@ -172,21 +175,22 @@ class LabelsDataModule(L.LightningDataModule):
             return 0, 0
         return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
-    def _fixed(self, labels: list[int], per_label: int, batch_size: int) -> DataLoader:
-        return DataLoader(_FixedLabels(labels, per_label, self.hparams.seed + 7919), batch_size=batch_size,
-                          shuffle=False)
+    def _fixed(self, labels: list[int], per_label: int, batch_size: int, first_seed: int) -> DataLoader:
+        return DataLoader(_FixedLabels(labels, per_label, first_seed), batch_size=batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
-        return self._fixed(list(range(self.num_labels)), h.eval_per_label, h.eval_batch_size)
+        return self._fixed(list(range(self.num_labels)), h.eval_per_label, h.eval_batch_size, self.val_seed)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        h = self.hparams
+        return self._fixed(list(range(self.num_labels)), h.eval_per_label, h.eval_batch_size, self.test_seed)
 
     def predict_dataloader(self) -> DataLoader:
+        """Samples to look at, on validation seeds (nothing is reported from them)."""
         h = self.hparams
         labels = h.predict_labels if h.predict_labels is not None else list(range(self.num_labels))
-        return self._fixed(labels, h.predict_per_label, h.eval_batch_size)
+        return self._fixed(labels, h.predict_per_label, h.eval_batch_size, self.val_seed)
 
 
 class PromptsDataModule(LabelsDataModule):

@@ -25,6 +25,9 @@ def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
         assert key in metrics, key
     assert 0 <= float(metrics["val/accuracy"]) <= 1 and float(metrics["val/frechet"]) >= 0
     assert float(metrics["val/kl"]) > 0  # two steps of training moved the policy
+    # the config evaluates on the test seeds after fit (test_after_fit): other chains than validation's
+    assert "test/accuracy" in metrics and "test/pretrained_frechet" in metrics
+    assert float(metrics["test/pretrained_frechet"]) != float(metrics["val/pretrained_frechet"])
     ckpt = next((tmp_path).rglob("*.ckpt"))
 
     cli = main(["validate", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--ckpt_path", str(ckpt)])

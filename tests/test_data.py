@@ -7,7 +7,7 @@ import torch
 
 from ctrl.datamodules import LabelsDataModule, digits_split
 from ctrl.datamodules.digits import SPLITS
-from ctrl.datamodules.labels import TRAIN_SEED_OFFSET
+from ctrl.seeds import TRAINING
 
 
 def test_splits_are_disjoint_fixed_and_cover_the_data():
@@ -40,7 +40,7 @@ def test_uniform_prior_is_stratified_and_reproducible():
     assert all(torch.bincount(labels, minlength=10).tolist() == [2] * 10 for labels, _ in first)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, dm.train_dataloader()))
     all_seeds = torch.cat([seeds for _, seeds in first])
-    assert len(all_seeds.unique()) == 40 and all_seeds.min() >= TRAIN_SEED_OFFSET  # never an evaluation seed
+    assert len(all_seeds.unique()) == 40 and all(int(s) in TRAINING for s in all_seeds)  # never an evaluation seed
 
 
 def test_each_epoch_draws_new_chains():
@@ -160,3 +160,26 @@ def test_global_batch_must_divide_among_processes():
     with pytest.raises(ValueError, match=r"data.batch_size=8 is the global batch and must divide evenly among the 3 "
                                          r"processes .*make it a multiple of 3"):
         dm.train_dataloader()
+
+
+def test_evaluation_seed_sets_are_disjoint_and_fixed():
+    """Validation, test and training chains come from disjoint seed ranges (in the low 32 bits that torch's
+    generator keeps), and the evaluation sets do not move with the run's seed."""
+    from ctrl.seeds import TEST, VALIDATION
+
+    a, b = LabelsDataModule(num_labels=3, eval_per_label=4, seed=0), LabelsDataModule(num_labels=3, eval_per_label=4, seed=5)
+    val, test = ([s for _, seeds in loader for s in seeds.tolist()] for loader in (a.val_dataloader(), a.test_dataloader()))
+    assert all(s in VALIDATION for s in val) and all(s in TEST for s in test) and len(set(val)) == len(val) == 12
+    assert val == [s for _, seeds in b.val_dataloader() for s in seeds.tolist()]
+    train = {int(s) % (1 << 32) for _, seeds in a.train_dataloader() for s in seeds}
+    assert not train & (set(val) | set(test))
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("test_seed", 100, r"data.test_seed=100 gives test seeds \[100, 130\) outside the test range"),
+    ("val_seed", 1 << 30, r"data.val_seed=1073741824 gives validation seeds .* outside the validation range"),
+    ("val_seed", (1 << 30) - 10, r"choose data.val_seed in \[0, 1073741794\]"),
+])
+def test_evaluation_seeds_outside_their_set_are_refused(setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        LabelsDataModule(num_labels=3, eval_per_label=10, **{setting: value})

@@ -10,7 +10,6 @@ included) per image, and wall-clock seconds per image.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ctrl.sampling import StepGrid, make_grid, predict_x0, seeded_noise
+from ctrl.seeds import derived_seed
 
 
 @dataclass
@@ -41,19 +41,12 @@ class GuidedSamples:
     seconds_per_image: float
 
 
-EXTRA_DRAW_SALT = b"ctrl.guidance extra draws v1:"
-
-
 def extra_draw_seed(seeds: Tensor) -> int:
     """The seed of the generator of a batch's extra draws (candidates, particles, resampling) for its chain
-    seeds ``[B]``: a salted blake2b hash of all of them, in order, so the draws are reproducible and
-    change with any chain of the batch, and are not another chain's noise (:func:`ctrl.sampling.seeded_noise`
-    seeds chain i's generator with ``seeds[i]``; a seed near them, such as ``seeds[0] + 1``, is the next
-    chain's). In [2**31, 2**63) with bit 31 set: torch's CPU generator keeps only the low 32 bits of a
-    seed, and those of evaluation seeds (small consecutive integers) never have it."""
-    payload = EXTRA_DRAW_SALT + ",".join(str(int(s)) for s in seeds.tolist()).encode()
-    digest = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
-    return digest % (1 << 63) | (1 << 31)
+    seeds ``[B]``: derived from all of them, in order (:func:`ctrl.seeds.derived_seed`), so the draws are
+    reproducible, change with any chain of the batch, and are never a validation or test chain's noise
+    (a seed near them, such as ``seeds[0] + 1``, would be the next chain's)."""
+    return derived_seed("guided sampler extra draws", *seeds.tolist())
 
 
 class GuidedSampler(ABC):

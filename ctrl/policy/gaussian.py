@@ -33,11 +33,14 @@ class AnalyticGaussian(DiffusionPolicy):
         std: s > 0.
         num_buckets: timestep buckets of the correction (``t * num_buckets // num_train_timesteps``).
         lr: learning rate of the correction.
+        num_labels: conditions, all sharing the one correction (the Gaussian reward ignores them): many
+            labels with ``data.group_size`` chains each give per-condition baselines small groups to test.
         num_train_timesteps, beta_schedule: the noise schedule (diffusers DDIMScheduler).
     """
 
     def __init__(self, dim: int = 2, mean: list[float] | float = 0.0, std: float = 1.0, num_buckets: int = 50,
-                 lr: float = 1e-2, num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
+                 lr: float = 1e-2, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
+                 num_labels: int = 1):
         super().__init__()
         if dim < 1:
             raise ValueError(f"model.policy.dim must be >= 1, got {dim}.")
@@ -50,7 +53,9 @@ class AnalyticGaussian(DiffusionPolicy):
             raise ValueError(f"model.policy.mean has {m.numel()} entries but dim is {dim}; give {dim} numbers or one.")
         self.register_buffer("mean", m)
         self.std, self.dim, self.num_buckets, self.lr = float(std), dim, num_buckets, lr
-        self.num_labels = 1
+        if num_labels < 1:
+            raise ValueError(f"model.policy.num_labels must be >= 1, got {num_labels}.")
+        self.num_labels = num_labels
         self.sample_shape = (dim,)
         self.scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                        clip_sample=False, timestep_spacing="trailing")

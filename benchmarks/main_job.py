@@ -1,0 +1,113 @@
+"""The main job over several training seeds: the control scale chosen on validation seeds, reported on test seeds.
+
+For each training seed (``seed_everything`` and ``data.seed``: the chains' noise and labels) the config is
+fitted once; the fitted model is then evaluated at each control scale gamma on the validation seeds and on
+the test seeds (:mod:`ctrl.seeds`). gamma is chosen on validation alone, by one rule: the highest mean
+accuracy over the training seeds whose mean Frechet distance is at most ``--max_frechet_ratio`` times the
+pretrained model's (on the same seeds); the test rows at that gamma are what is reported.
+
+    python benchmarks/main_job.py --seeds 0 1 2 --gammas 0.8 0.9 1.0 1.1 --threads 2
+
+writes ``<output>/rows.csv`` (every seed, split and gamma) and ``<output>/table.md`` (the choice and the
+test figures, mean +- std over seeds, with the machine and thread count). Extra arguments after ``--``
+go to ``ctrl fit`` (e.g. ``-- --model.algorithm.alpha 0.15``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ctrl.cli import main
+
+METRICS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "kl")
+
+
+def evaluate(cli, split: str, gamma: float) -> dict[str, float]:
+    """The fitted model's metrics on ``split`` ("val" or "test") at control scale ``gamma``, with the pretrained
+    model's Frechet distance on the same seeds."""
+    module = cli.model
+    module.guidance = gamma
+    run = cli.trainer.validate if split == "val" else cli.trainer.test
+    run(module, datamodule=cli.datamodule, verbose=False)
+    row = {k: module.last_metrics[k] for k in METRICS}
+    row["frechet_pretrained"] = module.baselines[split]["frechet"]
+    row["frechet_ratio"] = row["frechet"] / row["frechet_pretrained"]
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def run(args, overrides: list[str]) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        cli = main(["fit", "--config", args.config, "--seed_everything", str(seed), "--data.seed", str(seed),
+                    "--trainer.default_root_dir", str(out / "runs" / f"seed_{seed}"), "--trainer.logger", "false",
+                    "--trainer.enable_progress_bar", "false", "--test_after_fit", "false", *overrides])
+        fit_seconds = time.perf_counter() - start
+        for split in ("val", "test"):
+            for gamma in args.gammas:
+                rows.append({"seed": seed, "split": split, "gamma": gamma, "fit_seconds": round(fit_seconds, 1),
+                             **{k: round(v, 4) for k, v in evaluate(cli, split, gamma).items()}})
+        with open(out / "rows.csv", "w", newline="") as f:  # after every seed: a killed run keeps what it has
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def pick(split: str, gamma: float, key: str) -> list[float]:
+        return [r[key] for r in rows if r["split"] == split and r["gamma"] == gamma]
+
+    allowed = [g for g in args.gammas if statistics.mean(pick("val", g, "frechet_ratio")) <= args.max_frechet_ratio]
+    chosen = max(allowed or args.gammas, key=lambda g: statistics.mean(pick("val", g, "accuracy")))
+    lines = [f"# Main job over training seeds {args.seeds}", "",
+             f"`python benchmarks/main_job.py --seeds {' '.join(map(str, args.seeds))} --gammas "
+             f"{' '.join(map(str, args.gammas))} --threads {args.threads}`"
+             + (f" `-- {' '.join(overrides)}`" if overrides else ""), "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"{args.threads} torch threads. Config: `{args.config}`.", "",
+             "Validation seeds (choice of gamma: highest mean accuracy with mean Frechet <= "
+             f"{args.max_frechet_ratio}x the pretrained model's):", "",
+             "| gamma | accuracy | macro-F1 | Frechet / pretrained |", "|---|---|---|---|"]
+    for g in args.gammas:
+        lines.append(f"| {g} | {mean_std(pick('val', g, 'accuracy'))} | {mean_std(pick('val', g, 'macro_f1'))} | "
+                     f"{mean_std(pick('val', g, 'frechet_ratio'))} |")
+    lines += ["", f"Chosen gamma: {chosen}" + ("" if allowed else " (no gamma met the Frechet bound: the most "
+                                                                        "accurate is shown)"), "",
+              f"Test seeds at gamma {chosen} (mean +- std over {len(args.seeds)} training seeds; min over seeds):", "",
+              "| metric | mean +- std | min | max |", "|---|---|---|---|"]
+    for key in METRICS + ("frechet_pretrained", "frechet_ratio", "fit_seconds"):
+        values = pick("test", chosen, key)
+        lines.append(f"| {key} | {mean_std(values)} | {min(values):.3f} | {max(values):.3f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def parse(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/digits/control.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.8, 0.9, 1.0, 1.1])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max_frechet_ratio", type=float, default=1.5)
+    parser.add_argument("--output", default="benchmarks/main_job")
+    args, overrides = parser.parse_known_args(argv)
+    if len(set(args.seeds)) != len(args.seeds) or not args.gammas:
+        parser.error("--seeds must be distinct and --gammas non-empty")
+    return args, [o for o in overrides if o != "--"]
+
+
+if __name__ == "__main__":
+    run(*parse())
