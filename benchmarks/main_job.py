@@ -74,7 +74,7 @@ def run(args, overrides: list[str]) -> None:
     chosen = max(allowed or args.gammas, key=lambda g: statistics.mean(pick("val", g, "accuracy")))
     lines = [f"# Main job over training seeds {args.seeds}", "",
              f"`python benchmarks/main_job.py --seeds {' '.join(map(str, args.seeds))} --gammas "
-             f"{' '.join(map(str, args.gammas))} --threads {args.threads}`"
+             f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}`"
              + (f" `-- {' '.join(overrides)}`" if overrides else ""), "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"{args.threads} torch threads. Config: `{args.config}`.", "",
