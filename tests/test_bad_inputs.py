@@ -144,7 +144,8 @@ def _refusals(tiny_sd, tiny_pretrained, tiny_classifier):
 
 
 REFUSALS = ["SD dtype", "SD negative classes", "SD nothing trainable", "SD guidance below 1",
-            "group size not dividing the batch", "unknown label set", "unknown evaluator label set",
+            "group size not dividing the batch", "zero or negative group", "test seeds in the validation range",
+            "unknown label set", "unknown evaluator label set",
             "JPEG boundaries not increasing", "joint reward of one", "JPEG evaluator classes vs policy labels"]
 
 

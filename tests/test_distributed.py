@@ -48,7 +48,8 @@ def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifie
     # The metrics are over all 30 samples, gathered from both ranks. The Frechet distance of 30 samples in
     # 20 dimensions goes through the square root of a near-singular matrix, which turns float rounding of
     # 1e-6 in the samples into ~1e-3: it gets a looser tolerance than the rest.
-    for run in ("baseline", "last_metrics"):
-        one, two = dict(state[run]), dict(state_ddp[run])
+    for one, two in ((state["baselines"]["val"], state_ddp["baselines"]["val"]),
+                     (state["last_metrics"], state_ddp["last_metrics"])):
+        one, two = dict(one), dict(two)
         assert one.pop("frechet") == pytest.approx(two.pop("frechet"), rel=2e-2)
         assert_same(one, two, atol=1e-5)
