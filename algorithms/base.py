@@ -1,4 +1,4 @@
-"""The plugin contract every RL algorithm follows (DESIGN.md, "Plugin contract")."""
+"""The plugin contract every RL algorithm follows (docs/design.md, "The plugin contract")."""
 
 from __future__ import annotations
 

@@ -67,14 +67,17 @@ class DirectBackprop(Algorithm):
                              "stochastic steps of a training rollout (model.num_steps; a deterministic last step "
                              f"is not counted): set it to at most {num_stochastic}, or null for the whole chain.")
 
+    def _k_max(self, num_stochastic: int) -> int:
+        return num_stochastic if self.backprop_steps is None else self.backprop_steps
+
     def gradient_plan(self, num_stochastic: int) -> GradientPlan:
-        k_max = num_stochastic if self.backprop_steps is None else self.backprop_steps
+        k_max = self._k_max(num_stochastic)
         k = int(torch.randint(1, k_max + 1, ()).item()) if self.random_truncation else k_max
         return self.window(k, num_stochastic)
 
     def window(self, k: int, num_stochastic: int) -> GradientPlan:
         """The plan of a rollout whose window is the last ``k`` of ``num_stochastic`` stochastic steps."""
-        k_max = num_stochastic if self.backprop_steps is None else self.backprop_steps
+        k_max = self._k_max(num_stochastic)
         if not (self.random_truncation and self.unbiased_truncation):
             return GradientPlan(steps=k, kl_steps=num_stochastic - k)
         # the d-th stochastic step from the end (d = 1..k_max) is in the window with P = (k_max - d + 1) / k_max

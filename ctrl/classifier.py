@@ -2,7 +2,7 @@
 
 The classifier is the reward of conditional control (log p(y|x0)); RL will push images toward
 whatever raises it, so training can be made robust (``robust=True``): each batch also holds
-randomly shifted, noised and FGSM-perturbed copies (STUDY-digits.md: a plainly trained classifier
+randomly shifted, noised and FGSM-perturbed copies (docs/digits-study.md: a plainly trained classifier
 is fooled by the policy).
 """
 

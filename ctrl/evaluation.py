@@ -1,6 +1,6 @@
 """Evaluation of generated samples by judges that are NOT the reward.
 
-A reward that rises while an independent judge stays flat is reward hacking (STUDY-digits.md), so
+A reward that rises while an independent judge stays flat is reward hacking (docs/digits-study.md), so
 label accuracy is measured by another model family trained on another split, and sample quality
 by a Frechet distance to held-out real images in that judge's feature space.
 """
@@ -248,10 +248,10 @@ class TiltedGaussianEvaluator(Evaluator):
         if not hasattr(policy, "affine_steps") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
             raise ValueError("TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward "
                              "GaussianLogLikelihood.")
-        mean, var = policy.pretrained_marginal(module.eval_num_steps, module.eta)
-        self.pretrained = (mean, math.sqrt(var))
-        self.target = tilted_gaussian(mean, math.sqrt(var), reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)
-        steps = policy.affine_steps(module.eval_num_steps, module.eta, guidance=0.0)
+        steps = policy.affine_steps(module.eval_num_steps, module.eta, guidance=0.0)  # the pretrained chain
+        mean, cov = chain_moments(steps)  # isotropic: every pretrained step is f x + g in each coordinate
+        self.pretrained = (mean, math.sqrt(float(cov[0, 0])))
+        self.target = tilted_gaussian(*self.pretrained, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)
         self.optimum = chain_optimum(steps, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)[1:]
         self.policy_moments = lambda: chain_moments(
             policy.affine_steps(module.eval_num_steps, module.eta, guidance=module.guidance))

@@ -25,6 +25,8 @@ separates an estimator's error from the family's. As the grid refines they meet.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,14 +44,19 @@ class AffineStep:
     sigma: float
 
 
+def _marginals(steps: list[AffineStep]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mean ``[d]`` and covariance ``[d, d]`` of the state before each step, then of x_0 (N+1 pairs), from N(0, I)."""
+    eye = torch.eye(steps[0].g.numel(), dtype=torch.float64)
+    mean, cov = torch.zeros(len(eye), dtype=torch.float64), eye
+    for step in steps:
+        yield mean, cov
+        mean, cov = step.F @ mean + step.g, step.F @ cov @ step.F.T + step.sigma**2 * eye
+    yield mean, cov
+
+
 def chain_moments(steps: list[AffineStep]) -> tuple[Tensor, Tensor]:
     """Mean ``[d]`` and covariance ``[d, d]`` of x_0 for the chain ``steps`` (in sampling order) from N(0, I)."""
-    d = steps[0].g.numel()
-    mean, cov = torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
-    for step in steps:
-        mean = step.F @ mean + step.g
-        cov = step.F @ cov @ step.F.T + step.sigma**2 * torch.eye(d, dtype=torch.float64)
-    return mean, cov
+    return deque(_marginals(steps), maxlen=1)[0]
 
 
 def chain_optimum(pretrained: list[AffineStep], A: Tensor, y: Tensor, sigma: float, alpha: float,
@@ -92,15 +99,13 @@ def chain_objective(pretrained: list[AffineStep], steps: list[AffineStep], A: Te
                     alpha: float) -> Tensor:
     """``E[r(x_0)] - alpha * sum_k E[||mu_k - mu_pre_k||^2] / (2 sigma_k^2)`` of the affine chain ``steps``
     against ``pretrained`` (same sigmas), exactly; differentiable in the steps' F and g."""
-    d = steps[0].g.numel()
-    mean, cov = torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+    marginals = list(_marginals(steps))
     kl = torch.zeros((), dtype=torch.float64)
-    for pre, step in zip(pretrained, steps):
+    for pre, step, (mean, cov) in zip(pretrained, steps, marginals):
         if pre.sigma > 0:
             U, v = step.F - pre.F, step.g - pre.g  # the control u(x) = U x + v
             kl = kl + (torch.trace(U @ cov @ U.T) + (U @ mean + v).square().sum()) / (2 * pre.sigma**2)
-        mean = step.F @ mean + step.g
-        cov = step.F @ cov @ step.F.T + step.sigma**2 * torch.eye(d, dtype=torch.float64)
+    mean, cov = marginals[-1]
     A, y = A.double(), y.double()
     reward = -(torch.trace(A @ cov @ A.T) + (A @ mean - y).square().sum()) / (2 * sigma**2)
     return reward - alpha * kl

@@ -120,7 +120,7 @@ class DiffusionPretraining(L.LightningModule):
             nn.init.zeros_(self.unet.class_embedding.weight)
         self.unet.requires_grad_(True)
         self.unet.train()
-        # clip_sample off: the sampler's step is then exactly Gaussian in eps (DESIGN.md's KL).
+        # clip_sample off: the sampler's step is then exactly Gaussian in eps (docs/design.md's KL).
         self.scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False, timestep_spacing="trailing")
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)

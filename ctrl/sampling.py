@@ -264,12 +264,12 @@ def sample(
     stochastic = (grid.sigma > 0).nonzero().squeeze(1).tolist()
     first_grad_step = stochastic[-grad_steps] if 0 < grad_steps <= len(stochastic) else \
         (0 if grad_steps > 0 else num_steps)
+    weights = dict(zip(stochastic, grad_weights.tolist())) if grad_weights is not None else {}
     grad_enabled = torch.is_grad_enabled()
     for k in range(num_steps):
         s = float(grid.sigma[k])
         in_window, kl_only = k >= first_grad_step, k < min(kl_grad_steps, first_grad_step) and s > 0
-        weight = float(grad_weights[stochastic.index(k)]) if grad_weights is not None and in_window and s > 0 \
-            else 1.0
+        weight = weights.get(k, 1.0) if in_window else 1.0
         with torch.set_grad_enabled(grad_enabled and (in_window or kl_only)):
             if k == first_grad_step or kl_only:
                 x = x.detach()

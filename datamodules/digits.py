@@ -2,7 +2,7 @@
 
 16x16 (bilinear upsampling) rather than the native 8x8: a UNet2DModel needs room for two
 downsamplings, strokes stay smooth enough for a judge on pixels, and the measurements in
-STUDY-digits.md were made at this size.
+docs/digits-study.md were made at this size.
 
 Fixed splits (one permutation with seed 0, never reshuffled; counts add up to 1,797):
 

@@ -127,7 +127,7 @@ def test_kl_gradient_is_exact(tiny_pretrained):
     """The KL's gradient includes the path through x_t into the pretrained mean (finite differences).
 
     Computing eps_pre under no_grad keeps the KL's value and silently breaks its gradient
-    (STUDY-digits.md); a central difference of the whole chain's KL catches that.
+    (docs/digits-study.md); a central difference of the whole chain's KL catches that.
     """
     policy = _policy(tiny_pretrained, step_bias=True, residual_head=True, label_embedding=False).double()
     _perturb(policy, 0.2)

@@ -101,7 +101,7 @@ class UNetPolicy(DiffusionPolicy):
       - ``lora_rank > 0``: LoRA adapters on the UNet (peft), disabled for the pretrained reference.
       - ``step_bias``: a per-label, per-timestep-bucket image added to eps.
       - ``residual_head``: :class:`ResidualControlHead`, added to eps.
-    STUDY-digits.md measured which of these learn the label on digits (the shipped config uses one
+    docs/digits-study.md records which of these learn the label on digits (the shipped config uses one
     that does).
 
     Args:
