@@ -97,6 +97,8 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
     ("task without a trained classifier",
      lambda c: c["fine_tuning"][0]["args"].extend(["--model.reward.path", "/nonexistent/classifier.safetensors"]),
      "model.reward.path: no classifier file at '/nonexistent/classifier.safetensors'"),
+    ("evaluation seeds outside the test set", lambda c: c.update(seed=5),
+     r"seed=5 gives test seeds \[5, 13\) outside the test range"),
     ("prior that does not sum to one",
      lambda c: c["fine_tuning"][1]["args"].extend(["--data.prior", "[0.5, 0.4, 0.05, 0.01]"]),
      "data.prior: .* is not a probability distribution"),

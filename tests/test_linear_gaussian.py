@@ -77,3 +77,8 @@ def test_chain_moments_of_a_controlled_policy_match_its_samples():
     # 100k samples: standard errors about 0.003 on the mean and 0.005 on the covariance entries
     torch.testing.assert_close(x.mean(0), mean, atol=0.015, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), cov, atol=0.025, rtol=0)
+
+
+def test_gaussian_policy_without_conditions_is_refused():
+    with pytest.raises(ValueError, match=r"model.policy.num_labels must be >= 1, got 0"):
+        AnalyticGaussian(num_labels=0)
