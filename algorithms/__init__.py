@@ -1,4 +1,4 @@
-"""Built-in RL algorithm plugins (installed as ctrl.algorithms); each registers itself by class name."""
+"""Built-in RL algorithm plugins (installed as ctrl.algorithms); registered by class name in :mod:`ctrl.registry`."""
 
 from ctrl.algorithms.base import Algorithm
 from ctrl.algorithms.continuous import ContinuousTimePG

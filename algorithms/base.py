@@ -1,24 +1,59 @@
-"""The plugin contract every RL algorithm follows (docs/design.md, "The plugin contract")."""
+"""The plugin contract every RL algorithm follows (docs/design.md, "The plugin contract"): the KL weight,
+the context the module gives a plugin, and the minibatch loop of the algorithms that refit stored rollouts."""
 
 from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ctrl.errors import SettingError
 from ctrl.rewards.base import Reward
-from ctrl.sampling import GradientPlan, Trajectory
+from ctrl.sampling import GradientPlan, StepGrid, Trajectory
+
+
+class ContextError(AttributeError, ValueError):
+    """A plugin wrote a setting the context does not have."""
+
+
+@dataclass
+class AlgorithmContext:
+    """What the module gives a plugin at setup (the plugin reads it; only the module changes it).
+
+    Attributes:
+        num_labels: the policy's labels (a null label comes after them; None: not known yet).
+        num_stochastic: the steps with noise (sigma > 0) of a training rollout (None: not known yet).
+        sum_over_ranks: sums a tensor over all processes (identity on one process), so that statistics over
+            a rollout (advantage baselines) are those of the global batch.
+        gradient_checkpointing: recompute each re-evaluated step's network call in the backward pass: a loss
+            over many stored steps otherwise holds every step's graph.
+    """
+
+    num_labels: int | None = None
+    num_stochastic: int | None = None
+    sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t
+    gradient_checkpointing: bool = False
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.__dataclass_fields__:
+            raise ContextError(f"AlgorithmContext has no setting '{name}' (it holds {', '.join(self.__dataclass_fields__)}); "
+                               "a plugin keeps its own state on itself.")
+        super().__setattr__(name, value)
 
 
 class Algorithm(nn.Module, ABC):
-    """An RL fine-tuning algorithm: turns rollouts into a loss.
+    """An RL fine-tuning algorithm: turns rollouts into a loss of the objective ``E[r(x0)] - alpha * KL``.
 
     The policy is passed to each call and never stored: jsonargparse builds the plugin before the
     module, and storing the policy would register its parameters twice.
+
+    Args:
+        alpha: the KL weight (>= 0): the target is ``p_pre(x) exp(r(x) / alpha) / Z``.
 
     Class attributes:
         requires_grad_through_sampler: rollouts carry gradients through the chain (direct backprop).
@@ -27,18 +62,18 @@ class Algorithm(nn.Module, ABC):
 
     requires_grad_through_sampler: ClassVar[bool] = False
     requires_log_prob: ClassVar[bool] = False
-    #: Sums a tensor over all processes (set by the module under DDP; identity on one process), so that
-    #: statistics over a rollout (advantage baselines) are those of the global batch.
-    sum_over_ranks: Callable[[Tensor], Tensor] = staticmethod(lambda t: t)
-    #: Recompute each re-evaluated step's network call in the backward pass (set by the module from its
-    #: ``gradient_checkpointing``): a loss over many stored steps otherwise holds every step's graph.
-    gradient_checkpointing: bool = False
 
-    def setup(self, policy, reward: Reward) -> None:
-        """Validate the policy and reward before training (raise one clear message)."""
+    def __init__(self, alpha: float = 0.1):
+        super().__init__()
+        if alpha < 0:
+            raise SettingError(self, "alpha", f"the KL weight must be >= 0, got {alpha}.")
+        self.alpha = alpha
+        self.context = AlgorithmContext()  # one process, until the module's setup gives its own
 
-    def check_steps(self, num_stochastic: int) -> None:
-        """Validate settings that depend on the training grid (``num_stochastic``: its steps with sigma > 0)."""
+    def setup(self, policy, reward: Reward, context: AlgorithmContext | None = None) -> None:
+        """Take the module's context and validate the policy, reward and rollout grid (one clear message).
+        Subclasses extend it (calling ``super().setup``); without a context, one process is assumed."""
+        self.context = context or AlgorithmContext(num_labels=policy.num_labels)
 
     def gradient_plan(self, num_stochastic: int) -> GradientPlan:
         """Which steps of a training rollout carry gradients (drawn anew for each rollout)."""
@@ -47,7 +82,7 @@ class Algorithm(nn.Module, ABC):
     def updates(self, trajectory: Trajectory, policy, reward: Reward) -> Iterator[Any]:
         """What one rollout turns into: one item per optimizer step, each passed to :meth:`loss`.
 
-        The default is one step on the whole rollout; PPO yields minibatches over inner epochs.
+        The default is one step on the whole rollout; :class:`MinibatchAlgorithm` yields minibatches.
         """
         yield trajectory
 
@@ -58,6 +93,62 @@ class Algorithm(nn.Module, ABC):
     def param_groups(self) -> list[dict]:
         """Extra trainable parameters (e.g. a value network) as optimizer groups with their own lr."""
         return []
+
+
+@dataclass
+class Minibatch:
+    """Stored chains for one optimizer step of a :class:`MinibatchAlgorithm`.
+
+    Attributes:
+        latents: ``[M, N+1, ...]`` states of M chains.
+        labels: ``[M]``.
+        rewards: ``[M]`` rewards of the final samples.
+        steps: the step indices (stochastic steps only) this update uses.
+        grid: the rollout's step coefficients.
+    """
+
+    latents: Tensor
+    labels: Tensor
+    rewards: Tensor
+    steps: list[int]
+    grid: StepGrid
+
+    @property
+    def step_scale(self) -> float:
+        """Stochastic steps / steps used: keeps a sum over a random subset of steps unbiased."""
+        return len(self.grid.sigma.nonzero()) / len(self.steps)
+
+
+class MinibatchAlgorithm(Algorithm):
+    """An algorithm that fits stored rollouts in minibatches of chains over several passes, each minibatch
+    on a random subset of the stochastic steps (PPO, RAFT).
+
+    Args:
+        alpha: the KL weight.
+        inner_epochs: passes over each rollout (>= 1).
+        minibatch_size: chains per optimizer step (None: all of them).
+        timestep_fraction: fraction of the stochastic steps used per update, in (0, 1] (DDPO's
+            ``timestep_fraction``); the loss is rescaled to stay unbiased.
+    """
+
+    def __init__(self, alpha: float = 0.1, inner_epochs: int = 1, minibatch_size: int | None = None,
+                 timestep_fraction: float = 1.0):
+        super().__init__(alpha)
+        if inner_epochs < 1:
+            raise SettingError(self, "inner_epochs", f"must be >= 1, got {inner_epochs}.")
+        if minibatch_size is not None and minibatch_size < 1:
+            raise SettingError(self, "minibatch_size", f"must be >= 1 or null (the whole rollout), got {minibatch_size}.")
+        if not 0 < timestep_fraction <= 1:
+            raise SettingError(self, "timestep_fraction", f"must lie in (0, 1], got {timestep_fraction}.")
+        self.inner_epochs, self.minibatch_size, self.timestep_fraction = inner_epochs, minibatch_size, timestep_fraction
+
+    def minibatches(self, chains: Tensor, trajectory: Trajectory) -> Iterator[tuple[Tensor, list[int]]]:
+        """``(indices, steps)`` per optimizer step: ``chains`` ``[K]`` (indices into the rollout) in a new random
+        order each pass, split by ``minibatch_size``, each with a random subset of the stochastic steps."""
+        size = self.minibatch_size or len(chains)
+        for _ in range(self.inner_epochs):
+            for idx in chains[torch.randperm(len(chains), device=chains.device)].split(size):
+                yield idx, pick_steps(trajectory.stochastic_steps, self.timestep_fraction)
 
 
 def scored_rollout(trajectory: Trajectory, policy, reward: Reward) -> tuple[Trajectory, Tensor] | None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrl.algorithms.ppo import PPO, PPOMinibatch
-from ctrl.registry import register_algorithm
+from ctrl.errors import SettingError
 from ctrl.sampling import StepGrid, predict_x0
 
 
@@ -80,10 +80,8 @@ class ValueMinibatch(PPOMinibatch):
     value_anchor: Tensor
 
 
-@register_algorithm
 class ContinuousTimePG(PPO):
-    """Args (beside PPO's alpha, clip_range, inner_epochs, minibatch_size, timestep_fraction,
-    advantages, per_condition, advantage_clip):
+    """Args (and every setting of :class:`PPO`, passed on to it):
         value_lr: learning rate of NN_phi (> 0).
         value_width: width of NN_phi (built at setup for the policy's sample shape and labels).
         value_coef: weight of the value regression in the loss.
@@ -95,24 +93,19 @@ class ContinuousTimePG(PPO):
 
     minibatch_type = ValueMinibatch
 
-    def __init__(self, alpha: float = 0.1, clip_range: float = 0.2, inner_epochs: int = 1,
-                 minibatch_size: int | None = None, timestep_fraction: float = 1.0,
-                 advantages: Literal["center", "standardize"] = "center",
-                 per_condition: bool = False, advantage_clip: float | None = 5.0, value_lr: float = 1e-3,
-                 value_width: int = 64, value_coef: float = 1.0, gae_lambda: float = 0.0,
-                 anchor_model: Literal["pretrained", "policy"] = "pretrained"):
-        super().__init__(alpha, clip_range, inner_epochs, minibatch_size, timestep_fraction, advantages,
-                         per_condition, advantage_clip)
+    def __init__(self, value_lr: float = 1e-3, value_width: int = 64, value_coef: float = 1.0,
+                 gae_lambda: float = 0.0, anchor_model: Literal["pretrained", "policy"] = "pretrained", **ppo):
+        super().__init__(**ppo)
         if value_lr <= 0:
-            raise ValueError(f"ContinuousTimePG value_lr must be > 0, got {value_lr}.")
+            raise SettingError(self, "value_lr", f"must be > 0, got {value_lr}.")
         if not 0 <= gae_lambda <= 1:
-            raise ValueError(f"ContinuousTimePG gae_lambda must lie in [0, 1], got {gae_lambda}.")
+            raise SettingError(self, "gae_lambda", f"must lie in [0, 1], got {gae_lambda}.")
         self.gae_lambda, self.anchor_model = gae_lambda, anchor_model
         self.value_lr, self.value_width, self.value_coef = value_lr, value_width, value_coef
         self.value: ValueNetwork | None = None
 
-    def setup(self, policy, reward) -> None:
-        super().setup(policy, reward)
+    def setup(self, policy, reward, context=None) -> None:
+        super().setup(policy, reward, context)
         self.value = ValueNetwork(tuple(policy.sample_shape), policy.num_labels, self.value_width)
         self.num_train_timesteps = policy.scheduler.config.num_train_timesteps
 
@@ -165,7 +158,7 @@ class ContinuousTimePG(PPO):
 
     def loss(self, batch: ValueMinibatch, policy, reward):
         policy_loss, value_loss, kl_total, clipped = 0.0, 0.0, 0.0, 0.0
-        scale = len(batch.grid.sigma.nonzero()) / len(batch.steps)
+        scale = batch.step_scale
         for k in batch.steps:
             surrogate, kl, ratio = self.clipped_step(batch, k, policy)
             policy_loss = policy_loss + surrogate.mean() + self.alpha * kl.mean()

@@ -28,14 +28,13 @@ from __future__ import annotations
 import torch
 
 from ctrl.algorithms.base import Algorithm, finite_rewards
-from ctrl.registry import register_algorithm
+from ctrl.errors import SettingError
 from ctrl.sampling import GradientPlan
 
 
-@register_algorithm
 class DirectBackprop(Algorithm):
     """Args:
-        alpha: KL weight (>= 0).
+        alpha: the KL weight (>= 0).
         backprop_steps: steps at the end of the chain that carry gradients (None: all).
         random_truncation: draw the number of steps uniformly from 1..backprop_steps each batch.
         unbiased_truncation: with random truncation, weight each step's parameter gradient by
@@ -46,26 +45,23 @@ class DirectBackprop(Algorithm):
 
     def __init__(self, alpha: float = 0.1, backprop_steps: int | None = None, random_truncation: bool = False,
                  unbiased_truncation: bool = True):
-        super().__init__()
-        if alpha < 0:
-            raise ValueError(f"DirectBackprop alpha (the KL weight) must be >= 0, got {alpha}.")
+        super().__init__(alpha)
         if backprop_steps is not None and backprop_steps < 1:
-            raise ValueError(f"DirectBackprop backprop_steps must be >= 1 or null (the whole chain), got {backprop_steps}.")
-        self.alpha = alpha
+            raise SettingError(self, "backprop_steps", f"must be >= 1 or null (the whole chain), got {backprop_steps}.")
         self.backprop_steps = backprop_steps
         self.random_truncation, self.unbiased_truncation = random_truncation, unbiased_truncation
 
-    def setup(self, policy, reward) -> None:
+    def setup(self, policy, reward, context=None) -> None:
+        super().setup(policy, reward, context)
         if not getattr(reward, "differentiable", False):
             raise ValueError(f"DirectBackprop needs a differentiable reward, but {type(reward).__name__} is not "
                              "(its gradient carries no signal); use a score-function algorithm such as PPO, "
                              "or a differentiable reward.")
-
-    def check_steps(self, num_stochastic: int) -> None:
-        if self.backprop_steps is not None and self.backprop_steps > num_stochastic:
-            raise ValueError(f"model.algorithm.backprop_steps={self.backprop_steps} is more than the {num_stochastic} "
-                             "stochastic steps of a training rollout (model.num_steps; a deterministic last step "
-                             f"is not counted): set it to at most {num_stochastic}, or null for the whole chain.")
+        n = self.context.num_stochastic
+        if n is not None and self.backprop_steps is not None and self.backprop_steps > n:
+            raise SettingError(self, "backprop_steps", f"={self.backprop_steps} is more than the {n} stochastic steps "
+                               "of a training rollout (num_steps; a deterministic last step is not counted): set it "
+                               f"to at most {n}, or null for the whole chain.", value=self.backprop_steps)
 
     def _k_max(self, num_stochastic: int) -> int:
         return num_stochastic if self.backprop_steps is None else self.backprop_steps

@@ -25,43 +25,25 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm, pick_steps, scored_rollout
-from ctrl.registry import register_algorithm
-from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_means
+from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm, scored_rollout
+from ctrl.errors import SettingError
+from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_means
 
 
 @dataclass
-class PPOMinibatch:
-    """Stored chains for one optimizer step.
+class PPOMinibatch(Minibatch):
+    """Stored chains for one optimizer step, with ``old_log_probs`` ``[M, N]`` (under the rollout policy) and
+    ``advantages`` ``[M, N]``."""
 
-    Attributes:
-        latents: ``[M, N+1, ...]`` states of M chains.
-        old_log_probs: ``[M, N]`` log-probabilities under the rollout policy.
-        advantages: ``[M, N]``.
-        labels: ``[M]``.
-        rewards: ``[M]`` rewards of the final samples.
-        steps: the step indices (stochastic steps only) this update uses.
-        grid: the rollout's step coefficients.
-    """
-
-    latents: Tensor
     old_log_probs: Tensor
     advantages: Tensor
-    labels: Tensor
-    rewards: Tensor
-    steps: list[int]
-    grid: StepGrid
 
 
-@register_algorithm
-class PPO(Algorithm):
+class PPO(MinibatchAlgorithm):
     """Args:
-        alpha: KL weight (>= 0).
+        alpha, inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
+            (:class:`ctrl.algorithms.base.MinibatchAlgorithm`).
         clip_range: PPO's epsilon (> 0): ratios are clipped to [1 - eps, 1 + eps].
-        inner_epochs: passes over each rollout.
-        minibatch_size: chains per optimizer step (None: the whole rollout).
-        timestep_fraction: fraction of the stochastic steps used per update, in (0, 1] (DDPO's
-            ``timestep_fraction``); the loss is rescaled to stay unbiased.
         advantages: "center" (subtract the per-step mean of the other chains) or "standardize" (also divide by
             the std).
         per_condition: compute the baselines per label instead of over the whole batch.
@@ -75,23 +57,13 @@ class PPO(Algorithm):
                  minibatch_size: int | None = None, timestep_fraction: float = 1.0,
                  advantages: Literal["center", "standardize"] = "center", per_condition: bool = False,
                  advantage_clip: float | None = None):
-        super().__init__()
-        if alpha < 0:
-            raise ValueError(f"PPO alpha (the KL weight) must be >= 0, got {alpha}.")
+        super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction)
         if clip_range <= 0:
-            raise ValueError(f"PPO clip_range must be > 0, got {clip_range}.")
-        if not 0 < timestep_fraction <= 1:
-            raise ValueError(f"PPO timestep_fraction must lie in (0, 1], got {timestep_fraction}.")
-        if inner_epochs < 1 or (minibatch_size is not None and minibatch_size < 1):
-            raise ValueError("PPO inner_epochs and minibatch_size must be >= 1.")
+            raise SettingError(self, "clip_range", f"must be > 0, got {clip_range}.")
         if advantage_clip is not None and advantage_clip <= 0:
-            raise ValueError(f"PPO advantage_clip must be > 0 or null, got {advantage_clip}.")
-        self.alpha, self.clip_range, self.inner_epochs = alpha, clip_range, inner_epochs
-        self.minibatch_size, self.timestep_fraction = minibatch_size, timestep_fraction
-        self.advantage_mode, self.per_condition, self.advantage_clip = advantages, per_condition, advantage_clip
-
-    def setup(self, policy, reward) -> None:
-        self.num_groups = policy.num_labels + 1  # the labels and the null label
+            raise SettingError(self, "advantage_clip", f"must be > 0 or null, got {advantage_clip}.")
+        self.clip_range, self.advantage_mode = clip_range, advantages
+        self.per_condition, self.advantage_clip = per_condition, advantage_clip
 
     def _normalise(self, returns: Tensor, labels: Tensor) -> Tensor:
         """``[B, N]`` returns -> advantages ``[B, N]``: at each step, a chain's return minus the mean return of the
@@ -108,9 +80,9 @@ class PPO(Algorithm):
         batch is one chain) that the baseline came from.
         """
         group = labels if self.per_condition else torch.zeros_like(labels)
-        onehot = torch.nn.functional.one_hot(group, self.num_groups).double()  # [B, G]
+        onehot = torch.nn.functional.one_hot(group, self.context.num_labels + 1).double()  # [B, G]: and the null label
         r = returns.double()
-        sums = self.sum_over_ranks(torch.stack([onehot.T @ torch.ones_like(r), onehot.T @ r, onehot.T @ r.square()]))
+        sums = self.context.sum_over_ranks(torch.stack([onehot.T @ torch.ones_like(r), onehot.T @ r, onehot.T @ r.square()]))
         count, total, square = sums[:, group]  # [B, N] each: the chain's group
         alone = count < 2
         batch = sums.sum(1, keepdim=True).expand(-1, len(r), -1)  # [3, B, N]: the whole batch
@@ -140,22 +112,20 @@ class PPO(Algorithm):
         return {"advantages": self._normalise(returns, trajectory.labels)}
 
     def _minibatches(self, trajectory, rewards: Tensor, **per_chain: Tensor):
-        """Minibatches of chains over the inner epochs, each with its random subset of steps."""
-        size = self.minibatch_size or len(rewards)
-        for _ in range(self.inner_epochs):
-            for idx in torch.randperm(len(rewards), device=rewards.device).split(size):
-                yield self.minibatch_type(
-                    latents=trajectory.latents[idx], old_log_probs=trajectory.log_probs[idx],
-                    labels=trajectory.labels[idx], rewards=rewards[idx], grid=trajectory.grid,
-                    steps=pick_steps(trajectory.stochastic_steps, self.timestep_fraction),
-                    **{name: value[idx] for name, value in per_chain.items()})
+        """The minibatches of the inner epochs, each carrying ``per_chain`` values ``[M, N]`` of its chains."""
+        chains = torch.arange(len(rewards), device=rewards.device)
+        for idx, steps in self.minibatches(chains, trajectory):
+            yield self.minibatch_type(
+                latents=trajectory.latents[idx], old_log_probs=trajectory.log_probs[idx],
+                labels=trajectory.labels[idx], rewards=rewards[idx], grid=trajectory.grid, steps=steps,
+                **{name: value[idx] for name, value in per_chain.items()})
 
     def clipped_step(self, batch, k: int, policy) -> tuple[Tensor, Tensor, Tensor]:
         """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
         differentiable in the policy) and the importance ratio ``[M]``."""
         s = float(batch.grid.sigma[k])
         mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels,
-                                    gradient_checkpointing=self.gradient_checkpointing)
+                                    gradient_checkpointing=self.context.gradient_checkpointing)
         ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
         adv = batch.advantages[:, k]
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
@@ -163,7 +133,7 @@ class PPO(Algorithm):
 
     def loss(self, batch: PPOMinibatch, policy, reward):
         total, clipped, kl_total, approx_kl = 0.0, 0.0, 0.0, 0.0
-        scale = len(batch.grid.sigma.nonzero()) / len(batch.steps)  # unbiased under timestep_fraction
+        scale = batch.step_scale
         for k in batch.steps:
             surrogate, kl, ratio = self.clipped_step(batch, k, policy)
             total = total + surrogate.mean() + self.alpha * kl.mean()

@@ -24,53 +24,38 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm, pick_steps, scored_rollout
-from ctrl.registry import register_algorithm
-from ctrl.sampling import StepGrid, gaussian_kl, gaussian_log_prob, step_mean, step_means
+from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm, scored_rollout
+from ctrl.errors import SettingError
+from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean, step_means
 
 
 @dataclass
-class RAFTMinibatch:
-    """Kept chains: latents ``[M, N+1, ...]``, weights, labels and rewards ``[M]``; steps to fit.
+class RAFTMinibatch(Minibatch):
+    """Kept chains and their ``weights`` ``[M]``: the rollout's (summing to 1 over the kept chains) times
+    kept / M, so that the loss ``sum_i weights_i fit_i`` is an unbiased estimate of the rollout's weighted fit."""
 
-    The weights are the rollout's (summing to 1 over the kept chains) times kept / M, so that the loss
-    ``sum_i weights_i fit_i`` is an unbiased estimate of the rollout's weighted fit.
-    """
-
-    latents: Tensor
     weights: Tensor
-    labels: Tensor
-    rewards: Tensor
-    steps: list[int]
-    grid: StepGrid
 
 
-@register_algorithm
-class RAFT(Algorithm):
+class RAFT(MinibatchAlgorithm):
     """Args:
         alpha: KL weight (> 0 for "tilted", >= 0 for "top").
         selection: "top" (keep the best fraction) or "tilted" (importance weights; see module docstring).
         keep_fraction: fraction kept by "top", in (0, 1].
         per_condition: rank within each label.
-        inner_epochs, minibatch_size: passes over the kept chains and chains per optimizer step.
-        timestep_fraction: fraction of the stochastic steps fitted per update, in (0, 1].
+        inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
+            (:class:`ctrl.algorithms.base.MinibatchAlgorithm`), over the kept chains.
     """
 
     def __init__(self, alpha: float = 0.1, selection: Literal["top", "tilted"] = "top", keep_fraction: float = 0.25,
                  per_condition: bool = True, inner_epochs: int = 1, minibatch_size: int | None = None,
                  timestep_fraction: float = 1.0):
-        super().__init__()
-        if alpha < 0 or (selection == "tilted" and alpha == 0):
-            raise ValueError(f"RAFT alpha must be >= 0 (> 0 with selection 'tilted'), got {alpha}.")
+        super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction)
+        if selection == "tilted" and alpha == 0:
+            raise SettingError(self, "alpha", "must be > 0 with selection 'tilted' (its weights are exp(r / alpha)).")
         if not 0 < keep_fraction <= 1:
-            raise ValueError(f"RAFT keep_fraction must lie in (0, 1], got {keep_fraction}.")
-        if not 0 < timestep_fraction <= 1:
-            raise ValueError(f"RAFT timestep_fraction must lie in (0, 1], got {timestep_fraction}.")
-        if inner_epochs < 1 or (minibatch_size is not None and minibatch_size < 1):
-            raise ValueError("RAFT inner_epochs and minibatch_size must be >= 1.")
-        self.alpha, self.selection, self.keep_fraction = alpha, selection, keep_fraction
-        self.per_condition, self.inner_epochs = per_condition, inner_epochs
-        self.minibatch_size, self.timestep_fraction = minibatch_size, timestep_fraction
+            raise SettingError(self, "keep_fraction", f"must lie in (0, 1], got {keep_fraction}.")
+        self.selection, self.keep_fraction, self.per_condition = selection, keep_fraction, per_condition
 
     def _weights(self, trajectory, rewards: Tensor) -> Tensor:
         labels = trajectory.labels
@@ -94,25 +79,23 @@ class RAFT(Algorithm):
         trajectory, rewards = scored
         weights = self._weights(trajectory, rewards)
         kept = (weights > 0).nonzero().squeeze(1)
-        size = self.minibatch_size or len(kept)
-        for _ in range(self.inner_epochs):
-            for idx in kept[torch.randperm(len(kept), device=kept.device)].split(size):
-                # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled
-                # by kept / its size, estimates the rollout's weighted fit without bias (renormalising it would
-                # not); an epoch's minibatch losses average to it exactly when the minibatch size divides kept.
-                yield RAFTMinibatch(trajectory.latents[idx], weights[idx] * (len(kept) / len(idx)),
-                                    trajectory.labels[idx], rewards[idx],
-                                    pick_steps(trajectory.stochastic_steps, self.timestep_fraction), trajectory.grid)
+        for idx, steps in self.minibatches(kept, trajectory):
+            # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled
+            # by kept / its size, estimates the rollout's weighted fit without bias (renormalising it would
+            # not); an epoch's minibatch losses average to it exactly when the minibatch size divides kept.
+            yield RAFTMinibatch(latents=trajectory.latents[idx], labels=trajectory.labels[idx],
+                                rewards=rewards[idx], steps=steps, grid=trajectory.grid,
+                                weights=weights[idx] * (len(kept) / len(idx)))
 
     def loss(self, batch: RAFTMinibatch, policy, reward):
         total, kl_total = 0.0, 0.0
-        scale = len(batch.grid.sigma.nonzero()) / len(batch.steps)
+        scale = batch.step_scale
         x0 = batch.latents[:, -1]
         for k in batch.steps:
             s = float(batch.grid.sigma[k])
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
                 mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels,
-                                            gradient_checkpointing=self.gradient_checkpointing)
+                                            gradient_checkpointing=self.context.gradient_checkpointing)
                 fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * fit).sum()
@@ -121,7 +104,7 @@ class RAFT(Algorithm):
                 noise = torch.randn_like(x0)
                 x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
                 mean, mean_pre = step_means(policy, x_t, batch.grid, k, batch.labels,
-                                            gradient_checkpointing=self.gradient_checkpointing)
+                                            gradient_checkpointing=self.context.gradient_checkpointing)
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()

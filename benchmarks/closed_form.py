@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ctrl.cli import main
+from ctrl.commands import main
 from ctrl.testing import GAUSSIAN_LARGER_ROLLOUT as LARGER_ROLLOUT
 from ctrl.testing import GAUSSIAN_OTHER_WORLD as OTHER
 

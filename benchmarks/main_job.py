@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ctrl.cli import main
+from ctrl.commands import main
 
 METRICS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "kl")
 
@@ -34,7 +34,7 @@ def evaluate(cli, split: str, gamma: float) -> dict[str, float]:
     """The fitted model's metrics on ``split`` ("val" or "test") at control scale ``gamma``, with the pretrained
     model's Frechet distance on the same seeds."""
     module = cli.model
-    module.guidance = gamma
+    module.control_scale = gamma
     run = cli.trainer.validate if split == "val" else cli.trainer.test
     run(module, datamodule=cli.datamodule, verbose=False)
     row = {k: module.last_metrics[k] for k in METRICS}

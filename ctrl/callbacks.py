@@ -6,12 +6,10 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
-from PIL import Image
 
-from ctrl.module import image_grid
+from ctrl.images import grid_image
 
 
 # Lightning warns at every step-triggered save under manual optimisation that the checkpoint holds the
@@ -87,17 +85,14 @@ class PredictionGrid(BasePredictionWriter):
         labels = torch.cat([p["labels"] for p in predictions])
         order = torch.argsort(labels, stable=True)
         rows = len(torch.unique(labels))
-        grid = image_grid(samples[order], rows)
-        pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        image = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
-        image = image.resize((image.width * self.scale, image.height * self.scale), Image.NEAREST)
+        image = grid_image(samples[order], rows, self.scale)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             image.save(self.path)
         except OSError as err:
             raise OSError(f"PredictionGrid path: cannot write '{self.path}' ({err.strerror}); choose a writable "
                           "path with --trainer.callbacks.path or in the config.") from None
-        pl_module.print(f"wrote {len(samples)} samples ({rows} labels, guidance {pl_module.guidance}) to {self.path}")
+        pl_module.print(f"wrote {len(samples)} samples ({rows} labels, control scale {pl_module.control_scale}) to {self.path}")
 
 
 class ExportLora(Callback):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from functools import lru_cache
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ctrl.conditions import join_condition, split_condition
+from ctrl.datamodules.digits_data import digits_judge, digits_split
+from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set, true_labels
+from ctrl.images import jpeg_kilobytes
 from ctrl.linear_gaussian import chain_moments, chain_optimum
 
 
@@ -62,20 +64,6 @@ class LinearFeatures(nn.Module):
         return (x.flatten(1).float() - self.mean) @ self.components.T
 
 
-@lru_cache(maxsize=2)
-def _digits_judge(image_size: int, num_features: int):
-    from sklearn.decomposition import PCA
-    from sklearn.svm import SVC
-
-    from ctrl.datamodules.digits import digits_split
-
-    images, labels = digits_split("pretrain", image_size)
-    pixels = images.flatten(1).numpy()
-    svc = SVC(kernel="rbf", gamma="scale").fit(pixels, labels.numpy())
-    pca = PCA(num_features, random_state=0).fit(pixels)
-    return svc, LinearFeatures(pca.mean_, pca.components_)
-
-
 class DigitsEvaluator(Evaluator):
     """The digits judge: an RBF support-vector classifier on pixels, trained on the pretraining split.
 
@@ -88,10 +76,9 @@ class DigitsEvaluator(Evaluator):
     """
 
     def __init__(self, num_labels: int = 10, image_size: int = 16, num_features: int = 20):
-        from ctrl.datamodules.digits import digits_split
-
         self.num_labels = num_labels
-        self.svc, self.features = _digits_judge(image_size, num_features)
+        self.svc, pca = digits_judge(image_size, num_features)
+        self.features = LinearFeatures(pca.mean_, pca.components_)
         self.real, _ = digits_split("heldout", image_size)
 
     def judge(self, samples: Tensor) -> Tensor:
@@ -135,8 +122,6 @@ class JpegSizeEvaluator(Evaluator):
                              f"labels number {module.policy.num_reward_labels}; give one boundary fewer than classes.")
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        from ctrl.rewards.images import jpeg_kilobytes
-
         sizes = jpeg_kilobytes(samples, self.quality).cpu()
         judged = torch.bucketize(sizes, self.boundaries)
         return {**classification_scores(judged, labels.cpu(), self.num_labels), "jpeg_kb": sizes.mean()}
@@ -144,7 +129,7 @@ class JpegSizeEvaluator(Evaluator):
 
 class LabelSetEvaluator(Evaluator):
     """Digits samples judged by the TRUE labeller of a label set (``ctrl.datamodules.labelsets``), or of
-    several at once (multi-task: conditions numbered as ``ctrl.rewards.joint.split_condition`` does),
+    several at once (multi-task: conditions numbered as ``ctrl.conditions.split_condition`` does),
     plus the Frechet distance to the held-out digits (as :class:`DigitsEvaluator`).
 
     Metrics: ``accuracy``, ``macro_f1``, ``min_class_accuracy`` and ``confusion`` over the conditions
@@ -157,8 +142,6 @@ class LabelSetEvaluator(Evaluator):
     """
 
     def __init__(self, label_sets: str | list[str] = "compressibility", image_size: int = 16, num_features: int = 20):
-        from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set
-
         self.label_sets = [label_sets] if isinstance(label_sets, str) else list(label_sets)
         for name in self.label_sets:
             check_label_set(name, "model.evaluator.label_sets")
@@ -172,9 +155,6 @@ class LabelSetEvaluator(Evaluator):
                              f"policy has {module.policy.num_reward_labels} labels; make them agree.")
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        from ctrl.datamodules.labelsets import true_labels
-        from ctrl.rewards.joint import join_condition, split_condition
-
         labels = labels.cpu()
         judged = [true_labels(name, samples) for name in self.label_sets]
         wanted = split_condition(labels, self.sizes)
@@ -241,20 +221,20 @@ class TiltedGaussianEvaluator(Evaluator):
         self.target: tuple[Tensor, Tensor] | None = None
 
     def attach(self, module) -> None:
-        policy, reward, alpha = module.policy, module.reward, getattr(module.algorithm, "alpha", None)
+        policy, reward, alpha = module.policy, module.reward, module.algorithm.alpha
         if not alpha or alpha <= 0:
             raise ValueError("TiltedGaussianEvaluator needs the algorithm's KL weight alpha > 0 (the target "
                              "p_pre exp(r / alpha) is undefined at alpha = 0); set model.algorithm.alpha.")
         if not hasattr(policy, "affine_steps") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
             raise ValueError("TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward "
                              "GaussianLogLikelihood.")
-        steps = policy.affine_steps(module.eval_num_steps, module.eta, guidance=0.0)  # the pretrained chain
+        steps = policy.affine_steps(module.eval_num_steps, module.eta, control_scale=0.0)  # the pretrained chain
         mean, cov = chain_moments(steps)  # isotropic: every pretrained step is f x + g in each coordinate
         self.pretrained = (mean, math.sqrt(float(cov[0, 0])))
         self.target = tilted_gaussian(*self.pretrained, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)
         self.optimum = chain_optimum(steps, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)[1:]
         self.policy_moments = lambda: chain_moments(
-            policy.affine_steps(module.eval_num_steps, module.eta, guidance=module.guidance))
+            policy.affine_steps(module.eval_num_steps, module.eta, control_scale=module.control_scale))
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         if self.target is None:

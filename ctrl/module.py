@@ -16,25 +16,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm, NonFiniteRewardWarning
+from ctrl.algorithms.base import Algorithm, AlgorithmContext, NonFiniteRewardWarning
+from ctrl.errors import renamed_setting
 from ctrl.evaluation import Evaluator
+from ctrl.images import image_grid
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
 from ctrl.sampling import make_grid, sample, seeded_noise
 from ctrl.seeds import derived_seed
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
-
-
-def image_grid(images: Tensor, rows: int, border: int = 1) -> Tensor:
-    """``[N, C, H, W]`` in [-1, 1] -> one ``[C, rows*(H+2b), cols*(W+2b)]`` image in [0, 1] (row-major), each
-    cell framed by a mid-grey border of ``b`` pixels so that touching digits stay apart."""
-    images = torch.nn.functional.pad(images.clamp(-1, 1), (border,) * 4, value=0.0)
-    n, c, h, w = images.shape
-    cols = (n + rows - 1) // rows
-    padded = torch.cat([images, images.new_full((rows * cols - n, c, h, w), -1.0)])
-    grid = padded.view(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
-    return ((grid.clamp(-1, 1) + 1) / 2).cpu()
 
 
 class RunStopped(RuntimeError):
@@ -54,7 +45,7 @@ class ControlModule(L.LightningModule):
         eval_num_steps: sampling steps in validate/test/predict (default: num_steps); a list such as
             [25, 50, 100] evaluates at each (the first is the main one, logged as ``val/...``; the
             others as ``val/steps_<n>/...``), to measure robustness to the number of steps.
-        guidance: gamma at evaluation and prediction, ``eps = eps_pre + gamma (eps_theta - eps_pre)``.
+        control_scale: gamma at evaluation and prediction, ``eps = eps_pre + gamma (eps_theta - eps_pre)``.
         eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
         gradient_checkpointing: recompute each step's network call in the backward pass.
         max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
@@ -66,6 +57,8 @@ class ControlModule(L.LightningModule):
             the policy and the algorithm). Default: AdamW with ``weight_decay``.
         lr_scheduler: a torch learning-rate scheduler (e.g. ``torch.optim.lr_scheduler.LinearLR``), stepped
             once per rollout, so its ``total_iters`` / ``T_max`` count rollouts. Default: constant rates.
+        guidance: the old name of ``control_scale`` (works, with a notice; classifier-free guidance is the
+            policy's ``guidance_scale``).
     """
 
     def __init__(
@@ -77,7 +70,7 @@ class ControlModule(L.LightningModule):
         num_steps: int = 10,
         eta: float = 1.0,
         eval_num_steps: int | list[int] | None = None,
-        guidance: float = 1.0,
+        control_scale: float = 1.0,
         eval_pretrained: bool = True,
         gradient_checkpointing: bool = False,
         max_grad_norm: float | None = 1.0,
@@ -85,8 +78,12 @@ class ControlModule(L.LightningModule):
         weight_decay: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        guidance: float | None = None,
     ):
         super().__init__()
+        if guidance is not None:  # the default 1.0 stands for "not given"
+            given = None if control_scale == 1.0 else control_scale
+            control_scale = renamed_setting(type(self), "guidance", guidance, "control_scale", given)
         # An algorithm may take several optimizer steps per rollout (PPO's inner epochs).
         self.automatic_optimization = False
         if not 0 < eta <= 1:
@@ -99,17 +96,17 @@ class ControlModule(L.LightningModule):
             raise ValueError(f"the reward scores {reward.num_labels} labels but the policy has {policy.num_reward_labels} "
                              "(model.policy.num_labels); make them equal, or use a classifier trained on the "
                              "policy's label set.")
-        algorithm.setup(policy, reward)
         self._num_stochastic = int((make_grid(policy.scheduler, num_steps, eta).sigma > 0).sum())
-        algorithm.check_steps(self._num_stochastic)
-        algorithm.gradient_checkpointing = gradient_checkpointing
+        self.algorithm_context = AlgorithmContext(policy.num_labels, self._num_stochastic,
+                                                  gradient_checkpointing=gradient_checkpointing)
+        algorithm.setup(policy, reward, self.algorithm_context)
         self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
         self.num_steps, self.eta = num_steps, eta
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
         if not steps or min(steps) < 2:
             raise ValueError(f"model.eval_num_steps must be at least 2 (each entry), got {eval_num_steps}.")
         self.eval_num_steps, self.extra_eval_num_steps = steps[0], steps[1:]
-        self.guidance, self.eval_pretrained = guidance, eval_pretrained
+        self.control_scale, self.eval_pretrained = control_scale, eval_pretrained
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -136,7 +133,7 @@ class ControlModule(L.LightningModule):
             raise ValueError(f"data.num_labels={n} but model.policy.num_labels={self.policy.num_labels}; the labels "
                              "drawn for training must be the policy's label set: make them equal.")
         if self.trainer.world_size > 1:
-            self.algorithm.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+            self.algorithm_context.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -228,16 +225,16 @@ class ControlModule(L.LightningModule):
         return seeded_noise(seeds, num_steps, self.policy.sample_shape).to(self.device)
 
     @torch.no_grad()
-    def generate(self, labels: Tensor, seeds: Tensor, guidance: float, num_steps: int | None = None):
+    def generate(self, labels: Tensor, seeds: Tensor, control_scale: float, num_steps: int | None = None):
         """Samples for ``labels`` with the noise fixed by ``seeds``: a Trajectory (eta as in training)."""
         n = num_steps or self.eval_num_steps
-        return sample(self.policy, labels, n, self.eta, guidance=guidance, noise=self._fixed_noise(seeds, n))
+        return sample(self.policy, labels, n, self.eta, control_scale=control_scale, noise=self._fixed_noise(seeds, n))
 
     def _eval_step(self, batch, stage: str) -> None:
         labels, seeds = batch
         self.policy.check_labels(labels.tolist(), "evaluation labels")
-        runs = {"policy": (self.guidance, self.eval_num_steps)}
-        runs.update({f"steps_{n}": (self.guidance, n) for n in self.extra_eval_num_steps})
+        runs = {"policy": (self.control_scale, self.eval_num_steps)}
+        runs.update({f"steps_{n}": (self.control_scale, n) for n in self.extra_eval_num_steps})
         if self.eval_pretrained and stage not in self.baselines:
             runs["pretrained"] = (0.0, self.eval_num_steps)
         for name, (gamma, n) in runs.items():
@@ -321,7 +318,7 @@ class ControlModule(L.LightningModule):
     def _heading(self) -> str:
         seeds = {"val": "validation seeds: where settings are chosen",
                  "test": "test seeds: disjoint from training and validation"}[self.last_stage]
-        return f"{seeds} (guidance {self.guidance}, {self.eval_num_steps} steps)"
+        return f"{seeds} (control scale {self.control_scale}, {self.eval_num_steps} steps)"
 
     def on_fit_end(self):
         self.print(f"\nevaluation after fine-tuning on the {self._heading()}\n" + self.summary())
@@ -337,5 +334,5 @@ class ControlModule(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         labels, seeds = batch
         self.policy.check_labels(labels.tolist(), "data.predict_labels")
-        samples = self.policy.decode(self.generate(labels, seeds, self.guidance).samples)
+        samples = self.policy.decode(self.generate(labels, seeds, self.control_scale).samples)
         return {"samples": samples.cpu(), "labels": labels.cpu()}

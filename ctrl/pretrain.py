@@ -2,7 +2,7 @@
 
 Unconditional: how the shipped ``ctrl:digits-ddpm`` weights are made (configs/digits/pretrain.yaml).
 Conditional (``num_labels``): the model of the classifier-free guidance baseline
-(:class:`ctrl.guidance.ClassifierFreeGuidance`), learned from offline labelled data with label dropout,
+(:class:`ctrl.inference_time.ClassifierFreeGuidance`), learned from offline labelled data with label dropout,
 usually starting from the pretrained unconditional model (``init_from``). Several label sets at once
 (``num_labels: [4, 2]``) are learned from data in which each image carries one set's label (the others
 null); the sampler composes them.
@@ -27,16 +27,10 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ctrl.conditions import condition_codes
+from ctrl.policy.unet import load_pretrained_unet
+
 LABELS_FILE = "labels.json"
-
-
-def condition_codes(labels: Tensor, sizes: list[int]) -> Tensor:
-    """Labels ``[B, S]`` (label set s in ``0..sizes[s]``, ``sizes[s]`` its null label) -> the conditional
-    UNet's class index ``[B]``, by mixed radix over ``sizes[s] + 1`` (the last set varies fastest); all
-    null labels give ``prod(sizes[s] + 1) - 1``, the unconditional input."""
-    from ctrl.rewards.joint import join_condition
-
-    return join_condition(list(labels.long().unbind(1)), [n + 1 for n in sizes])
 
 
 def load_conditional_unet(path: str | Path, setting: str) -> tuple[UNet2DModel, DDPMScheduler, list[int]]:
@@ -101,8 +95,6 @@ class DiffusionPretraining(L.LightningModule):
             raise ValueError(f"model.label_dropout must lie in [0, 1), got {label_dropout}.")
         class_embeds = math.prod(n + 1 for n in self.label_sizes) if self.label_sizes else None
         if init_from is not None:
-            from ctrl.policy.unet import load_pretrained_unet
-
             base, schedule = load_pretrained_unet(init_from, "model.init_from")
             self.unet = UNet2DModel.from_config(base.config, num_class_embeds=class_embeds)
             missing, _ = self.unet.load_state_dict(base.state_dict(), strict=False)

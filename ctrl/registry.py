@@ -1,12 +1,15 @@
 """Registry of RL algorithm plugins, by class name (the name configs use: ``algorithm: DirectBackprop``).
 
-Plugins come from ``ctrl.algorithms`` and from installed packages that declare an entry point in
-group ``ctrl.algorithms`` (``[project.entry-points."ctrl.algorithms"] MyAlgo = "pkg.mod:MyAlgo"``).
+Plugins come from ``ctrl.algorithms`` (built in) and from installed packages that declare an entry point
+in group ``ctrl.algorithms`` (``[project.entry-points."ctrl.algorithms"] MyAlgo = "pkg.mod:MyAlgo"``).
+A plugin never imports the registry: the registry imports the plugins.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+
+import ctrl.algorithms
 
 ALGORITHMS: dict[str, type] = {}
 ENTRY_POINT_GROUP = "ctrl.algorithms"
@@ -23,10 +26,13 @@ def register_algorithm(cls: type) -> type:
     return cls
 
 
-def load_plugins() -> dict[str, type]:
-    """Import the built-in plugins and every entry point of group ``ctrl.algorithms``; return the registry."""
-    import ctrl.algorithms  # noqa: F401  (registers the built-in plugins)
+for _name in ctrl.algorithms.__all__:
+    if _name != "Algorithm":
+        register_algorithm(getattr(ctrl.algorithms, _name))
 
+
+def load_plugins() -> dict[str, type]:
+    """Register every entry point of group ``ctrl.algorithms`` (beside the built-ins); return the registry."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         register_algorithm(ep.load())
     return ALGORITHMS

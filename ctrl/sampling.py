@@ -179,7 +179,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, guidance: float = 1.0,
+def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, control_scale: float = 1.0,
                gradient_checkpointing: bool = False, grad_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``.
 
@@ -191,7 +191,7 @@ def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, guidan
     """
     a, a_prev, s = float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])
     t = grid.timesteps[k].to(x.device)
-    g = guidance if s > 0 else 0.0
+    g = control_scale if s > 0 else 0.0
     weighted = grad_weight != 1.0 and torch.is_grad_enabled()
     if weighted:
         x = _ScaleGrad.apply(x, 1.0 / grad_weight)
@@ -220,7 +220,7 @@ def sample(
     num_steps: int,
     eta: float = 1.0,
     *,
-    guidance: float = 1.0,
+    control_scale: float = 1.0,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     grad_steps: int = 0,
@@ -231,12 +231,12 @@ def sample(
     """Sample ``len(labels)`` chains from ``policy`` and record log-probabilities and KL per step.
 
     Args:
-        policy: a DiffusionPolicy (``eps(x, t, labels, guidance) -> (eps, eps_pre)``, ``scheduler``,
+        policy: a DiffusionPolicy (``eps(x, t, labels, control_scale) -> (eps, eps_pre)``, ``scheduler``,
             ``sample_shape``).
         labels: ``[B]`` label indices (``policy.null_label`` samples the pretrained model).
         num_steps: N, the number of sampling steps.
         eta: DDIM stochasticity; > 0 for log-probabilities and KL.
-        guidance: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
+        control_scale: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
         noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T and each step's z); drawn from
             ``generator`` when absent, so a fixed seed gives a fixed chain.
         grad_steps: how many of the LAST stochastic steps carry gradients (0: none; the number of
@@ -273,7 +273,7 @@ def sample(
         with torch.set_grad_enabled(grad_enabled and (in_window or kl_only)):
             if k == first_grad_step or kl_only:
                 x = x.detach()
-            mean, mean_pre = step_means(policy, x, grid, k, labels, guidance, gradient_checkpointing, weight)
+            mean, mean_pre = step_means(policy, x, grid, k, labels, control_scale, gradient_checkpointing, weight)
             if s > 0:
                 x_next = mean + s * noise[:, k + 1]
                 log_probs.append(gaussian_log_prob(x_next.detach(), mean, s))

@@ -1,6 +1,7 @@
 """Datamodules shipped with ctrl (installed as ctrl.datamodules)."""
 
-from ctrl.datamodules.digits import DigitsDataModule, digits_split
+from ctrl.datamodules.digits import DigitsDataModule
+from ctrl.datamodules.digits_data import digits_split
 from ctrl.datamodules.images import ImageFolderDataModule
 from ctrl.datamodules.labels import LabelsDataModule, PromptsDataModule
 

@@ -22,7 +22,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ctrl.datamodules.digits import digits_split
+from ctrl.datamodules.digits_data import digits_judge, digits_split
+from ctrl.images import jpeg_kilobytes
 
 LABEL_SETS = ("class", "compressibility", "ink")
 NUM_CLASSES = {"class": 10, "compressibility": 4, "ink": 2}
@@ -45,8 +46,6 @@ def ink(images: Tensor) -> Tensor:
 def boundaries(name: str, image_size: int = 16) -> Tensor:
     """The class boundaries of a binned label set, from the real pretrain split: JPEG-size quartiles
     (bytes) for compressibility, the ink median for ink."""
-    from ctrl.rewards.images import jpeg_kilobytes
-
     images, _ = digits_split("pretrain", image_size)
     if name == "compressibility":
         return torch.quantile(jpeg_kilobytes(images) * 1000, torch.tensor([0.25, 0.5, 0.75]))
@@ -60,14 +59,10 @@ def true_labels(name: str, images: Tensor) -> Tensor:
 
     For ``class`` it is the independent SVC judge (the digit of a generated image has no ground truth).
     """
-    from ctrl.rewards.images import jpeg_kilobytes
-
     check_label_set(name, "label set")
     size = images.shape[-1]
     if name == "class":
-        from ctrl.evaluation import _digits_judge
-
-        svc, _ = _digits_judge(size, 20)
+        svc, _ = digits_judge(size)
         return torch.as_tensor(svc.predict(images.detach().clamp(-1, 1).flatten(1).cpu().numpy()), dtype=torch.long)
     if name == "compressibility":
         return torch.bucketize(jpeg_kilobytes(images).cpu() * 1000, boundaries(name, size), right=True)

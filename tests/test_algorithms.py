@@ -12,13 +12,16 @@ from ctrl.sampling import sample
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: PPO(clip_range=0.0), "PPO clip_range must be > 0"),
-    (lambda: PPO(timestep_fraction=1.5), r"PPO timestep_fraction must lie in \(0, 1\]"),
-    (lambda: PPO(alpha=-0.1), "PPO alpha .* must be >= 0"),
-    (lambda: RAFT(keep_fraction=0.0), r"RAFT keep_fraction must lie in \(0, 1\]"),
-    (lambda: RAFT(selection="tilted", alpha=0.0), "RAFT alpha must be >= 0 \\(> 0 with selection 'tilted'\\)"),
-    (lambda: ContinuousTimePG(value_lr=0.0), "ContinuousTimePG value_lr must be > 0"),
-    (lambda: DirectBackprop(backprop_steps=0), "DirectBackprop backprop_steps must be >= 1"),
+    (lambda: PPO(clip_range=0.0), r"^PPO.clip_range: must be > 0"),
+    (lambda: PPO(timestep_fraction=1.5), r"^PPO.timestep_fraction: must lie in \(0, 1\]"),
+    (lambda: PPO(alpha=-0.1), r"^PPO.alpha: the KL weight must be >= 0"),
+    (lambda: PPO(inner_epochs=0), r"^PPO.inner_epochs: must be >= 1"),
+    (lambda: RAFT(keep_fraction=0.0), r"^RAFT.keep_fraction: must lie in \(0, 1\]"),
+    (lambda: RAFT(selection="tilted", alpha=0.0), r"^RAFT.alpha: must be > 0 with selection 'tilted'"),
+    (lambda: RAFT(minibatch_size=0), r"^RAFT.minibatch_size: must be >= 1"),
+    (lambda: ContinuousTimePG(value_lr=0.0), r"^ContinuousTimePG.value_lr: must be > 0"),
+    (lambda: ContinuousTimePG(clip_range=-1.0), r"^ContinuousTimePG.clip_range: must be > 0"),
+    (lambda: DirectBackprop(backprop_steps=0), r"^DirectBackprop.backprop_steps: must be >= 1"),
 ])
 def test_out_of_range_settings(make, message):
     with pytest.raises(ValueError, match=message):

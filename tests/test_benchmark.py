@@ -43,13 +43,15 @@ def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
     cfg_args = ["--model.init_from", tiny_pretrained, "--data.image_size", "8", "--trainer.max_steps", "3",
                 "--trainer.logger", "false"]
     config = {
-        "output": str(tmp_path / "out"), "per_label": 2, "gammas": [0.0, 2.0],
+        "output": str(tmp_path / "out"), "per_label": 2, "control_scales": [0.0, 2.0],
         "fine_tuning": [{"name": "DirectBackprop", "config": str(CONFIGS / "control.yaml"), "args": tiny},
                         {"name": "PPO", "config": str(CONFIGS / "ppo.yaml"), "args": tiny}],
-        "guidance": [{"class_path": f"ctrl.guidance.{name}", "init_args": args} for name, args in [
-            ("ClassifierFreeGuidance", {"config": str(CONFIGS / f"cfg_{task}.yaml"), "scale": 2.0, "args": cfg_args}),
+        "inference_time": [{"class_path": f"ctrl.inference_time.{name}", "init_args": args} for name, args in [
+            ("ClassifierFreeGuidance", {"scale": 2.0}),
             ("ReconstructionGuidance", {"scale": 1.0}), ("MPGD", {"step_size": 0.5}),
             ("SVDD", {"num_candidates": 3}), ("SMC", {"num_particles": 3})]],
+        "baseline_models": [{"name": "ClassifierFreeGuidance", "config": str(CONFIGS / f"cfg_{task}.yaml"),
+                             "args": cfg_args}],
     }
     path = tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -92,8 +94,8 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
 
 
 @pytest.mark.parametrize("case, change, expected", [
-    ("unknown method", lambda c: c["guidance"].append({"class_path": "ctrl.guidance.Telepathy"}),
-     "guidance: 'Telepathy' is not an inference-time method; available: ClassifierFreeGuidance, MPGD, ReconstructionGuidance, SMC, SVDD"),
+    ("unknown method", lambda c: c["inference_time"].append({"class_path": "ctrl.inference_time.Telepathy"}),
+     "inference_time: 'Telepathy' is not an inference-time method; available: ClassifierFreeGuidance, MPGD, ReconstructionGuidance, SMC, SVDD"),
     ("task without a trained classifier",
      lambda c: c["fine_tuning"][0]["args"].extend(["--model.reward.path", "/nonexistent/classifier.safetensors"]),
      "model.reward.path: no classifier file at '/nonexistent/classifier.safetensors'"),

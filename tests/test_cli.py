@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from ctrl.cli import main
+from ctrl.commands import main
 
 from conftest import tiny_control_args
 
@@ -34,7 +34,7 @@ def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
     assert float(cli.trainer.callback_metrics["val/kl"]) == pytest.approx(float(metrics["val/kl"]), rel=1e-4)
 
     main(["predict", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier, "--data.predict_labels", "[1, 3, 7]",
-                                "--model.guidance", "2.0"), "--ckpt_path", str(ckpt)])
+                                "--model.control_scale", "2.0"), "--ckpt_path", str(ckpt)])
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 10 * 4, 3 * 10 * 4)  # 2 per label across, 3 labels down, 8 + 2 border px, scale 4
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrl.cli import main
+from ctrl.commands import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -48,14 +48,13 @@ def test_config_instantiates(config, tmp_path, request):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if _is_benchmark(c)], ids=lambda p: p.name)
 def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
-    from ctrl.benchmark import _cli, parse
-    from ctrl.guidance import GuidedSampler
+    from ctrl.benchmark import _check_rows, parse
+    from ctrl.inference_time import GuidedSampler
 
     monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
     spec = parse(["--config", str(config)])
-    assert spec["fine_tuning"] and all(isinstance(g, GuidedSampler) for g in spec["guidance"])
-    for sampler in spec["guidance"]:  # classifier-free guidance instantiates its training config
-        sampler.check(tmp_path / type(sampler).__name__)
-    for row in spec["fine_tuning"]:
-        cli = _cli(row, tmp_path, None)
+    assert spec["fine_tuning"] and all(isinstance(g, GuidedSampler) for g in spec["inference_time"])
+    # classifier-free guidance's training config instantiates too
+    assert [m.name for m in spec["baseline_models"]] == ["ClassifierFreeGuidance"]
+    for cli in _check_rows(spec["fine_tuning"], spec["inference_time"], spec["baseline_models"], tmp_path):
         assert cli.model.evaluator is not None and cli.datamodule.num_labels == cli.model.policy.num_labels

@@ -86,10 +86,10 @@ def test_baselines_come_from_the_global_batch():
     first, second = slice(0, 5), slice(5, None)
     other_rank = _built(PPO(per_condition=True, advantage_clip=None), num_labels=3)
     reduced = []
-    other_rank.sum_over_ranks = lambda t: reduced.append(t) or t
+    other_rank.context.sum_over_ranks = lambda t: reduced.append(t) or t
     other_rank._normalise(returns[second], LABELS[second])
     this_rank = _built(PPO(per_condition=True, advantage_clip=None), num_labels=3)
-    this_rank.sum_over_ranks = lambda t: t + reduced[0]
+    this_rank.context.sum_over_ranks = lambda t: t + reduced[0]
     torch.testing.assert_close(this_rank._normalise(returns[first], LABELS[first]), whole[first],
                                rtol=0, atol=1e-12)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctrl.cli import main
+from ctrl.commands import main
 from ctrl.evaluation import gaussian_kl_full, relative_errors, tilted_gaussian
 from ctrl.linear_gaussian import chain_moments, chain_optimum
 from ctrl.policy import AnalyticGaussian
@@ -102,7 +102,7 @@ def test_truncated_direct_backprop_reaches_its_optimum(truncation, tmp_path):
     1 / P(inside) reaches the whole chain's optimum."""
     cli = _fit("direct", tmp_path, *truncation)
     policy, reward, algorithm = cli.model.policy, cli.model.reward, cli.model.algorithm
-    pretrained = policy.affine_steps(50, 1.0, guidance=0.0)
+    pretrained = policy.affine_steps(50, 1.0, control_scale=0.0)
     stochastic = [k for k, step in enumerate(pretrained) if step.sigma > 0]
     window = stochastic if algorithm.random_truncation else stochastic[-algorithm.backprop_steps:]
     controlled = [k in window for k in range(len(pretrained))]

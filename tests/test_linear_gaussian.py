@@ -23,7 +23,7 @@ def _policy() -> AnalyticGaussian:
 def test_riccati_optimum_equals_a_brute_force_optimisation(alpha):
     """Maximising E[r] - alpha KL over every affine mean control by L-BFGS on the exact objective finds
     the Riccati solution: same objective value and same x_0 moments."""
-    pretrained = _policy().affine_steps(4, 1.0, guidance=0.0)
+    pretrained = _policy().affine_steps(4, 1.0, control_scale=0.0)
     optimal, mean, cov = chain_optimum(pretrained, A, Y, SIGMA, alpha)
     controls = [(torch.zeros(2, 2, dtype=torch.float64, requires_grad=True),
                  torch.zeros(2, dtype=torch.float64, requires_grad=True)) for _ in pretrained]
@@ -58,7 +58,7 @@ def test_chain_optimum_meets_the_continuous_target_as_the_grid_refines():
     step variance is not the pretrained one) and converges to it as the grid refines."""
     policy, errors = _policy(), []
     for n in (10, 50, 1000):
-        _, mean, cov = chain_optimum(policy.affine_steps(n, 1.0, guidance=0.0), A, Y, SIGMA, 1.0)
+        _, mean, cov = chain_optimum(policy.affine_steps(n, 1.0, control_scale=0.0), A, Y, SIGMA, 1.0)
         pre_mean, pre_var = policy.pretrained_marginal(n, 1.0)
         errors.append(float(relative_errors(mean, cov, *tilted_gaussian(pre_mean, math.sqrt(pre_var), A, Y, SIGMA,
                                                                           1.0))[1]))

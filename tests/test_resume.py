@@ -16,7 +16,7 @@ from conftest import assert_same, final_state, run_args
 CHILD = """
 import os, signal, sys
 from lightning.pytorch.callbacks import Callback
-from ctrl.cli import main
+from ctrl.commands import main
 
 class SigkillAfter(Callback):
     def __init__(self, batch):

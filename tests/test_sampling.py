@@ -82,7 +82,7 @@ def test_kl_zero_at_init_and_positive_after_change(tiny_pretrained, parts):
     with torch.no_grad():
         after = sample(policy, labels, 5, 1.0, noise=noise)
         null_after = sample(policy, torch.full_like(labels, policy.null_label), 5, 1.0, noise=noise)
-        gamma0 = sample(policy, labels, 5, 1.0, noise=noise, guidance=0.0)
+        gamma0 = sample(policy, labels, 5, 1.0, noise=noise, control_scale=0.0)
     assert (after.kl[:, :-1] > 0).all()
     assert after.kl[:, -1].abs().max() == 0  # the deterministic last step carries no control
     torch.testing.assert_close(null_after.samples, pre.samples)  # the null label stays pretrained

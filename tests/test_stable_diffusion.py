@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from ctrl.cli import console, main
+from ctrl.cli import console
+from ctrl.commands import main
 from ctrl.policy import StableDiffusionPolicy
 from ctrl.sampling import sample, seeded_noise
 
@@ -101,7 +102,7 @@ def _pipeline(directory):
 def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     """The export round trip: a LoRA (alpha != rank, random non-zero weights) written by ``export`` and
     loaded by ``StableDiffusionPipeline.load_lora_weights`` gives, for the same seed, scheduler (DDIM,
-    eta 1), steps and guidance, the images that ctrl's own sampler gives."""
+    eta 1), steps and control scale, the images that ctrl's own sampler gives."""
     prompts, steps, scale, seed = ["a cat", "a red dog"], 4, 3.0, 1234
     policy = StableDiffusionPolicy(tiny_sd, prompts=prompts, guidance_scale=scale, lora_rank=2, lora_alpha=4)
     torch.manual_seed(0)
@@ -122,7 +123,7 @@ def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     noise = seeded_noise(torch.tensor([seed]), steps, policy.sample_shape)
     with torch.no_grad():
         ours = (policy.decode(sample(policy, labels, steps, 1.0, noise=noise).samples) + 1) / 2
-        pretrained = (policy.decode(sample(policy, labels, steps, 1.0, noise=noise, guidance=0.0).samples) + 1) / 2
+        pretrained = (policy.decode(sample(policy, labels, steps, 1.0, noise=noise, control_scale=0.0).samples) + 1) / 2
     assert (theirs - base).abs().max() > 1e-2  # the LoRA matters
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     torch.testing.assert_close(pretrained, base, atol=1e-4, rtol=0)
@@ -146,7 +147,7 @@ def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
     """eps against classifier-free guidance written out by hand: the pretrained model (adapters off, null
     class) and the policy (adapters on; the conditional branch with the chain's prompt and class, the
     unconditional one with the empty prompt and the null class), with a non-zero LoRA and embedding."""
-    scale, guidance = 4.0, 0.7
+    scale, control_scale = 4.0, 0.7
     policy = StableDiffusionPolicy(tiny_sd, prompts=["a cat", "a dog"], num_classes=3, guidance_scale=scale, lora_rank=2)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -167,11 +168,11 @@ def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
     with torch.no_grad():
         u_pre, c_pre = unet(empty, null, False), unet(policy.prompt_embeds[prompts], null, False)
         u_pol, c_pol = unet(empty, null, True), unet(policy.prompt_embeds[prompts], classes, True)
-        eps, eps_pre = policy.eps(x, t, labels, guidance)
+        eps, eps_pre = policy.eps(x, t, labels, control_scale)
     expected_pre = u_pre + scale * (c_pre - u_pre)
     expected_policy = u_pol + scale * (c_pol - u_pol)
     torch.testing.assert_close(eps_pre, expected_pre, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eps, expected_pre + guidance * (expected_policy - expected_pre), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps, expected_pre + control_scale * (expected_policy - expected_pre), atol=1e-5, rtol=1e-5)
     assert (expected_policy - expected_pre).abs().max() > 1e-3  # the control is not trivially zero
 
 

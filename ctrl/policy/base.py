@@ -30,10 +30,10 @@ class DiffusionPolicy(nn.Module, ABC):
         return float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
 
     @abstractmethod
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         """Noise predictions ``(eps, eps_pre)``, each ``[B, C, H, W]``.
 
-        ``eps = eps_pre + guidance * (eps_theta - eps_pre)``; guidance 1 is the policy itself, 0 the
+        ``eps = eps_pre + control_scale * (eps_theta - eps_pre)``; 1 is the policy itself, 0 the
         pretrained model. Gradients of ``eps_pre`` flow through ``x`` (never into frozen weights).
         """
 

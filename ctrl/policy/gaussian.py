@@ -68,16 +68,16 @@ class AnalyticGaussian(DiffusionPolicy):
         return (1 - a).sqrt() * (x - a.sqrt() * self.mean) / (a * self.std**2 + 1 - a)
 
     @torch.no_grad()
-    def affine_steps(self, num_steps: int, eta: float, guidance: float = 1.0) -> list[AffineStep]:
+    def affine_steps(self, num_steps: int, eta: float, control_scale: float = 1.0) -> list[AffineStep]:
         """The chain on an N-step grid as affine steps ``x' = F x + g + sigma z`` (sampling order), read off
         by probing each step's mean at 0 and at the unit vectors: every step of this world is affine in x.
-        ``guidance`` 0 is the pretrained chain, 1 the policy's (its current correction, label 0)."""
+        ``control_scale`` 0 is the pretrained chain, 1 the policy's (its current correction, label 0)."""
         grid = make_grid(self.scheduler, num_steps, eta)
         probe = torch.cat([torch.zeros(1, self.dim), torch.eye(self.dim)]).to(self.mean.device)
         labels = torch.zeros(len(probe), dtype=torch.long, device=probe.device)
         steps = []
         for k in range(num_steps):
-            mean = step_means(self, probe, grid, k, labels, guidance)[0].double().cpu()
+            mean = step_means(self, probe, grid, k, labels, control_scale)[0].double().cpu()
             steps.append(AffineStep((mean[1:] - mean[0]).T, mean[0], float(grid.sigma[k])))
         return steps
 
@@ -88,15 +88,15 @@ class AnalyticGaussian(DiffusionPolicy):
         posterior mean of x_0, and the last step is deterministic), so the target of fine-tuning,
         p_pre(x) exp(r(x) / alpha), is computed from what the pretrained sampler really gives.
         """
-        mean, cov = chain_moments(self.affine_steps(num_steps, eta, guidance=0.0))
+        mean, cov = chain_moments(self.affine_steps(num_steps, eta, control_scale=0.0))
         return mean.float(), float(cov[0, 0])
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         eps_pre = self.eps_pretrained(x, t)
         k = (t.long() * self.num_buckets // self.scheduler.config.num_train_timesteps).clamp(0, self.num_buckets - 1)
         correction = x @ self.weight[k].T + self.bias[k]
         active = (labels != self.null_label).to(x.dtype).view(-1, 1)
-        return eps_pre + (guidance * active) * correction, eps_pre
+        return eps_pre + (control_scale * active) * correction, eps_pre
 
     def param_groups(self) -> list[dict]:
         return [dict(name="correction", params=[self.weight, self.bias], lr=self.lr)]

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ctrl.dtypes import DTYPES
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.prompts import load_prompts
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: LoRA targets of diffusers' text-to-image LoRA script (attention projections of the UNet).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -221,7 +221,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         uncond, conditional = eps.chunk(2)
         return uncond + self.guidance_scale * (conditional - uncond)
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         active = labels != self.null_label  # the null label samples the pretrained model (with the first prompt)
         prompts = torch.where(active, self.prompt_index(labels), 0)
         null_classes = torch.full_like(labels, self.num_classes) if self.num_classes > 0 else None
@@ -231,11 +231,11 @@ class StableDiffusionPolicy(DiffusionPolicy):
             if self.lora_rank > 0:
                 # peft also switches requires_grad off while adapters are disabled: always leave them on
                 self.unet.enable_adapters()
-        if not active.any() or guidance == 0:
+        if not active.any() or control_scale == 0:
             return eps_pre, eps_pre
         classes = torch.where(active, self.reward_labels(labels), self.num_classes) if self.num_classes > 0 else None
         eps_theta = self._guided_unet(x, t, prompts, classes, adapters=True)
-        weight = guidance * active.to(x.dtype).view(-1, 1, 1, 1)
+        weight = control_scale * active.to(x.dtype).view(-1, 1, 1, 1)
         return eps_pre + weight * (eps_theta - eps_pre), eps_pre
 
     def _decode(self, latents: Tensor) -> Tensor:

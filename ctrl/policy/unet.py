@@ -9,17 +9,9 @@ from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from torch import Tensor, nn
 
+from ctrl.assets import resolve_path
 from ctrl.policy.base import DiffusionPolicy
 
-BUILTIN_PREFIX = "ctrl:"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-
-
-def resolve_path(path: str) -> str:
-    """``ctrl:<name>`` names weights shipped in the package (ctrl/weights/<name>); anything else is kept."""
-    if path.startswith(BUILTIN_PREFIX):
-        return str(WEIGHTS_DIR / path[len(BUILTIN_PREFIX):])
-    return path
 
 
 class _AdapterUNet2DModel(UNet2DModel, PeftAdapterMixin):
@@ -183,7 +175,7 @@ class UNetPolicy(DiffusionPolicy):
         kwargs = {"class_labels": labels} if self.label_embedding else {}
         return self.unet(x, t, **kwargs).sample
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         null = torch.full_like(labels, self.null_label)
         if self.lora_rank > 0:
             eps_pre = self._unet(x, t, null, adapters=False)
@@ -201,7 +193,7 @@ class UNetPolicy(DiffusionPolicy):
             correction = correction + self.head(x, eps_pre, labels, bucket)
         # The null label is the pretrained model exactly, whatever the trainable parts have learned.
         active = (labels != self.null_label).to(x.dtype).view(-1, 1, 1, 1)
-        return eps_pre + (guidance * active) * correction, eps_pre
+        return eps_pre + (control_scale * active) * correction, eps_pre
 
     def param_groups(self) -> list[dict]:
         groups = []

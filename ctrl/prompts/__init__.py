@@ -8,13 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROMPTS_DIR = Path(__file__).resolve().parent
-BUILTIN_PREFIX = "ctrl:"
-
-
-def available() -> list[str]:
-    """The shipped prompt lists, as ``ctrl:<name>``."""
-    return sorted(f"{BUILTIN_PREFIX}{p.stem}" for p in PROMPTS_DIR.glob("*.txt"))
+from ctrl.assets import PROMPTS_DIR, resolve_path, shipped
 
 
 def load_prompts(prompts: str | list[str], setting: str = "model.policy.prompts") -> list[str]:
@@ -26,11 +20,11 @@ def load_prompts(prompts: str | list[str], setting: str = "model.policy.prompts"
     if isinstance(prompts, list):
         found, where = [p.strip() for p in prompts if p.strip()], "the list"
     else:
-        path = PROMPTS_DIR / f"{prompts[len(BUILTIN_PREFIX):]}.txt" if prompts.startswith(BUILTIN_PREFIX) else Path(prompts)
+        path = Path(resolve_path(prompts, PROMPTS_DIR, ".txt"))
         if not path.is_file():
-            shipped = ", ".join(available())
+            lists = ", ".join(shipped(PROMPTS_DIR, ".txt"))
             raise FileNotFoundError(f"{setting}: no prompt file at '{prompts}'; give a text file with one prompt per "
-                                    f"line, a list of prompts, or a shipped list ({shipped}).")
+                                    f"line, a list of prompts, or a shipped list ({lists}).")
         lines = path.read_text(encoding="utf-8").splitlines()
         found, where = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")], f"'{prompts}'"
     if not found:

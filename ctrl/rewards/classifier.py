@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ctrl.assets import resolve_path
 from ctrl.classifier import load_classifier
-from ctrl.policy.unet import resolve_path
 from ctrl.rewards.base import Reward
 
 

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
+from ctrl.dtypes import DTYPES
+from ctrl.images import jpeg_kilobytes
 from ctrl.rewards.base import Reward
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """``[B, C, H, W]`` in [-1, 1] -> ``[B, H, W, C]`` uint8 (one channel squeezed for grey images)."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
-    """Size in kB (1000 bytes) of each image saved as a JPEG at ``quality``, ``[B]`` (DDPO's measure)."""
-    sizes = []
-    for pixels in to_uint8(images):
-        buffer = io.BytesIO()
-        Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, format="JPEG",
-                                                                                       quality=quality)
-        sizes.append(buffer.tell() / 1000)
-    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
 class JpegCompressibility(Reward):
@@ -93,8 +76,6 @@ class AestheticScore(Reward):
     def __init__(self, clip_model: str, mlp_path: str, dtype: str = "float32"):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
-
-        from ctrl.policy.stable_diffusion import DTYPES
 
         if not Path(mlp_path).is_file():
             raise FileNotFoundError(f"model.reward.mlp_path: no aesthetic MLP weights at '{mlp_path}'; download "

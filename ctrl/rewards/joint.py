@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
+from ctrl.conditions import split_condition
 from ctrl.rewards.base import Reward
-
-
-def split_condition(labels: Tensor, sizes: list[int]) -> list[Tensor]:
-    """Condition indices ``[B]`` -> one label tensor ``[B]`` per label set, by mixed radix:
-    ``c = ((l_0 * n_1 + l_1) * n_2 + l_2) ...`` (the last label set varies fastest)."""
-    out, rest = [], labels
-    for n in reversed(sizes):
-        out.append(rest % n)
-        rest = rest // n
-    return out[::-1]
-
-
-def join_condition(parts: list[Tensor], sizes: list[int]) -> Tensor:
-    """The inverse of :func:`split_condition`: one label tensor ``[B]`` per label set -> condition indices ``[B]``."""
-    condition = torch.zeros_like(parts[0])
-    for part, n in zip(parts, sizes):
-        condition = condition * n + part
-    return condition
 
 
 class JointLabels(Reward):
     """``r(x, (y_1, ..., y_k)) = sum_i r_i(x, y_i)``: with each r_i a classifier's log p(y_i | x) this is
     log p(y_1, ..., y_k | x) when the labels are conditionally independent given x (each classifier
-    learned from its own data). Condition c numbers the tuples as :func:`split_condition` does, so a
+    learned from its own data). Condition c numbers the tuples as :func:`ctrl.conditions.split_condition` does, so a
     policy and a datamodule over ``prod(n_i)`` labels condition on all of them at once.
 
     Args:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ctrl.guidance.base import GuidedSampler
+from ctrl.inference_time.base import GuidedSampler
 from ctrl.sampling import StepGrid, step_from_x0
 
 

@@ -5,32 +5,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ctrl.guidance.base import GuidedSampler, randn
+from ctrl.errors import SettingError, renamed_setting
+from ctrl.inference_time.base import GuidedSampler, randn
 from ctrl.sampling import StepGrid, step_mean
 
 
 class SMC(GuidedSampler):
     """K particles per image follow the pretrained chain from x_T drawn from the prior, weighted first by
-    ``exp(lam * r(x0_hat(x_T)))`` and after each step reweighted by
-    ``exp(lam * (r(x0_hat(x_{t-1})) - r(x0_hat(x_t))))`` (a twisting function r(x0_hat), as twisted SMC
-    samplers use; at the last step r of the sample itself), so the weights telescope to exp(lam * r(x0));
+    ``exp(r(x0_hat(x_T)) / alpha)`` and after each step reweighted by
+    ``exp((r(x0_hat(x_{t-1})) - r(x0_hat(x_t))) / alpha)`` (a twisting function r(x0_hat), as twisted SMC
+    samplers use; at the last step r of the sample itself), so the weights telescope to exp(r(x0) / alpha);
     the set is resampled (systematic) when its effective sample size falls below ``ess_threshold * K``.
     The returned image is one particle drawn by the final weights, so as K grows the samples follow
-    ``p_pre(x0) exp(lam * r(x0)) / Z`` exactly: with r = log p(y|x) and lam = 1 that is p(x | y);
-    lam = 1 / alpha is the KL-regularised target of fine-tuning. Costs per step: K denoiser and K reward
+    ``p_pre(x0) exp(r(x0) / alpha) / Z`` exactly: the KL-regularised target of fine-tuning with the same KL
+    weight alpha (with r = log p(y|x) and alpha = 1 it is p(x | y)). Costs per step: K denoiser and K reward
     calls per image.
 
     Args:
         num_particles: K >= 1.
-        lam: the tilt's inverse temperature (> 0).
+        alpha: the KL weight of the target (> 0), as the fine-tuning plugins' ``alpha``.
         ess_threshold: resample when ESS < this * K (1: every step; 0: never).
+        lam: the old setting, 1 / alpha (works, with a notice).
     """
 
-    def __init__(self, num_particles: int = 16, lam: float = 1.0, ess_threshold: float = 0.5):
-        if num_particles < 1 or lam <= 0 or not 0 <= ess_threshold <= 1:
-            raise ValueError(f"SMC needs num_particles >= 1, lam > 0 and ess_threshold in [0, 1], got "
-                             f"{num_particles}, {lam}, {ess_threshold}.")
-        self.num_particles, self.lam, self.ess_threshold = num_particles, lam, ess_threshold
+    def __init__(self, num_particles: int = 16, alpha: float = 1.0, ess_threshold: float = 0.5,
+                 lam: float | None = None):
+        if lam is not None and lam <= 0:
+            raise SettingError(self, "lam", f"must be > 0, got {lam} (it is 1 / alpha; write alpha instead).")
+        if lam is not None:
+            given = None if alpha == 1.0 else alpha  # the default stands for "not given"
+            alpha = 1.0 / renamed_setting(type(self), "lam", lam, "alpha (= 1 / lam)", given and 1.0 / given)
+        if num_particles < 1:
+            raise SettingError(self, "num_particles", f"must be >= 1, got {num_particles}.")
+        if alpha <= 0:
+            raise SettingError(self, "alpha", f"the KL weight must be > 0, got {alpha}.")
+        if not 0 <= ess_threshold <= 1:
+            raise SettingError(self, "ess_threshold", f"must lie in [0, 1], got {ess_threshold}.")
+        self.num_particles, self.alpha, self.ess_threshold = num_particles, alpha, ess_threshold
 
     @staticmethod
     def _systematic(log_w: Tensor, generator: torch.Generator) -> Tensor:
@@ -47,9 +58,9 @@ class SMC(GuidedSampler):
         labels_k = labels.repeat_interleave(k)
         x = torch.cat([noise[:, 0, None], randn((b, k - 1, *shape), generator, noise)], 1).flatten(0, 1)  # [B*K, ...]
         eps = self.eps(policy, x, grid, 0, labels_k)
-        twist = self.lam * self.score(policy, reward, self.x0_hat(policy, x, eps, grid, 0), labels_k)
+        twist = self.score(policy, reward, self.x0_hat(policy, x, eps, grid, 0), labels_k) / self.alpha
         # x_T is drawn from the prior, so the first target p(x_T) exp(twist(x_T)) weighs it by exp(twist); the
-        # increments then telescope to lam * r(x0) (from 0 they would leave a factor exp(-twist(x_T)) in).
+        # increments then telescope to r(x0) / alpha (from 0 they would leave a factor exp(-twist(x_T)) in).
         log_w = twist.double().view(b, k)
         for step in range(n):
             s = float(grid.sigma[step])
@@ -59,9 +70,9 @@ class SMC(GuidedSampler):
             if step + 1 < n:
                 eps = self.eps(policy, x, grid, step + 1, labels_k)
                 x0 = self.x0_hat(policy, x, eps, grid, step + 1)
-                new_twist = self.lam * self.score(policy, reward, x0, labels_k)
+                new_twist = self.score(policy, reward, x0, labels_k) / self.alpha
             else:
-                new_twist = self.lam * self.score(policy, reward, x, labels_k)
+                new_twist = self.score(policy, reward, x, labels_k) / self.alpha
             log_w = log_w + (new_twist - twist).double().view(b, k)
             twist = new_twist
             ess = 1.0 / torch.softmax(log_w, 1).square().sum(1)  # [B]

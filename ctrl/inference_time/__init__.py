@@ -5,11 +5,11 @@ One interface (:class:`GuidedSampler`: ``sample(policy, reward, labels, seeds, n
 GuidedSamples`` with its cost per image), one file per method.
 """
 
-from ctrl.guidance.base import GuidedSampler, GuidedSamples
-from ctrl.guidance.cfg import ClassifierFreeGuidance
-from ctrl.guidance.mpgd import MPGD
-from ctrl.guidance.reconstruction import ReconstructionGuidance
-from ctrl.guidance.smc import SMC
-from ctrl.guidance.svdd import SVDD
+from ctrl.inference_time.base import GuidedSampler, GuidedSamples
+from ctrl.inference_time.cfg import ClassifierFreeGuidance
+from ctrl.inference_time.mpgd import MPGD
+from ctrl.inference_time.reconstruction import ReconstructionGuidance
+from ctrl.inference_time.smc import SMC
+from ctrl.inference_time.svdd import SVDD
 
 __all__ = ["ClassifierFreeGuidance", "GuidedSampler", "GuidedSamples", "MPGD", "ReconstructionGuidance", "SMC", "SVDD"]

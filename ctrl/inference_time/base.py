@@ -1,6 +1,6 @@
-"""The interface of inference-time guidance: sample a pretrained model toward a reward without training.
+"""The interface of inference-time methods: sample a pretrained model toward a reward without training it.
 
-Every guided sampler draws from the PRETRAINED model's noise prediction (``policy.eps(..., guidance=0)``,
+Every guided sampler draws from the PRETRAINED model's noise prediction (``policy.eps(..., control_scale=0)``,
 whatever the policy's trainable part holds) on the same DDIM/DDPM grid as ctrl's one sampler
 (:func:`ctrl.sampling.make_grid`, :func:`ctrl.sampling.predict_x0`, :func:`ctrl.sampling.step_from_x0`),
 scores with the same reward as fine-tuning (``policy.score``: for conditional control a classifier's
@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -77,14 +78,17 @@ class GuidedSampler(ABC):
         and one standard normal draw per step; ``generator`` serves any further draws (particles,
         candidates, resampling)."""
 
-    def check(self, root) -> None:
-        """Refuse bad settings before any method trains (``ctrl benchmark`` calls it first; ``root``: the
-        sampler's folder under the benchmark's runs). Default: nothing beyond ``__init__``'s checks."""
+    #: the method samples a model of its own that must be trained first (``ctrl benchmark`` trains it from a
+    #: ``baseline_models`` entry and calls :meth:`load`); the others use the pretrained model alone
+    requires_model: ClassVar[bool] = False
 
-    def prepare(self, root, retrain: bool = False) -> float:
-        """Train or load what the sampler needs under ``root`` (``retrain``: even when done before); returns
-        the training seconds (0: nothing trained). Default: nothing to prepare."""
-        return 0.0
+    def has_model(self) -> bool:
+        """Whether the method's own model is given (always, for methods that need none)."""
+        return not self.requires_model
+
+    def load(self, path) -> None:
+        """Load the method's own trained model from ``path`` (methods with ``requires_model``)."""
+        raise TypeError(f"{type(self).__name__} samples the pretrained model alone; it loads no model of its own.")
 
     # -- helpers ------------------------------------------------------------------------------------
     def eps(self, policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ctrl.guidance.base import GuidedSampler
+from ctrl.inference_time.base import GuidedSampler
 from ctrl.sampling import StepGrid, step_from_x0
 
 

@@ -1,0 +1,132 @@
+"""``ctrl fit | validate | test | predict``: Lightning's CLI over ctrl's modules, as a function.
+
+Every run is a YAML config (configs/); any value can be overridden on the command line, e.g.
+``ctrl fit --config configs/digits/control.yaml --model.algorithm DirectBackprop``. :func:`main` runs one
+(``ctrl benchmark`` runs its rows through it; tests and scripts read ``cli.trainer.callback_metrics``).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from ctrl.callbacks import ResumableCheckpoint
+from ctrl.errors import SettingError
+from ctrl.parser import CtrlArgumentParser
+from ctrl.registry import load_plugins
+
+
+class CtrlCLI(LightningCLI):
+    """LightningCLI with ctrl's plugins loaded before parsing, so configs can name them by class name."""
+
+    def __init__(self, *args, **kwargs):
+        load_plugins()
+        kwargs.setdefault("parser_class", CtrlArgumentParser)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, evaluate the fitted model on the test seeds (as ctrl test does)")
+
+    def after_fit(self) -> None:
+        if self.config_init[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
+            fitted = dict(self.trainer.callback_metrics)  # test() starts its own; keep fit's val/... beside them
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self.trainer.callback_metrics.update({k: v for k, v in fitted.items() if k not in
+                                                  self.trainer.callback_metrics})
+
+    def instantiate_classes(self) -> None:
+        """Build every class of the config; a :class:`SettingError` is worded with its setting's path."""
+        try:
+            super().instantiate_classes()
+        except SettingError as err:
+            raise err.locate(self.config.get(str(self.config.get("subcommand")), self.config)) from None
+
+    def instantiate_trainer(self, **kwargs):
+        self._check_devices(self._get(self.config_init, "trainer", {}))
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResumableCheckpoint):
+                callback.place_in(trainer)
+        return trainer
+
+    @staticmethod
+    def _check_devices(trainer: dict) -> None:
+        """GPUs asked for that this machine does not have: one message, before Lightning's own."""
+        accelerator, devices = str(trainer.get("accelerator") or "auto").lower(), trainer.get("devices")
+        if accelerator not in ("gpu", "cuda"):
+            return
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise ValueError(f"trainer.accelerator={accelerator} but this machine has no GPU that torch can use; set "
+                             "--trainer.accelerator cpu (or auto).")
+        if isinstance(devices, int) and devices > have:
+            raise ValueError(f"trainer.devices={devices} but this machine has {have} GPU(s); ask for at most {have}, "
+                             "or -1 for all.")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint here, before anything else: a missing or damaged file is refused first.
+        path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
+        if path is not None and path not in ("last", "best", "hpc"):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--ckpt_path: no checkpoint at '{path}'; give the path of a .ckpt file "
+                                        "(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt) or 'last'.")
+            if not zipfile.is_zipfile(path):
+                raise ValueError(f"--ckpt_path: '{path}' is not a readable checkpoint (truncated, or not written by "
+                                 "torch.save); use an intact one, e.g. the run's checkpoints/last.ckpt.")
+        super()._parse_ckpt_path()
+
+    def _check_run_settings(self) -> None:
+        """Before any work: checkpoints load as weights only, and (for fit) the output folder can be written."""
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True  # never unpickle code from a checkpoint
+        if self.subcommand == "fit":
+            root = Path(self.trainer.default_root_dir)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                probe = root / f".ctrl-write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as err:
+                raise ValueError(f"trainer.default_root_dir '{root}' is not writable ({err.strerror or err}); set "
+                                 "--trainer.default_root_dir to a folder you can write to.") from err
+
+    def before_validate(self) -> None:
+        self._check_run_settings()
+
+    def before_test(self) -> None:
+        self._check_run_settings()
+
+    def before_predict(self) -> None:
+        self._check_run_settings()
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and the checkpoint Lightning saves when
+        SLURM preempts a job (``hpc_ckpt_N.ckpt``, which Lightning's own "last" does not consider)."""
+        self._check_run_settings()
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        root = Path(self.trainer.default_root_dir)
+        candidates = list(root.glob("hpc_ckpt_*.ckpt"))
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is not None:
+                candidates += Path(callback.dirpath).glob("last*.ckpt")
+        if candidates:
+            config["ckpt_path"] = str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def main(args: list[str] | None = None, run: bool = True) -> CtrlCLI:
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None) and return it, so tests and scripts can read
+    ``cli.trainer.callback_metrics``."""
+    return CtrlCLI(args=args, run=run)
