@@ -3,7 +3,6 @@ the context the module gives a plugin, and the minibatch loop of the algorithms 
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ctrl.algorithms.rollouts import pick_steps
 from ctrl.errors import SettingError
 from ctrl.rewards.base import Reward
 from ctrl.sampling import GradientPlan, StepGrid, Trajectory
@@ -28,10 +28,9 @@ class AlgorithmContext:
     Attributes:
         num_labels: the policy's labels (a null label comes after them; None: not known yet).
         num_stochastic: the steps with noise (sigma > 0) of a training rollout (None: not known yet).
-        sum_over_ranks: sums a tensor over all processes (identity on one process), so that statistics over
-            a rollout (advantage baselines) are those of the global batch.
-        gradient_checkpointing: recompute each re-evaluated step's network call in the backward pass: a loss
-            over many stored steps otherwise holds every step's graph.
+        sum_over_ranks: sums a tensor over all processes (identity on one process): rollout statistics
+            (advantage baselines) of the global batch.
+        gradient_checkpointing: recompute each re-evaluated step's network call in the backward pass.
     """
 
     num_labels: int | None = None
@@ -41,8 +40,10 @@ class AlgorithmContext:
 
     def __setattr__(self, name: str, value) -> None:
         if name not in self.__dataclass_fields__:
-            raise ContextError(f"AlgorithmContext has no setting '{name}' (it holds {', '.join(self.__dataclass_fields__)}); "
-                               "a plugin keeps its own state on itself.")
+            fields = ", ".join(self.__dataclass_fields__)
+            raise ContextError(
+                f"AlgorithmContext has no setting '{name}' ({fields}); a plugin keeps its state on itself."
+            )
         super().__setattr__(name, value)
 
 
@@ -131,16 +132,27 @@ class MinibatchAlgorithm(Algorithm):
             ``timestep_fraction``); the loss is rescaled to stay unbiased.
     """
 
-    def __init__(self, alpha: float = 0.1, inner_epochs: int = 1, minibatch_size: int | None = None,
-                 timestep_fraction: float = 1.0):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        inner_epochs: int = 1,
+        minibatch_size: int | None = None,
+        timestep_fraction: float = 1.0,
+    ):
         super().__init__(alpha)
         if inner_epochs < 1:
             raise SettingError(self, "inner_epochs", f"must be >= 1, got {inner_epochs}.")
         if minibatch_size is not None and minibatch_size < 1:
-            raise SettingError(self, "minibatch_size", f"must be >= 1 or null (the whole rollout), got {minibatch_size}.")
+            raise SettingError(
+                self, "minibatch_size", f"must be >= 1 or null (the whole rollout), got {minibatch_size}."
+            )
         if not 0 < timestep_fraction <= 1:
             raise SettingError(self, "timestep_fraction", f"must lie in (0, 1], got {timestep_fraction}.")
-        self.inner_epochs, self.minibatch_size, self.timestep_fraction = inner_epochs, minibatch_size, timestep_fraction
+        self.inner_epochs, self.minibatch_size, self.timestep_fraction = (
+            inner_epochs,
+            minibatch_size,
+            timestep_fraction,
+        )
 
     def minibatches(self, chains: Tensor, trajectory: Trajectory) -> Iterator[tuple[Tensor, list[int]]]:
         """``(indices, steps)`` per optimizer step: ``chains`` ``[K]`` (indices into the rollout) in a new random
@@ -149,38 +161,3 @@ class MinibatchAlgorithm(Algorithm):
         for _ in range(self.inner_epochs):
             for idx in chains[torch.randperm(len(chains), device=chains.device)].split(size):
                 yield idx, pick_steps(trajectory.stochastic_steps, self.timestep_fraction)
-
-
-def scored_rollout(trajectory: Trajectory, policy, reward: Reward) -> tuple[Trajectory, Tensor] | None:
-    """The rollout's rewards ``[B']`` (no gradient) and the chains they belong to, non-finite ones dropped
-    (:func:`finite_rewards`); None when no reward is finite."""
-    with torch.no_grad():
-        rewards = policy.score(reward, trajectory.samples, trajectory.labels)
-    keep = finite_rewards(rewards)
-    if not keep.any():
-        return None
-    return trajectory.select(keep), rewards[keep]
-
-
-def pick_steps(steps: list[int], fraction: float) -> list[int]:
-    """A random ``fraction`` of ``steps`` (at least one), in order (DDPO's timestep_fraction)."""
-    n = max(1, round(fraction * len(steps)))
-    return sorted(steps[i] for i in torch.randperm(len(steps))[:n].tolist())
-
-
-class NonFiniteRewardWarning(RuntimeWarning):
-    """A reward returned NaN or Inf for some samples of a step (they were dropped)."""
-
-
-def finite_rewards(rewards: Tensor) -> Tensor:
-    """Mask ``[B]`` of finite rewards; NaN or Inf ones are reported with their count (and must be dropped).
-
-    A reward that is NaN for some samples must never be averaged in silently: it would poison the
-    whole step.
-    """
-    finite = torch.isfinite(rewards)
-    bad = int((~finite).sum())
-    if bad:
-        warnings.warn(f"the reward returned NaN or Inf for {bad} of {len(rewards)} samples; they are dropped "
-                      "from this step", NonFiniteRewardWarning, stacklevel=2)
-    return finite

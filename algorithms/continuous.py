@@ -51,9 +51,12 @@ class ValueNetwork(nn.Module):
         else:
             c = sample_shape[0]
             self.body = nn.Sequential(
-                nn.Conv2d(c + 1, width // 2, 3, padding=1), nn.SiLU(),
-                nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.SiLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Conv2d(c + 1, width // 2, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(width // 2, width, 3, stride=2, padding=1),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
         # Zero output at the start: V begins as the structural prior cos(pi t / 2T) r(x0_hat) alone.
@@ -82,19 +85,26 @@ class ValueMinibatch(PPOMinibatch):
 
 class ContinuousTimePG(PPO):
     """Args (and every setting of :class:`PPO`, passed on to it):
-        value_lr: learning rate of NN_phi (> 0).
-        value_width: width of NN_phi (built at setup for the policy's sample shape and labels).
-        value_coef: weight of the value regression in the loss.
-        gae_lambda: mixes the one-step temporal difference (0, the paper's) with the Monte-Carlo
-            return (1), as generalised advantage estimation does.
-        anchor_model: whose eps gives x0_hat in V's anchor: "pretrained" (default) or "policy" (the
-            paper's). See the module docstring for why.
+    value_lr: learning rate of NN_phi (> 0).
+    value_width: width of NN_phi (built at setup for the policy's sample shape and labels).
+    value_coef: weight of the value regression in the loss.
+    gae_lambda: mixes the one-step temporal difference (0, the paper's) with the Monte-Carlo
+        return (1), as generalised advantage estimation does.
+    anchor_model: whose eps gives x0_hat in V's anchor: "pretrained" (default) or "policy" (the
+        paper's). See the module docstring for why.
     """
 
     minibatch_type = ValueMinibatch
 
-    def __init__(self, value_lr: float = 1e-3, value_width: int = 64, value_coef: float = 1.0,
-                 gae_lambda: float = 0.0, anchor_model: Literal["pretrained", "policy"] = "pretrained", **ppo):
+    def __init__(
+        self,
+        value_lr: float = 1e-3,
+        value_width: int = 64,
+        value_coef: float = 1.0,
+        gae_lambda: float = 0.0,
+        anchor_model: Literal["pretrained", "policy"] = "pretrained",
+        **ppo,
+    ):
         super().__init__(**ppo)
         if value_lr <= 0:
             raise SettingError(self, "value_lr", f"must be > 0, got {value_lr}.")
@@ -151,8 +161,9 @@ class ContinuousTimePG(PPO):
         chain's own value would scale its gradient by (1 - 1/n)), what V regresses and V's anchor."""
         latents, labels, grid, n = trajectory.latents, trajectory.labels, trajectory.grid, trajectory.num_steps
         anchor = torch.stack([self._anchor(policy, reward, grid, k, latents[:, k], labels) for k in range(n)], 1)
-        v = torch.stack([self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)]
-                        + [rewards], 1)  # V at x_0 is the reward itself
+        v = torch.stack(
+            [self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)] + [rewards], 1
+        )  # V at x_0 is the reward itself
         advantages = self._normalise(self._reward_advantage(v) - self.alpha * trajectory.kl_to_go(), labels)
         return {"advantages": advantages, "returns": rewards[:, None].expand(-1, n), "value_anchor": anchor}
 
@@ -167,6 +178,10 @@ class ContinuousTimePG(PPO):
             kl_total += float(kl.detach().mean())
             clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
         n = len(batch.steps)
-        return {"loss": policy_loss * scale + self.value_coef * value_loss / n, "reward": batch.rewards.mean(),
-                "kl": torch.tensor(kl_total * scale), "value_loss": (value_loss / n).detach(),
-                "clip_fraction": torch.tensor(clipped / n)}
+        return {
+            "loss": policy_loss * scale + self.value_coef * value_loss / n,
+            "reward": batch.rewards.mean(),
+            "kl": torch.tensor(kl_total * scale),
+            "value_loss": (value_loss / n).detach(),
+            "clip_fraction": torch.tensor(clipped / n),
+        }

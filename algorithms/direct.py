@@ -27,41 +27,56 @@ from __future__ import annotations
 
 import torch
 
-from ctrl.algorithms.base import Algorithm, finite_rewards
+from ctrl.algorithms.base import Algorithm
+from ctrl.algorithms.rollouts import finite_rewards
 from ctrl.errors import SettingError
 from ctrl.sampling import GradientPlan
 
 
 class DirectBackprop(Algorithm):
     """Args:
-        alpha: the KL weight (>= 0).
-        backprop_steps: steps at the end of the chain that carry gradients (None: all).
-        random_truncation: draw the number of steps uniformly from 1..backprop_steps each batch.
-        unbiased_truncation: with random truncation, weight each step's parameter gradient by
-            1 / P(step inside the window) (module docstring); False is AlignProp's own estimator.
+    alpha: the KL weight (>= 0).
+    backprop_steps: steps at the end of the chain that carry gradients (None: all).
+    random_truncation: draw the number of steps uniformly from 1..backprop_steps each batch.
+    unbiased_truncation: with random truncation, weight each step's parameter gradient by
+        1 / P(step inside the window) (module docstring); False is AlignProp's own estimator.
     """
 
     requires_grad_through_sampler = True
 
-    def __init__(self, alpha: float = 0.1, backprop_steps: int | None = None, random_truncation: bool = False,
-                 unbiased_truncation: bool = True):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        backprop_steps: int | None = None,
+        random_truncation: bool = False,
+        unbiased_truncation: bool = True,
+    ):
         super().__init__(alpha)
         if backprop_steps is not None and backprop_steps < 1:
-            raise SettingError(self, "backprop_steps", f"must be >= 1 or null (the whole chain), got {backprop_steps}.")
+            raise SettingError(
+                self, "backprop_steps", f"must be >= 1 or null (the whole chain), got {backprop_steps}."
+            )
         self.backprop_steps = backprop_steps
         self.random_truncation, self.unbiased_truncation = random_truncation, unbiased_truncation
 
     def setup(self, policy, reward, context=None) -> None:
         super().setup(policy, reward, context)
         if not getattr(reward, "differentiable", False):
-            raise ValueError(f"DirectBackprop needs a differentiable reward, but {type(reward).__name__} is not "
-                             "(its gradient carries no signal); use a score-function algorithm such as PPO, "
-                             "or a differentiable reward.")
+            raise ValueError(
+                f"DirectBackprop needs a differentiable reward, but {type(reward).__name__} is not "
+                "(its gradient carries no signal); use a score-function algorithm such as PPO, "
+                "or a differentiable reward."
+            )
         n = self.context.num_stochastic
         if n is not None and self.backprop_steps is not None and self.backprop_steps > n:
-            raise SettingError(self, "backprop_steps", f"={self.backprop_steps} is more than the {n} stochastic steps "
-                               "of a training rollout (num_steps; a deterministic last step is not counted): set it "
-                               f"to at most {n}, or null for the whole chain.", value=self.backprop_steps)
+            raise SettingError(
+                self,
+                "backprop_steps",
+                f"={self.backprop_steps} is more than the {n} stochastic steps "
+                "of a training rollout (num_steps; a deterministic last step is not counted): set it "
+                f"to at most {n}, or null for the whole chain.",
+                value=self.backprop_steps,
+            )
 
     def _k_max(self, num_stochastic: int) -> int:
         return num_stochastic if self.backprop_steps is None else self.backprop_steps
@@ -87,6 +102,10 @@ class DirectBackprop(Algorithm):
         kl = trajectory.kl.sum(1)[finite]
         objective = rewards[finite] - self.alpha * kl
         # With no finite reward the loss is a zero that still reaches the graph (NaN * 0 would be NaN).
-        return {"loss": -objective.mean() if finite.any() else trajectory.kl.sum() * 0.0,
-                "reward": rewards[finite].mean().detach(), "kl": kl.mean().detach(),
-                "objective": objective.mean().detach(), "nonfinite_rewards": (~finite).sum().float()}
+        return {
+            "loss": -objective.mean() if finite.any() else trajectory.kl.sum() * 0.0,
+            "reward": rewards[finite].mean().detach(),
+            "kl": kl.mean().detach(),
+            "objective": objective.mean().detach(),
+            "nonfinite_rewards": (~finite).sum().float(),
+        }

@@ -25,7 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm, scored_rollout
+from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm
+from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
 from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_means
 
@@ -41,22 +42,29 @@ class PPOMinibatch(Minibatch):
 
 class PPO(MinibatchAlgorithm):
     """Args:
-        alpha, inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
-            (:class:`ctrl.algorithms.base.MinibatchAlgorithm`).
-        clip_range: PPO's epsilon (> 0): ratios are clipped to [1 - eps, 1 + eps].
-        advantages: "center" (subtract the per-step mean of the other chains) or "standardize" (also divide by
-            the std).
-        per_condition: compute the baselines per label instead of over the whole batch.
-        advantage_clip: clip advantages to +-this (None: no clipping).
+    alpha, inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
+        (:class:`ctrl.algorithms.base.MinibatchAlgorithm`).
+    clip_range: PPO's epsilon (> 0): ratios are clipped to [1 - eps, 1 + eps].
+    advantages: "center" (subtract the per-step mean of the other chains) or "standardize" (also divide by
+        the std).
+    per_condition: compute the baselines per label instead of over the whole batch.
+    advantage_clip: clip advantages to +-this (None: no clipping).
     """
 
     requires_log_prob = True
     minibatch_type = PPOMinibatch
 
-    def __init__(self, alpha: float = 0.1, clip_range: float = 0.2, inner_epochs: int = 1,
-                 minibatch_size: int | None = None, timestep_fraction: float = 1.0,
-                 advantages: Literal["center", "standardize"] = "center", per_condition: bool = False,
-                 advantage_clip: float | None = None):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        clip_range: float = 0.2,
+        inner_epochs: int = 1,
+        minibatch_size: int | None = None,
+        timestep_fraction: float = 1.0,
+        advantages: Literal["center", "standardize"] = "center",
+        per_condition: bool = False,
+        advantage_clip: float | None = None,
+    ):
         super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction)
         if clip_range <= 0:
             raise SettingError(self, "clip_range", f"must be > 0, got {clip_range}.")
@@ -82,7 +90,9 @@ class PPO(MinibatchAlgorithm):
         group = labels if self.per_condition else torch.zeros_like(labels)
         onehot = torch.nn.functional.one_hot(group, self.context.num_labels + 1).double()  # [B, G]: and the null label
         r = returns.double()
-        sums = self.context.sum_over_ranks(torch.stack([onehot.T @ torch.ones_like(r), onehot.T @ r, onehot.T @ r.square()]))
+        sums = self.context.sum_over_ranks(
+            torch.stack([onehot.T @ torch.ones_like(r), onehot.T @ r, onehot.T @ r.square()])
+        )
         count, total, square = sums[:, group]  # [B, N] each: the chain's group
         alone = count < 2
         batch = sums.sum(1, keepdim=True).expand(-1, len(r), -1)  # [3, B, N]: the whole batch
@@ -116,16 +126,27 @@ class PPO(MinibatchAlgorithm):
         chains = torch.arange(len(rewards), device=rewards.device)
         for idx, steps in self.minibatches(chains, trajectory):
             yield self.minibatch_type(
-                latents=trajectory.latents[idx], old_log_probs=trajectory.log_probs[idx],
-                labels=trajectory.labels[idx], rewards=rewards[idx], grid=trajectory.grid, steps=steps,
-                **{name: value[idx] for name, value in per_chain.items()})
+                latents=trajectory.latents[idx],
+                old_log_probs=trajectory.log_probs[idx],
+                labels=trajectory.labels[idx],
+                rewards=rewards[idx],
+                grid=trajectory.grid,
+                steps=steps,
+                **{name: value[idx] for name, value in per_chain.items()},
+            )
 
     def clipped_step(self, batch, k: int, policy) -> tuple[Tensor, Tensor, Tensor]:
         """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
         differentiable in the policy) and the importance ratio ``[M]``."""
         s = float(batch.grid.sigma[k])
-        mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels,
-                                    gradient_checkpointing=self.context.gradient_checkpointing)
+        mean, mean_pre = step_means(
+            policy,
+            batch.latents[:, k],
+            batch.grid,
+            k,
+            batch.labels,
+            gradient_checkpointing=self.context.gradient_checkpointing,
+        )
         ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
         adv = batch.advantages[:, k]
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
@@ -141,6 +162,11 @@ class PPO(MinibatchAlgorithm):
             kl_total += float(kl.detach().mean())
             approx_kl += float((0.5 * ratio.detach().log().square()).mean())
         n = len(batch.steps)
-        return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale),
-                "clip_fraction": torch.tensor(clipped / n), "approx_policy_kl": torch.tensor(approx_kl / n),
-                "advantage_abs": batch.advantages.abs().mean()}
+        return {
+            "loss": total * scale,
+            "reward": batch.rewards.mean(),
+            "kl": torch.tensor(kl_total * scale),
+            "clip_fraction": torch.tensor(clipped / n),
+            "approx_policy_kl": torch.tensor(approx_kl / n),
+            "advantage_abs": batch.advantages.abs().mean(),
+        }

@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm, scored_rollout
+from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm
+from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
 from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean, step_means
 
@@ -39,17 +40,24 @@ class RAFTMinibatch(Minibatch):
 
 class RAFT(MinibatchAlgorithm):
     """Args:
-        alpha: KL weight (> 0 for "tilted", >= 0 for "top").
-        selection: "top" (keep the best fraction) or "tilted" (importance weights; see module docstring).
-        keep_fraction: fraction kept by "top", in (0, 1].
-        per_condition: rank within each label.
-        inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
-            (:class:`ctrl.algorithms.base.MinibatchAlgorithm`), over the kept chains.
+    alpha: KL weight (> 0 for "tilted", >= 0 for "top").
+    selection: "top" (keep the best fraction) or "tilted" (importance weights; see module docstring).
+    keep_fraction: fraction kept by "top", in (0, 1].
+    per_condition: rank within each label.
+    inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
+        (:class:`ctrl.algorithms.base.MinibatchAlgorithm`), over the kept chains.
     """
 
-    def __init__(self, alpha: float = 0.1, selection: Literal["top", "tilted"] = "top", keep_fraction: float = 0.25,
-                 per_condition: bool = True, inner_epochs: int = 1, minibatch_size: int | None = None,
-                 timestep_fraction: float = 1.0):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        selection: Literal["top", "tilted"] = "top",
+        keep_fraction: float = 0.25,
+        per_condition: bool = True,
+        inner_epochs: int = 1,
+        minibatch_size: int | None = None,
+        timestep_fraction: float = 1.0,
+    ):
         super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction)
         if selection == "tilted" and alpha == 0:
             raise SettingError(self, "alpha", "must be > 0 with selection 'tilted' (its weights are exp(r / alpha)).")
@@ -59,8 +67,11 @@ class RAFT(MinibatchAlgorithm):
 
     def _weights(self, trajectory, rewards: Tensor) -> Tensor:
         labels = trajectory.labels
-        groups = ([labels == y for y in labels.unique()] if self.per_condition
-                  else [torch.ones_like(labels, dtype=torch.bool)])
+        groups = (
+            [labels == y for y in labels.unique()]
+            if self.per_condition
+            else [torch.ones_like(labels, dtype=torch.bool)]
+        )
         weights = torch.zeros_like(rewards)
         for g in groups:
             if self.selection == "top":
@@ -83,9 +94,14 @@ class RAFT(MinibatchAlgorithm):
             # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled
             # by kept / its size, estimates the rollout's weighted fit without bias (renormalising it would
             # not); an epoch's minibatch losses average to it exactly when the minibatch size divides kept.
-            yield RAFTMinibatch(latents=trajectory.latents[idx], labels=trajectory.labels[idx],
-                                rewards=rewards[idx], steps=steps, grid=trajectory.grid,
-                                weights=weights[idx] * (len(kept) / len(idx)))
+            yield RAFTMinibatch(
+                latents=trajectory.latents[idx],
+                labels=trajectory.labels[idx],
+                rewards=rewards[idx],
+                steps=steps,
+                grid=trajectory.grid,
+                weights=weights[idx] * (len(kept) / len(idx)),
+            )
 
     def loss(self, batch: RAFTMinibatch, policy, reward):
         total, kl_total = 0.0, 0.0
@@ -94,8 +110,14 @@ class RAFT(MinibatchAlgorithm):
         for k in batch.steps:
             s = float(batch.grid.sigma[k])
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
-                mean, mean_pre = step_means(policy, batch.latents[:, k], batch.grid, k, batch.labels,
-                                            gradient_checkpointing=self.context.gradient_checkpointing)
+                mean, mean_pre = step_means(
+                    policy,
+                    batch.latents[:, k],
+                    batch.grid,
+                    k,
+                    batch.labels,
+                    gradient_checkpointing=self.context.gradient_checkpointing,
+                )
                 fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * fit).sum()
@@ -103,11 +125,21 @@ class RAFT(MinibatchAlgorithm):
                 a, a_prev = float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])
                 noise = torch.randn_like(x0)
                 x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
-                mean, mean_pre = step_means(policy, x_t, batch.grid, k, batch.labels,
-                                            gradient_checkpointing=self.context.gradient_checkpointing)
+                mean, mean_pre = step_means(
+                    policy,
+                    x_t,
+                    batch.grid,
+                    k,
+                    batch.labels,
+                    gradient_checkpointing=self.context.gradient_checkpointing,
+                )
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
             kl_total += float(kl.detach().mean())
-        return {"loss": total * scale, "reward": batch.rewards.mean(), "kl": torch.tensor(kl_total * scale),
-                "kept": torch.tensor(float(len(batch.weights)))}
+        return {
+            "loss": total * scale,
+            "reward": batch.rewards.mean(),
+            "kl": torch.tensor(kl_total * scale),
+            "kept": torch.tensor(float(len(batch.weights))),
+        }

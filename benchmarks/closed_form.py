@@ -33,22 +33,40 @@ def main_(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)\n")
-    print("| plugin | world | chain optimum, exact moments (mean / cov) | chain optimum, samples | "
-          "continuous target, samples | wall time |")
+    print(
+        "| plugin | world | chain optimum, exact moments (mean / cov) | chain optimum, samples | "
+        "continuous target, samples | wall time |"
+    )
     print("|---|---|---|---|---|---|")
     for algorithm in ALGORITHMS:
         for world in ("shipped", "other"):
             overrides = [] if world == "shipped" else OTHER + LARGER_ROLLOUT.get(algorithm, [])
             start = time.perf_counter()
-            cli = main(["fit", "--config", str(ROOT / "configs" / "gaussian" / f"{algorithm}.yaml"),
-                        "--trainer.default_root_dir", f"{args.output}/{algorithm}-{world}", "--trainer.logger",
-                        "false", "--trainer.enable_progress_bar", "false", *overrides])
+            cli = main(
+                [
+                    "fit",
+                    "--config",
+                    str(ROOT / "configs" / "gaussian" / f"{algorithm}.yaml"),
+                    "--trainer.default_root_dir",
+                    f"{args.output}/{algorithm}-{world}",
+                    "--trainer.logger",
+                    "false",
+                    "--trainer.enable_progress_bar",
+                    "false",
+                    *overrides,
+                ]
+            )
             seconds = time.perf_counter() - start
             m = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()}
-            cells = [f"{m[f'{name}_mean_rel_err']:.4f} / {m[f'{name}_cov_rel_err']:.4f}"
-                     for name in ("policy_optimum", "optimum", "target")]
-            print(f"| {algorithm} | {world}{' (1,024 chains)' if world == 'other' and algorithm in LARGER_ROLLOUT else ''}"
-                  f" | {' | '.join(cells)} | {seconds:.0f} s |", flush=True)
+            cells = [
+                f"{m[f'{name}_mean_rel_err']:.4f} / {m[f'{name}_cov_rel_err']:.4f}"
+                for name in ("policy_optimum", "optimum", "target")
+            ]
+            chains = " (1,024 chains)" if world == "other" and algorithm in LARGER_ROLLOUT else ""
+            print(
+                f"| {algorithm} | {world}{chains} | {' | '.join(cells)} | {seconds:.0f} s |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

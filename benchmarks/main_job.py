@@ -54,14 +54,38 @@ def run(args, overrides: list[str]) -> None:
     rows = []
     for seed in args.seeds:
         start = time.perf_counter()
-        cli = main(["fit", "--config", args.config, "--seed_everything", str(seed), "--data.seed", str(seed),
-                    "--trainer.default_root_dir", str(out / "runs" / f"seed_{seed}"), "--trainer.logger", "false",
-                    "--trainer.enable_progress_bar", "false", "--test_after_fit", "false", *overrides])
+        cli = main(
+            [
+                "fit",
+                "--config",
+                args.config,
+                "--seed_everything",
+                str(seed),
+                "--data.seed",
+                str(seed),
+                "--trainer.default_root_dir",
+                str(out / "runs" / f"seed_{seed}"),
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--test_after_fit",
+                "false",
+                *overrides,
+            ]
+        )
         fit_seconds = time.perf_counter() - start
         for split in ("val", "test"):
             for gamma in args.gammas:
-                rows.append({"seed": seed, "split": split, "gamma": gamma, "fit_seconds": round(fit_seconds, 1),
-                             **{k: round(v, 4) for k, v in evaluate(cli, split, gamma).items()}})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "split": split,
+                        "gamma": gamma,
+                        "fit_seconds": round(fit_seconds, 1),
+                        **{k: round(v, 4) for k, v in evaluate(cli, split, gamma).items()},
+                    }
+                )
         with open(out / "rows.csv", "w", newline="") as f:  # after every seed: a killed run keeps what it has
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -72,22 +96,37 @@ def run(args, overrides: list[str]) -> None:
 
     allowed = [g for g in args.gammas if statistics.mean(pick("val", g, "frechet_ratio")) <= args.max_frechet_ratio]
     chosen = max(allowed or args.gammas, key=lambda g: statistics.mean(pick("val", g, "accuracy")))
-    lines = [f"# Main job over training seeds {args.seeds}", "",
-             f"`python benchmarks/main_job.py --seeds {' '.join(map(str, args.seeds))} --gammas "
-             f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}`"
-             + (f" `-- {' '.join(overrides)}`" if overrides else ""), "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"{args.threads} torch threads. Config: `{args.config}`.", "",
-             "Validation seeds (choice of gamma: highest mean accuracy with mean Frechet <= "
-             f"{args.max_frechet_ratio}x the pretrained model's):", "",
-             "| gamma | accuracy | macro-F1 | Frechet / pretrained |", "|---|---|---|---|"]
+    lines = [
+        f"# Main job over training seeds {args.seeds}",
+        "",
+        f"`python benchmarks/main_job.py --seeds {' '.join(map(str, args.seeds))} --gammas "
+        f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}`"
+        + (f" `-- {' '.join(overrides)}`" if overrides else ""),
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{args.threads} torch threads. Config: `{args.config}`.",
+        "",
+        "Validation seeds (choice of gamma: highest mean accuracy with mean Frechet <= "
+        f"{args.max_frechet_ratio}x the pretrained model's):",
+        "",
+        "| gamma | accuracy | macro-F1 | Frechet / pretrained |",
+        "|---|---|---|---|",
+    ]
     for g in args.gammas:
-        lines.append(f"| {g} | {mean_std(pick('val', g, 'accuracy'))} | {mean_std(pick('val', g, 'macro_f1'))} | "
-                     f"{mean_std(pick('val', g, 'frechet_ratio'))} |")
-    lines += ["", f"Chosen gamma: {chosen}" + ("" if allowed else " (no gamma met the Frechet bound: the most "
-                                                                        "accurate is shown)"), "",
-              f"Test seeds at gamma {chosen} (mean +- std over {len(args.seeds)} training seeds; min over seeds):", "",
-              "| metric | mean +- std | min | max |", "|---|---|---|---|"]
+        lines.append(
+            f"| {g} | {mean_std(pick('val', g, 'accuracy'))} | {mean_std(pick('val', g, 'macro_f1'))} | "
+            f"{mean_std(pick('val', g, 'frechet_ratio'))} |"
+        )
+    lines += [
+        "",
+        f"Chosen gamma: {chosen}"
+        + ("" if allowed else " (no gamma met the Frechet bound: the most accurate is shown)"),
+        "",
+        f"Test seeds at gamma {chosen} (mean +- std over {len(args.seeds)} training seeds; min over seeds):",
+        "",
+        "| metric | mean +- std | min | max |",
+        "|---|---|---|---|",
+    ]
     for key in METRICS + ("frechet_pretrained", "frechet_ratio", "fit_seconds"):
         values = pick("test", chosen, key)
         lines.append(f"| {key} | {mean_std(values)} | {min(values):.3f} | {max(values):.3f} |")

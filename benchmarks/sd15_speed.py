@@ -45,19 +45,38 @@ def make_sd15(directory: Path) -> str:
     from ctrl.testing import make_tiny_sd
 
     make_tiny_sd(directory)  # tokenizer and scheduler layout; the models are replaced below
-    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(torch.bfloat16) \
-        .save_pretrained(directory / "unet")
-    AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4) \
-        .to(torch.bfloat16).save_pretrained(directory / "vae")
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(
+        torch.bfloat16
+    ).save_pretrained(directory / "unet")
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    ).to(torch.bfloat16).save_pretrained(directory / "vae")
     tokenizer_config = json.loads((directory / "tokenizer" / "tokenizer_config.json").read_text())
     tokenizer_config["model_max_length"] = 77
     (directory / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77)).to(torch.bfloat16) \
-        .save_pretrained(directory / "text_encoder")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(directory / "scheduler")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+        )
+    ).to(torch.bfloat16).save_pretrained(directory / "text_encoder")
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(directory / "scheduler")
     return str(directory)
 
 
@@ -121,19 +140,34 @@ def main() -> None:
     save_classifier(ConvClassifier(num_labels=4, channels=3, width=32), 1.0, work / "clf.safetensors")
     peak = bf16_peak(device)
     dtype = "float32" if args.tiny or device.type == "cpu" else "bfloat16"
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
-    print(f"{'plugin':<18}{'batch':>6}{'rollout img/s':>15}{'train step s':>14}{'peak GiB':>10}"
-          f"{'TFLOP/step':>12}{'MFU':>7}")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+        f"measured matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})"
+    )
+    print(
+        f"{'plugin':<18}{'batch':>6}{'rollout img/s':>15}{'train step s':>14}{'peak GiB':>10}"
+        f"{'TFLOP/step':>12}{'MFU':>7}"
+    )
     rows = []
     for name in args.plugins:
         conditional = name == "DirectBackprop"
-        policy = StableDiffusionPolicy(pipeline, prompts=["a photo of a cat", "a photo of a dog"],
-                                       num_classes=4 if conditional else 0, guidance_scale=7.5, dtype=dtype,
-                                       lora_rank=4)
+        policy = StableDiffusionPolicy(
+            pipeline,
+            prompts=["a photo of a cat", "a photo of a dog"],
+            num_classes=4 if conditional else 0,
+            guidance_scale=7.5,
+            dtype=dtype,
+            lora_rank=4,
+        )
         reward = ClassifierLogProb(str(work / "clf.safetensors")) if conditional else JpegCompressibility()
-        module = ControlModule(policy, reward, get_algorithm(name)(**PLUGINS[name]), num_steps=args.steps,
-                               gradient_checkpointing=True, eval_pretrained=False).to(device)
+        module = ControlModule(
+            policy,
+            reward,
+            get_algorithm(name)(**PLUGINS[name]),
+            num_steps=args.steps,
+            gradient_checkpointing=True,
+            eval_pretrained=False,
+        ).to(device)
         optimizer = torch.optim.AdamW(policy.param_groups() + module.algorithm.param_groups())
         for batch in args.batch:
             labels = torch.arange(batch, device=device) % policy.num_labels
@@ -166,10 +200,20 @@ def main() -> None:
                 print(f"{name:<18}{batch:>6}{rollout:>15.3f}  training step: out of memory", flush=True)
                 row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=None)
             else:
-                row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=step_s,
-                           peak_gib=memory, tflop_per_step=flops / 1e12, mfu=flops / step_s / peak)
-                print(f"{name:<18}{batch:>6}{rollout:>15.3f}{step_s:>14.2f}{memory:>10.1f}{flops / 1e12:>12.1f}"
-                      f"{row['mfu']:>7.1%}", flush=True)
+                row = dict(
+                    plugin=name,
+                    batch=batch,
+                    rollout_images_per_s=rollout,
+                    train_step_s=step_s,
+                    peak_gib=memory,
+                    tflop_per_step=flops / 1e12,
+                    mfu=flops / step_s / peak,
+                )
+                print(
+                    f"{name:<18}{batch:>6}{rollout:>15.3f}{step_s:>14.2f}{memory:>10.1f}{flops / 1e12:>12.1f}"
+                    f"{row['mfu']:>7.1%}",
+                    flush=True,
+                )
             rows.append(row)
             if args.out:  # every finished row is kept, whatever happens to the next
                 Path(args.out).write_text(json.dumps(rows, indent=1))

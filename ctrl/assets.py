@@ -18,12 +18,15 @@ def is_builtin(path: str) -> bool:
 def resolve_path(path: str, folder: Path = WEIGHTS_DIR, suffix: str = "") -> str:
     """``ctrl:<name>`` -> ``<folder>/<name><suffix>`` (weights by default); any other path is kept."""
     if is_builtin(path):
-        return str(folder / f"{path[len(BUILTIN_PREFIX):]}{suffix}")
+        return str(folder / f"{path[len(BUILTIN_PREFIX) :]}{suffix}")
     return path
 
 
 def shipped(folder: Path = WEIGHTS_DIR, suffix: str = "") -> list[str]:
     """The shipped assets of ``folder`` (files ending in ``suffix``, or directories), as ``ctrl:<name>``."""
-    names = [p.name[: len(p.name) - len(suffix)] for p in folder.iterdir()
-             if p.name.endswith(suffix) and not p.name.startswith(("_", "."))]
+    names = [
+        p.name[: len(p.name) - len(suffix)]
+        for p in folder.iterdir()
+        if p.name.endswith(suffix) and not p.name.startswith(("_", "."))
+    ]
     return sorted(f"{BUILTIN_PREFIX}{n}" for n in names)

@@ -73,8 +73,12 @@ def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) ->
     reward_labels = module.policy.reward_labels(labels)
     metrics = module.evaluator.evaluate(images, reward_labels) if module.evaluator else {}
     # the main figures, and per-label-set ones of a multi-task evaluator (``<set>_accuracy``, ``<set>_macro_f1``)
-    out = {k: float(v) for k, v in metrics.items() if k in ("accuracy", "macro_f1", "frechet")
-           or (k.endswith(("_accuracy", "_macro_f1")) and k != "min_class_accuracy")}
+    out = {
+        k: float(v)
+        for k, v in metrics.items()
+        if k in ("accuracy", "macro_f1", "frechet")
+        or (k.endswith(("_accuracy", "_macro_f1")) and k != "min_class_accuracy")
+    }
     out["reward"] = float(module.reward(images, reward_labels).mean())
     if kl is not None:
         out["kl"] = float(kl)
@@ -110,8 +114,15 @@ class _Table:
 
     def record(self, name: str, samples: Tensor, sampling_s: float, training_s: float, kl=None, **extra) -> None:
         images = self.base.policy.decode(samples)
-        self.rows.append({"method": name, **_scores(self.base, images, self.labels, kl),
-                          "sampling_s_per_image": sampling_s, "training_s": training_s, **extra})
+        self.rows.append(
+            {
+                "method": name,
+                **_scores(self.base, images, self.labels, kl),
+                "sampling_s_per_image": sampling_s,
+                "training_s": training_s,
+                **extra,
+            }
+        )
         self.panels.append((name, images.cpu(), self.labels))
 
     def pretrained(self) -> None:
@@ -135,7 +146,7 @@ class _Table:
             row = name if scale == module.control_scale else f"{name} gamma={scale:g}"
             kls = []
 
-            def draw(y, s):
+            def draw(y, s, scale=scale, kls=kls):
                 trajectory = module.generate(y, s, scale, self.num_steps)
                 kls.append(trajectory.kl.sum(1))
                 return trajectory.samples
@@ -153,8 +164,9 @@ def _fitted(run: FitRun, runs: Path, retrain: bool):
     return cli.model.eval(), training_s
 
 
-def _check_rows(fine_tuning: list[FitRun], inference_time: list[GuidedSampler], baseline_models: list[FitRun],
-                runs: Path) -> list:
+def _check_rows(
+    fine_tuning: list[FitRun], inference_time: list[GuidedSampler], baseline_models: list[FitRun], runs: Path
+) -> list:
     """Instantiate (and so check) every row before any training; the fine-tuning rows' modules."""
     if not fine_tuning:
         raise ValueError("fine_tuning: give at least one fine-tuning row (its config defines the task).")
@@ -163,14 +175,20 @@ def _check_rows(fine_tuning: list[FitRun], inference_time: list[GuidedSampler], 
         raise ValueError(f"benchmark: method names must be unique, got {names}; rename the fine-tuning rows.")
     trained = {m.name for m in baseline_models}
     for model in baseline_models:
-        if model.name not in names[len(fine_tuning):]:
-            raise ValueError(f"baseline_models: '{model.name}' is not one of the inference_time methods "
-                             f"{names[len(fine_tuning):]}; name the method whose model the config trains.")
+        if model.name not in names[len(fine_tuning) :]:
+            raise ValueError(
+                f"baseline_models: '{model.name}' is not one of the inference_time methods "
+                f"{names[len(fine_tuning) :]}; name the method whose model the config trains."
+            )
         model.cli(runs, None, "--model.export_dir", str(runs / model.name / "model"))
     for sampler in inference_time:
         if sampler.requires_model and not sampler.has_model() and type(sampler).__name__ not in trained:
-            raise SettingError(sampler, "pretrained", "no model to load: give the directory of a trained one, or a "
-                               f"baseline_models entry named {type(sampler).__name__} whose config trains it.")
+            raise SettingError(
+                sampler,
+                "pretrained",
+                "no model to load: give the directory of a trained one, or a "
+                f"baseline_models entry named {type(sampler).__name__} whose config trains it.",
+            )
     return [row.cli(runs) for row in fine_tuning]
 
 
@@ -210,8 +228,7 @@ def run_benchmark(
     out = Path(output)
     runs = out / "runs"
     bases = _check_rows(fine_tuning, inference_time, baseline_models, runs)
-    table = _Table(bases[0].model, per_label, seed,
-                   2 + len(inference_time) + len(fine_tuning) + len(control_scales))
+    table = _Table(bases[0].model, per_label, seed, 2 + len(inference_time) + len(fine_tuning) + len(control_scales))
     table.pretrained()
     models = {m.name: m for m in baseline_models}
     for sampler in inference_time:

@@ -11,7 +11,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 
 from ctrl.images import grid_image
 
-
 # Lightning warns at every step-triggered save under manual optimisation that the checkpoint holds the
 # state after the optimizer step: for resuming, that is exactly the state wanted.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
@@ -28,10 +27,21 @@ class ResumableCheckpoint(ModelCheckpoint):
     whole. Only ``last`` is kept unless ``save_top_k`` (with a ``monitor``) asks for more.
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 20, save_last: bool = True,
-                 save_top_k: int = 0, **kwargs):
-        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_last=save_last,
-                         save_top_k=save_top_k, **kwargs)
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int = 20,
+        save_last: bool = True,
+        save_top_k: int = 0,
+        **kwargs,
+    ):
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            **kwargs,
+        )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -90,9 +100,13 @@ class PredictionGrid(BasePredictionWriter):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             image.save(self.path)
         except OSError as err:
-            raise OSError(f"PredictionGrid path: cannot write '{self.path}' ({err.strerror}); choose a writable "
-                          "path with --trainer.callbacks.path or in the config.") from None
-        pl_module.print(f"wrote {len(samples)} samples ({rows} labels, control scale {pl_module.control_scale}) to {self.path}")
+            raise OSError(
+                f"PredictionGrid path: cannot write '{self.path}' ({err.strerror}); choose a writable "
+                "path with --trainer.callbacks.path or in the config."
+            ) from None
+        pl_module.print(
+            f"wrote {len(samples)} samples ({rows} labels, control scale {pl_module.control_scale}) to {self.path}"
+        )
 
 
 class ExportLora(Callback):
@@ -112,15 +126,19 @@ class ExportLora(Callback):
         if self.directory is None:
             self.directory = Path(trainer.default_root_dir) / "lora"
         if not hasattr(pl_module.policy, "export"):
-            raise ValueError(f"ExportLora: the policy {type(pl_module.policy).__name__} has no diffusers export; use it "
-                             "with ctrl.policy.StableDiffusionPolicy or remove the callback.")
+            raise ValueError(
+                f"ExportLora: the policy {type(pl_module.policy).__name__} has no diffusers export; use it "
+                "with ctrl.policy.StableDiffusionPolicy or remove the callback."
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             try:
                 pl_module.policy.export(self.directory)
             except OSError as err:
-                raise OSError(f"ExportLora directory: cannot write '{self.directory}' ({err.strerror}); choose a "
-                              "writable folder (trainer.callbacks' ExportLora directory).") from None
+                raise OSError(
+                    f"ExportLora directory: cannot write '{self.directory}' ({err.strerror}); choose a "
+                    "writable folder (trainer.callbacks' ExportLora directory)."
+                ) from None
             written = ", ".join(sorted(p.name for p in self.directory.iterdir()))
             pl_module.print(f"wrote {written} to {self.directory} (diffusers: pipe.load_lora_weights)")

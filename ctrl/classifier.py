@@ -27,10 +27,15 @@ class ConvClassifier(nn.Module):
         super().__init__()
         self.config = dict(num_labels=num_labels, channels=channels, width=width)
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * width, num_labels),
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * width, num_labels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -49,8 +54,10 @@ def load_classifier(path: str | Path, setting: str = "classifier path") -> tuple
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{setting}: no classifier file at '{path}'. Train one with "
-                                "`ctrl fit --config configs/digits/classifier.yaml` or give the right path.")
+        raise FileNotFoundError(
+            f"{setting}: no classifier file at '{path}'. Train one with "
+            "`ctrl fit --config configs/digits/classifier.yaml` or give the right path."
+        )
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -59,9 +66,11 @@ def load_classifier(path: str | Path, setting: str = "classifier path") -> tuple
         net.load_state_dict(state)
         temperature = float(meta["temperature"])
     except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as err:
-        raise ValueError(f"{setting}: '{path}' is not a readable ctrl classifier ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}). Retrain it with "
-                         "configs/digits/classifier.yaml.") from None
+        raise ValueError(
+            f"{setting}: '{path}' is not a readable ctrl classifier ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Retrain it with "
+            "configs/digits/classifier.yaml."
+        ) from None
     return net, temperature
 
 
@@ -76,9 +85,18 @@ class ClassifierTraining(L.LightningModule):
         export_path: where the calibrated classifier is written (safetensors) when fit ends.
     """
 
-    def __init__(self, num_labels: int = 10, channels: int = 1, width: int = 32, lr: float = 2e-3,
-                 weight_decay: float = 1e-4, robust: bool = True, max_noise_std: float = 0.3,
-                 max_fgsm_eps: float = 0.3, export_path: str | None = None):
+    def __init__(
+        self,
+        num_labels: int = 10,
+        channels: int = 1,
+        width: int = 32,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        robust: bool = True,
+        max_noise_std: float = 0.3,
+        max_fgsm_eps: float = 0.3,
+        export_path: str | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = ConvClassifier(num_labels, channels, width)
@@ -92,11 +110,14 @@ class ClassifierTraining(L.LightningModule):
     def setup(self, stage: str) -> None:
         n = getattr(self.trainer.datamodule, "num_labels", None) if self.trainer.datamodule is not None else None
         if isinstance(n, (list, tuple)):
-            raise ValueError("data.label_set: a classifier learns one label set; give one name (a list is the "
-                             "data of a conditional model, ctrl.pretrain.DiffusionPretraining).")
+            raise ValueError(
+                "data.label_set: a classifier learns one label set; give one name (a list is the "
+                "data of a conditional model, ctrl.pretrain.DiffusionPretraining)."
+            )
         if n is not None and n != self.hparams.num_labels:
-            raise ValueError(f"model.num_labels={self.hparams.num_labels} but the data's label set has {n} labels; "
-                             "make them equal.")
+            raise ValueError(
+                f"model.num_labels={self.hparams.num_labels} but the data's label set has {n} labels; make them equal."
+            )
 
     def _robust_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         b = x.shape[0]
@@ -105,7 +126,7 @@ class ClassifierTraining(L.LightningModule):
         noisy = x + torch.rand(b, 1, 1, 1, device=x.device) * self.hparams.max_noise_std * torch.randn_like(x)
         x_adv = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            grad, = torch.autograd.grad(F.cross_entropy(self.net(x_adv), y), x_adv)
+            (grad,) = torch.autograd.grad(F.cross_entropy(self.net(x_adv), y), x_adv)
         eps = torch.rand(b, 1, 1, 1, device=x.device) * self.hparams.max_fgsm_eps
         adversarial = (x + eps * grad.sign()).clamp(-1, 1)
         return torch.cat([x, shifted, noisy.clamp(-1, 1), adversarial]), y.repeat(4)
@@ -177,9 +198,11 @@ class ClassifierTraining(L.LightningModule):
         before = self.report(dm.test_dataloader())
         t = self.calibrate(dm.val_dataloader())
         after = self.report(dm.test_dataloader())
-        self.print(f"temperature scaling on '{dm.hparams.val_split}': T = {t:.3f}\n"
-                   f"'{dm.hparams.test_split}' split: accuracy {after['accuracy']:.4f}, calibration error "
-                   f"{before['calibration_error']:.4f} -> {after['calibration_error']:.4f}")
+        self.print(
+            f"temperature scaling on '{dm.hparams.val_split}': T = {t:.3f}\n"
+            f"'{dm.hparams.test_split}' split: accuracy {after['accuracy']:.4f}, calibration error "
+            f"{before['calibration_error']:.4f} -> {after['calibration_error']:.4f}"
+        )
         if self.hparams.export_path and self.trainer.is_global_zero:
             save_classifier(self.net, t, self.hparams.export_path)
             self.print(f"classifier written to {self.hparams.export_path}")

@@ -16,8 +16,14 @@ from ctrl import benchmark, commands
 from ctrl.module import RunStopped
 from ctrl.parser import condense_parser_error
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RunStopped,
-               MisconfigurationException)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    RunStopped,
+    MisconfigurationException,
+)
 
 
 def console(args: list[str] | None = None) -> None:

@@ -34,15 +34,20 @@ class CtrlCLI(LightningCLI):
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--test_after_fit", type=bool, default=False,
-                            help="after fit, evaluate the fitted model on the test seeds (as ctrl test does)")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="after fit, evaluate the fitted model on the test seeds (as ctrl test does)",
+        )
 
     def after_fit(self) -> None:
         if self.config_init[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             fitted = dict(self.trainer.callback_metrics)  # test() starts its own; keep fit's val/... beside them
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            self.trainer.callback_metrics.update({k: v for k, v in fitted.items() if k not in
-                                                  self.trainer.callback_metrics})
+            self.trainer.callback_metrics.update(
+                {k: v for k, v in fitted.items() if k not in self.trainer.callback_metrics}
+            )
 
     def instantiate_classes(self) -> None:
         """Build every class of the config; a :class:`SettingError` is worded with its setting's path."""
@@ -67,22 +72,29 @@ class CtrlCLI(LightningCLI):
             return
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if have == 0:
-            raise ValueError(f"trainer.accelerator={accelerator} but this machine has no GPU that torch can use; set "
-                             "--trainer.accelerator cpu (or auto).")
+            raise ValueError(
+                f"trainer.accelerator={accelerator} but this machine has no GPU that torch can use; set "
+                "--trainer.accelerator cpu (or auto)."
+            )
         if isinstance(devices, int) and devices > have:
-            raise ValueError(f"trainer.devices={devices} but this machine has {have} GPU(s); ask for at most {have}, "
-                             "or -1 for all.")
+            raise ValueError(
+                f"trainer.devices={devices} but this machine has {have} GPU(s); ask for at most {have}, or -1 for all."
+            )
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint here, before anything else: a missing or damaged file is refused first.
         path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
         if path is not None and path not in ("last", "best", "hpc"):
             if not Path(path).is_file():
-                raise FileNotFoundError(f"--ckpt_path: no checkpoint at '{path}'; give the path of a .ckpt file "
-                                        "(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt) or 'last'.")
+                raise FileNotFoundError(
+                    f"--ckpt_path: no checkpoint at '{path}'; give the path of a .ckpt file "
+                    "(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt) or 'last'."
+                )
             if not zipfile.is_zipfile(path):
-                raise ValueError(f"--ckpt_path: '{path}' is not a readable checkpoint (truncated, or not written by "
-                                 "torch.save); use an intact one, e.g. the run's checkpoints/last.ckpt.")
+                raise ValueError(
+                    f"--ckpt_path: '{path}' is not a readable checkpoint (truncated, or not written by "
+                    "torch.save); use an intact one, e.g. the run's checkpoints/last.ckpt."
+                )
         super()._parse_ckpt_path()
 
     def _check_run_settings(self) -> None:
@@ -98,8 +110,10 @@ class CtrlCLI(LightningCLI):
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as err:
-                raise ValueError(f"trainer.default_root_dir '{root}' is not writable ({err.strerror or err}); set "
-                                 "--trainer.default_root_dir to a folder you can write to.") from err
+                raise ValueError(
+                    f"trainer.default_root_dir '{root}' is not writable ({err.strerror or err}); set "
+                    "--trainer.default_root_dir to a folder you can write to."
+                ) from err
 
     def before_validate(self) -> None:
         self._check_run_settings()

@@ -36,8 +36,11 @@ class SettingError(ValueError):
         """Find ``owner`` in a parsed config (nested dicts / namespaces with ``class_path``) and set the path."""
         if isinstance(self.owner, str):
             return self
-        found = [(path, init) for path, class_path, init in _class_entries(_plain(config), prefix)
-                 if _resolves_to(class_path, self.owner)]
+        found = [
+            (path, init)
+            for path, class_path, init in _class_entries(_plain(config), prefix)
+            if _resolves_to(class_path, self.owner)
+        ]
         if self.value is not _UNSET and len(found) > 1:
             found = [f for f in found if f[1].get(self.key, _UNSET) == self.value] or found
         if found:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -27,12 +28,11 @@ class Evaluator(ABC):
 
     num_labels: int
 
-    def attach(self, module) -> None:
+    def attach(self, module) -> None:  # noqa: B027  (a hook: most evaluators need nothing)
         """Called once by the ControlModule that evaluates with it (an evaluator may read its settings)."""
 
     @abstractmethod
-    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        ...
+    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]: ...
 
 
 def classification_scores(judged: Tensor, labels: Tensor, num_labels: int) -> dict[str, Tensor]:
@@ -93,8 +93,10 @@ class DigitsEvaluator(Evaluator):
         return fid.compute().float()
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return {**classification_scores(self.judge(samples), labels.cpu(), self.num_labels),
-                "frechet": self.frechet(samples)}
+        return {
+            **classification_scores(self.judge(samples), labels.cpu(), self.num_labels),
+            "frechet": self.frechet(samples),
+        }
 
 
 class JpegSizeEvaluator(Evaluator):
@@ -118,8 +120,10 @@ class JpegSizeEvaluator(Evaluator):
 
     def attach(self, module) -> None:
         if module.policy.num_reward_labels != self.num_labels:
-            raise ValueError(f"model.evaluator.boundaries_kb makes {self.num_labels} classes but the policy's reward "
-                             f"labels number {module.policy.num_reward_labels}; give one boundary fewer than classes.")
+            raise ValueError(
+                f"model.evaluator.boundaries_kb makes {self.num_labels} classes but the policy's reward "
+                f"labels number {module.policy.num_reward_labels}; give one boundary fewer than classes."
+            )
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         sizes = jpeg_kilobytes(samples, self.quality).cpu()
@@ -151,8 +155,10 @@ class LabelSetEvaluator(Evaluator):
 
     def attach(self, module) -> None:
         if module.policy.num_reward_labels != self.num_labels:
-            raise ValueError(f"model.evaluator.label_sets {self.label_sets} make {self.num_labels} conditions but the "
-                             f"policy has {module.policy.num_reward_labels} labels; make them agree.")
+            raise ValueError(
+                f"model.evaluator.label_sets {self.label_sets} make {self.num_labels} conditions but the "
+                f"policy has {module.policy.num_reward_labels} labels; make them agree."
+            )
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         labels = labels.cpu()
@@ -167,7 +173,9 @@ class LabelSetEvaluator(Evaluator):
         return metrics
 
 
-def tilted_gaussian(mean: Tensor, std: float | Tensor, A: Tensor, y: Tensor, sigma: float, alpha: float) -> tuple[Tensor, Tensor]:
+def tilted_gaussian(
+    mean: Tensor, std: float | Tensor, A: Tensor, y: Tensor, sigma: float, alpha: float
+) -> tuple[Tensor, Tensor]:
     """Mean ``[d]`` and covariance ``[d, d]`` of p(x) ∝ N(x; m, s^2 I) exp(-||A x - y||^2 / (2 sigma^2 alpha)).
 
     Precision ``P = I / s^2 + A^T A / (sigma^2 alpha)``, mean ``P^-1 (m / s^2 + A^T y / (sigma^2 alpha))``.
@@ -182,9 +190,10 @@ def tilted_gaussian(mean: Tensor, std: float | Tensor, A: Tensor, y: Tensor, sig
 def gaussian_kl_full(mean: Tensor, cov: Tensor, mean_ref: Tensor, std_ref: float) -> Tensor:
     """KL(N(mean, cov) || N(mean_ref, std_ref^2 I)) in closed form."""
     d = mean.numel()
-    diff = (mean - mean_ref.double())
-    return 0.5 * (torch.trace(cov) / std_ref**2 + diff.dot(diff) / std_ref**2 - d
-                  + d * math.log(std_ref**2) - torch.logdet(cov))
+    diff = mean - mean_ref.double()
+    return 0.5 * (
+        torch.trace(cov) / std_ref**2 + diff.dot(diff) / std_ref**2 - d + d * math.log(std_ref**2) - torch.logdet(cov)
+    )
 
 
 def relative_errors(mean: Tensor, cov: Tensor, mean_ref: Tensor, cov_ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,18 +232,22 @@ class TiltedGaussianEvaluator(Evaluator):
     def attach(self, module) -> None:
         policy, reward, alpha = module.policy, module.reward, module.algorithm.alpha
         if not alpha or alpha <= 0:
-            raise ValueError("TiltedGaussianEvaluator needs the algorithm's KL weight alpha > 0 (the target "
-                             "p_pre exp(r / alpha) is undefined at alpha = 0); set model.algorithm.alpha.")
+            raise ValueError(
+                "TiltedGaussianEvaluator needs the algorithm's KL weight alpha > 0 (the target "
+                "p_pre exp(r / alpha) is undefined at alpha = 0); set model.algorithm.alpha."
+            )
         if not hasattr(policy, "affine_steps") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
-            raise ValueError("TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward "
-                             "GaussianLogLikelihood.")
+            raise ValueError(
+                "TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward GaussianLogLikelihood."
+            )
         steps = policy.affine_steps(module.eval_num_steps, module.eta, control_scale=0.0)  # the pretrained chain
         mean, cov = chain_moments(steps)  # isotropic: every pretrained step is f x + g in each coordinate
         self.pretrained = (mean, math.sqrt(float(cov[0, 0])))
         self.target = tilted_gaussian(*self.pretrained, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)
         self.optimum = chain_optimum(steps, reward.A.cpu(), reward.y.cpu(), reward.sigma, alpha)[1:]
         self.policy_moments = lambda: chain_moments(
-            policy.affine_steps(module.eval_num_steps, module.eta, control_scale=module.control_scale))
+            policy.affine_steps(module.eval_num_steps, module.eta, control_scale=module.control_scale)
+        )
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         if self.target is None:
@@ -242,9 +255,11 @@ class TiltedGaussianEvaluator(Evaluator):
         x = samples.detach().cpu().double()
         mean_hat, cov_hat = x.mean(0), torch.cov(x.T).reshape(self.target[1].shape)
         out = {}
-        for name, ref, (mean, cov) in (("target", self.target, (mean_hat, cov_hat)),
-                                       ("optimum", self.optimum, (mean_hat, cov_hat)),
-                                       ("policy_optimum", self.optimum, self.policy_moments())):
+        for name, ref, (mean, cov) in (
+            ("target", self.target, (mean_hat, cov_hat)),
+            ("optimum", self.optimum, (mean_hat, cov_hat)),
+            ("policy_optimum", self.optimum, self.policy_moments()),
+        ):
             out[f"{name}_mean_rel_err"], out[f"{name}_cov_rel_err"] = relative_errors(mean, cov, *ref)
         out["target_kl"] = gaussian_kl_full(*self.target, *self.pretrained).float()
         return out

@@ -59,8 +59,14 @@ def chain_moments(steps: list[AffineStep]) -> tuple[Tensor, Tensor]:
     return deque(_marginals(steps), maxlen=1)[0]
 
 
-def chain_optimum(pretrained: list[AffineStep], A: Tensor, y: Tensor, sigma: float, alpha: float,
-                  controlled: list[bool] | None = None) -> tuple[list[AffineStep], Tensor, Tensor]:
+def chain_optimum(
+    pretrained: list[AffineStep],
+    A: Tensor,
+    y: Tensor,
+    sigma: float,
+    alpha: float,
+    controlled: list[bool] | None = None,
+) -> tuple[list[AffineStep], Tensor, Tensor]:
     """The optimum of ``E[r(x_0)] - alpha KL`` over mean controls of the chain ``pretrained`` (module docstring).
 
     Args:
@@ -95,8 +101,9 @@ def chain_optimum(pretrained: list[AffineStep], A: Tensor, y: Tensor, sigma: flo
     return (optimal, *chain_moments(optimal))
 
 
-def chain_objective(pretrained: list[AffineStep], steps: list[AffineStep], A: Tensor, y: Tensor, sigma: float,
-                    alpha: float) -> Tensor:
+def chain_objective(
+    pretrained: list[AffineStep], steps: list[AffineStep], A: Tensor, y: Tensor, sigma: float, alpha: float
+) -> Tensor:
     """``E[r(x_0)] - alpha * sum_k E[||mu_k - mu_pre_k||^2] / (2 sigma_k^2)`` of the affine chain ``steps``
     against ``pretrained`` (same sigmas), exactly; differentiable in the steps' F and g."""
     marginals = list(_marginals(steps))

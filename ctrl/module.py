@@ -16,8 +16,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from ctrl.algorithms.base import Algorithm, AlgorithmContext, NonFiniteRewardWarning
-from ctrl.errors import renamed_setting
+from ctrl.algorithms.base import Algorithm, AlgorithmContext
+from ctrl.algorithms.rollouts import NonFiniteRewardWarning
+from ctrl.errors import SettingError, renamed_setting
 from ctrl.evaluation import Evaluator
 from ctrl.images import image_grid
 from ctrl.policy.base import DiffusionPolicy
@@ -86,35 +87,20 @@ class ControlModule(L.LightningModule):
             control_scale = renamed_setting(type(self), "guidance", guidance, "control_scale", given)
         # An algorithm may take several optimizer steps per rollout (PPO's inner epochs).
         self.automatic_optimization = False
-        if not 0 < eta <= 1:
-            raise ValueError(f"model.eta={eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
-                             f"the KL to the pretrained chain exist only for eta > 0); set model.eta in (0, 1], "
-                             "e.g. 1.0.")
-        if num_steps < 2:
-            raise ValueError(f"model.num_steps must be at least 2 (the last step is deterministic), got {num_steps}.")
-        if reward.num_labels is not None and reward.num_labels != policy.num_reward_labels:
-            raise ValueError(f"the reward scores {reward.num_labels} labels but the policy has {policy.num_reward_labels} "
-                             "(model.policy.num_labels); make them equal, or use a classifier trained on the "
-                             "policy's label set.")
+        steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
+        self._check_settings(policy, reward, num_steps, eta, steps, max_grad_norm, max_bad_steps)
         self._num_stochastic = int((make_grid(policy.scheduler, num_steps, eta).sigma > 0).sum())
-        self.algorithm_context = AlgorithmContext(policy.num_labels, self._num_stochastic,
-                                                  gradient_checkpointing=gradient_checkpointing)
+        self.algorithm_context = AlgorithmContext(
+            policy.num_labels, self._num_stochastic, gradient_checkpointing=gradient_checkpointing
+        )
         algorithm.setup(policy, reward, self.algorithm_context)
         self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
         self.num_steps, self.eta = num_steps, eta
-        steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
-        if not steps or min(steps) < 2:
-            raise ValueError(f"model.eval_num_steps must be at least 2 (each entry), got {eval_num_steps}.")
         self.eval_num_steps, self.extra_eval_num_steps = steps[0], steps[1:]
         self.control_scale, self.eval_pretrained = control_scale, eval_pretrained
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        if max_grad_norm is not None and max_grad_norm <= 0:
-            raise ValueError(f"model.max_grad_norm must be > 0 or null, got {max_grad_norm}.")
-        self.max_grad_norm = max_grad_norm
-        if max_bad_steps is not None and max_bad_steps < 1:
-            raise ValueError(f"model.max_bad_steps must be >= 1 or null (never stop), got {max_bad_steps}.")
-        self.max_bad_steps, self.bad_steps = max_bad_steps, 0
+        self.max_grad_norm, self.max_bad_steps, self.bad_steps = max_grad_norm, max_bad_steps, 0
         self._rollouts = (0, 0)  # rollouts this process trained on, chains in the last
         if evaluator is not None:
             evaluator.attach(self)
@@ -126,12 +112,41 @@ class ControlModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_stage = "val"
 
+    def _check_settings(self, policy, reward, num_steps, eta, eval_steps, max_grad_norm, max_bad_steps) -> None:
+        if not 0 < eta <= 1:
+            raise SettingError(
+                self,
+                "eta",
+                f"={eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
+                "the KL to the pretrained chain exist only for eta > 0); set it in (0, 1], e.g. 1.0.",
+            )
+        if num_steps < 2:
+            raise SettingError(
+                self, "num_steps", f"must be at least 2 (the last step is deterministic), got {num_steps}."
+            )
+        if reward.num_labels is not None and reward.num_labels != policy.num_reward_labels:
+            raise SettingError(
+                self,
+                "reward",
+                f"scores {reward.num_labels} labels but the policy has "
+                f"{policy.num_reward_labels} (policy.num_labels); make them equal, or use a classifier "
+                "trained on the policy's label set.",
+            )
+        if not eval_steps or min(eval_steps) < 2:
+            raise SettingError(self, "eval_num_steps", f"must be at least 2 (each entry), got {eval_steps}.")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise SettingError(self, "max_grad_norm", f"must be > 0 or null, got {max_grad_norm}.")
+        if max_bad_steps is not None and max_bad_steps < 1:
+            raise SettingError(self, "max_bad_steps", f"must be >= 1 or null (never stop), got {max_bad_steps}.")
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         n = getattr(datamodule, "num_labels", None)
         if n is not None and n != self.policy.num_labels:
-            raise ValueError(f"data.num_labels={n} but model.policy.num_labels={self.policy.num_labels}; the labels "
-                             "drawn for training must be the policy's label set: make them equal.")
+            raise ValueError(
+                f"data.num_labels={n} but model.policy.num_labels={self.policy.num_labels}; the labels "
+                "drawn for training must be the policy's label set: make them equal."
+            )
         if self.trainer.world_size > 1:
             self.algorithm_context.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
 
@@ -147,8 +162,10 @@ class ControlModule(L.LightningModule):
         """
         labels, seeds = batch
         self._rollouts = (self._rollouts[0] + 1, len(labels))
-        with warnings.catch_warnings(record=True) as caught, \
-                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+        ):
             warnings.simplefilter("always", NonFiniteRewardWarning)
             torch.manual_seed(derived_seed("algorithm draws", int(seeds[0])))
             self._train_on(labels, seeds)
@@ -158,18 +175,27 @@ class ControlModule(L.LightningModule):
             self.bad_steps += 1
             self.log("train/bad_steps", float(self.bad_steps))
             if self.max_bad_steps is not None and self.bad_steps >= self.max_bad_steps:
-                raise RunStopped(f"the reward returned NaN or Inf in {self.bad_steps} training steps "
-                                   f"(model.max_bad_steps={self.max_bad_steps}); the run stops here, its last "
-                                   "checkpoint is intact. Fix the reward, or raise model.max_bad_steps.")
+                raise RunStopped(
+                    f"the reward returned NaN or Inf in {self.bad_steps} training steps "
+                    f"(model.max_bad_steps={self.max_bad_steps}); the run stops here, its last "
+                    "checkpoint is intact. Fix the reward, or raise model.max_bad_steps."
+                )
 
     def _train_on(self, labels: Tensor, seeds: Tensor) -> None:
         optimizer = self.optimizers()
         plan = self.algorithm.gradient_plan(self._num_stochastic)
         with torch.set_grad_enabled(plan.steps > 0 or plan.kl_steps > 0):
-            trajectory = sample(self.policy, labels, self.num_steps, self.eta, grad_steps=plan.steps,
-                                grad_weights=plan.weights, kl_grad_steps=plan.kl_steps,
-                                noise=self._fixed_noise(seeds, self.num_steps),
-                                gradient_checkpointing=self.gradient_checkpointing)
+            trajectory = sample(
+                self.policy,
+                labels,
+                self.num_steps,
+                self.eta,
+                grad_steps=plan.steps,
+                grad_weights=plan.weights,
+                kl_grad_steps=plan.kl_steps,
+                noise=self._fixed_noise(seeds, self.num_steps),
+                gradient_checkpointing=self.gradient_checkpointing,
+            )
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
             out = self.algorithm.loss(batch, self.policy, self.reward)
@@ -186,8 +212,12 @@ class ControlModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ctrl"] = {"bad_steps": self.bad_steps, "baselines": self.baselines, "last_metrics": self.last_metrics,
-                              "last_stage": self.last_stage}
+        checkpoint["ctrl"] = {
+            "bad_steps": self.bad_steps,
+            "baselines": self.baselines,
+            "last_metrics": self.last_metrics,
+            "last_stage": self.last_stage,
+        }
         frozen = {n for n, _ in self.named_parameters()} - self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
@@ -195,9 +225,11 @@ class ControlModule(L.LightningModule):
         # strict_loading is off because frozen weights are not saved; trainable ones must all be there.
         missing = sorted(n for n in self.trainable_names() if n not in checkpoint["state_dict"])
         if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. "
-                             f"'{missing[0]}'): it was written with another policy or algorithm config; resume "
-                             "with the config that wrote it.")
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. "
+                f"'{missing[0]}'): it was written with another policy or algorithm config; resume "
+                "with the config that wrote it."
+            )
         state = checkpoint.get("ctrl", {})
         self.bad_steps = state.get("bad_steps", 0)
         old = {"val": state["baseline"]} if state.get("baseline") else {}  # written before the test seeds had theirs
@@ -312,12 +344,17 @@ class ControlModule(L.LightningModule):
 
     def on_train_end(self):
         if self.trainer.world_size > 1:  # every rank reports (the logs of a multi-node job show each one)
-            print(f"ctrl: rank {self.global_rank} of {self.trainer.world_size} trained {self._rollouts[0]} rollouts "
-                  f"of {self._rollouts[1]} chains", flush=True)
+            print(
+                f"ctrl: rank {self.global_rank} of {self.trainer.world_size} trained {self._rollouts[0]} rollouts "
+                f"of {self._rollouts[1]} chains",
+                flush=True,
+            )
 
     def _heading(self) -> str:
-        seeds = {"val": "validation seeds: where settings are chosen",
-                 "test": "test seeds: disjoint from training and validation"}[self.last_stage]
+        seeds = {
+            "val": "validation seeds: where settings are chosen",
+            "test": "test seeds: disjoint from training and validation",
+        }[self.last_stage]
         return f"{seeds} (control scale {self.control_scale}, {self.eval_num_steps} steps)"
 
     def on_fit_end(self):

@@ -43,8 +43,10 @@ def condense_parser_error(message: str, options: list[str] = ()) -> str:
     """
     unknown = re.search(r"unrecognized arguments: (\S+)", message)
     if unknown:
-        return (f"{unknown.group(1)} is not a setting{_did_you_mean(unknown.group(1), list(options))}. "
-                "`ctrl fit --help` lists every setting.")
+        return (
+            f"{unknown.group(1)} is not a setting{_did_you_mean(unknown.group(1), list(options))}. "
+            "`ctrl fit --help` lists every setting."
+        )
     keys, class_path, leaf = [], None, None
     for line in message.splitlines():
         text = line.strip()
@@ -64,8 +66,10 @@ def condense_parser_error(message: str, options: list[str] = ()) -> str:
     if option := re.match(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)", leaf):
         name = option.group(1)
         owner = class_path.rpartition(".")[2] if class_path else setting
-        return (f"{setting}.{name}: {owner} has no setting '{name}'"
-                f"{_did_you_mean(name, _init_settings(class_path))}. `ctrl fit --print_config` shows every setting.")
+        return (
+            f"{setting}.{name}: {owner} has no setting '{name}'"
+            f"{_did_you_mean(name, _init_settings(class_path))}. `ctrl fit --print_config` shows every setting."
+        )
     if expected := re.match(r"Expected a <class '([^']+)'>\. Got value: (.*)", leaf):
         return f"{setting}: expected a value of type {expected.group(1)}, got '{expected.group(2)}'."
     return f"{setting}: {leaf}"
@@ -76,8 +80,11 @@ class CtrlArgumentParser(LightningArgumentParser):
     the list of available ones), instead of the usage text and jsonargparse's nested report."""
 
     # jsonargparse words an unresolvable class name for `algorithm` in one of these two ways
-    _UNKNOWN_ALGORITHM = re.compile(r"NestedArg\(key='algorithm', val='([^']*)'\)"
-                                    r"|Parser key \"algorithm\":.*?Expected a dot import path string: (\S+)", re.S)
+    _UNKNOWN_ALGORITHM = re.compile(
+        r"NestedArg\(key='algorithm', val='([^']*)'\)"
+        r"|Parser key \"algorithm\":.*?Expected a dot import path string: (\S+)",
+        re.S,
+    )
 
     def error(self, message: str, *args, **kwargs):
         if not self.exit_on_error:  # a subcommand's parser: the top-level parser words the message
@@ -86,13 +93,17 @@ class CtrlArgumentParser(LightningArgumentParser):
         sampler = re.search(r"module 'ctrl\.(?:inference_time|guidance)' has no attribute '(\w+)'", message)
         if sampler:
             methods = ", ".join(n for n in sorted(ctrl.inference_time.__all__) if not n.startswith("Guided"))
-            message = (f"inference_time: '{sampler.group(1)}' is not an inference-time method; available: {methods} "
-                       "(class_path: ctrl.inference_time.<name>).")
+            message = (
+                f"inference_time: '{sampler.group(1)}' is not an inference-time method; available: {methods} "
+                "(class_path: ctrl.inference_time.<name>)."
+            )
         elif unknown:
             given = unknown.group(1) or unknown.group(2)
-            message = (f"model.algorithm '{given}' is not an available algorithm; available: "
-                       f"{', '.join(sorted(load_plugins()))}. Set `algorithm:` in the config or --model.algorithm "
-                       "to one of them.")
+            message = (
+                f"model.algorithm '{given}' is not an available algorithm; available: "
+                f"{', '.join(sorted(load_plugins()))}. Set `algorithm:` in the config or --model.algorithm "
+                "to one of them."
+            )
         else:
             message = condense_parser_error(message, [o for a in self._actions for o in a.option_strings])
         if not os.environ.get("CTRL_DEBUG") and not os.environ.get("JSONARGPARSE_DEBUG"):

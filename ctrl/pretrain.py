@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from torch import Tensor, nn
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ctrl.conditions import condition_codes
@@ -37,8 +37,10 @@ def load_conditional_unet(path: str | Path, setting: str) -> tuple[UNet2DModel, 
     """The EMA UNet, noise schedule and label-set sizes written by a conditional :class:`DiffusionPretraining`."""
     path = Path(path)
     if not (path / LABELS_FILE).is_file() or not (path / "unet").is_dir():
-        raise FileNotFoundError(f"{setting}: '{path}' holds no conditional model (unet/ and {LABELS_FILE}); train one "
-                                "with ctrl.pretrain.DiffusionPretraining and num_labels set (e.g. configs/digits/cfg_*.yaml).")
+        raise FileNotFoundError(
+            f"{setting}: '{path}' holds no conditional model (unet/ and {LABELS_FILE}); train one "
+            "with ctrl.pretrain.DiffusionPretraining and num_labels set (e.g. configs/digits/cfg_*.yaml)."
+        )
     sizes = json.loads((path / LABELS_FILE).read_text())["num_labels"]
     unet = UNet2DModel.from_pretrained(path / "unet").eval().requires_grad_(False)
     return unet, DDPMScheduler.from_pretrained(path / "scheduler"), sizes
@@ -88,7 +90,9 @@ class DiffusionPretraining(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.label_sizes = None if num_labels is None else [num_labels] if isinstance(num_labels, int) else list(num_labels)
+        self.label_sizes = (
+            None if num_labels is None else [num_labels] if isinstance(num_labels, int) else list(num_labels)
+        )
         if self.label_sizes is not None and (not self.label_sizes or min(self.label_sizes) < 1):
             raise ValueError(f"model.num_labels: give a label-set size >= 1 (or one per label set), got {num_labels}.")
         if not 0 <= label_dropout < 1:
@@ -102,10 +106,16 @@ class DiffusionPretraining(L.LightningModule):
             scheduler_config = schedule.config
         else:
             self.unet = UNet2DModel(
-                sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-                block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-                norm_num_groups=8, attention_head_dim=8, num_class_embeds=class_embeds,
+                sample_size=sample_size,
+                in_channels=in_channels,
+                out_channels=in_channels,
+                block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block,
+                down_block_types=tuple(down_block_types),
+                up_block_types=tuple(up_block_types),
+                norm_num_groups=8,
+                attention_head_dim=8,
+                num_class_embeds=class_embeds,
             )
             scheduler_config = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
         if class_embeds:  # the model starts as the unconditional one for every label
@@ -125,12 +135,16 @@ class DiffusionPretraining(L.LightningModule):
         kwargs = {}
         if self.label_sizes is not None:
             if len(batch) < 2:
-                raise ValueError("model.num_labels is set but the data has no labels; use labelled data "
-                                 "(e.g. DigitsDataModule with label_set) or leave num_labels unset.")
+                raise ValueError(
+                    "model.num_labels is set but the data has no labels; use labelled data "
+                    "(e.g. DigitsDataModule with label_set) or leave num_labels unset."
+                )
             labels = batch[1].view(len(x0), -1)
             if labels.shape[1] != len(self.label_sizes):
-                raise ValueError(f"the data carries {labels.shape[1]} label set(s) but model.num_labels has "
-                                 f"{len(self.label_sizes)} ({self.label_sizes}); make them agree.")
+                raise ValueError(
+                    f"the data carries {labels.shape[1]} label set(s) but model.num_labels has "
+                    f"{len(self.label_sizes)} ({self.label_sizes}); make them agree."
+                )
             null = torch.tensor(self.label_sizes, device=labels.device)
             drop = torch.rand(len(x0), 1, device=labels.device) < self.hparams.label_dropout
             kwargs["class_labels"] = condition_codes(torch.where(drop, null, labels), self.label_sizes)
@@ -146,7 +160,13 @@ class DiffusionPretraining(L.LightningModule):
         rest = [p for n, p in self.unet.named_parameters() if not n.startswith("class_embedding.")]
         groups = [{"params": rest}]
         if embedding:
-            groups.append({"params": embedding, "lr": self.hparams.lr if self.hparams.embedding_lr is None else self.hparams.embedding_lr, "weight_decay": 0.0})
+            groups.append(
+                {
+                    "params": embedding,
+                    "lr": self.hparams.lr if self.hparams.embedding_lr is None else self.hparams.embedding_lr,
+                    "weight_decay": 0.0,
+                }
+            )
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches
         sched = get_cosine_schedule_with_warmup(opt, self.hparams.warmup_steps, int(total))

@@ -20,8 +20,10 @@ def register_algorithm(cls: type) -> type:
     name = cls.__name__
     other = ALGORITHMS.get(name)
     if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"algorithm name '{name}' is taken by {other.__module__}.{other.__qualname__}; "
-                         f"rename {cls.__module__}.{cls.__qualname__}.")
+        raise ValueError(
+            f"algorithm name '{name}' is taken by {other.__module__}.{other.__qualname__}; "
+            f"rename {cls.__module__}.{cls.__qualname__}."
+        )
     ALGORITHMS[name] = cls
     return cls
 
@@ -46,6 +48,8 @@ def get_algorithm(name: str) -> type:
     """The plugin class called ``name``; an unknown name is answered with the available ones."""
     registry = load_plugins()
     if name not in registry:
-        raise ValueError(f"unknown algorithm '{name}'; available: {', '.join(sorted(registry))}. "
-                         "Set model.algorithm to one of them.")
+        raise ValueError(
+            f"unknown algorithm '{name}'; available: {', '.join(sorted(registry))}. "
+            "Set model.algorithm to one of them."
+        )
     return registry[name]

@@ -27,8 +27,19 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Trajectory", "StepGrid", "GradientPlan", "make_grid", "predict_x0", "step_from_x0", "step_mean",
-           "step_means", "gaussian_log_prob", "gaussian_kl", "sample"]
+__all__ = [
+    "Trajectory",
+    "StepGrid",
+    "GradientPlan",
+    "make_grid",
+    "predict_x0",
+    "step_from_x0",
+    "step_mean",
+    "step_means",
+    "gaussian_log_prob",
+    "gaussian_kl",
+    "sample",
+]
 
 
 @dataclass
@@ -73,8 +84,14 @@ class Trajectory:
 
     def select(self, index: Tensor) -> Trajectory:
         """The chains picked by ``index`` (a boolean mask or indices over B)."""
-        return Trajectory(self.latents[index], self.log_probs[index], self.kl[index], self.ref_log_probs[index],
-                          self.labels[index], self.grid)
+        return Trajectory(
+            self.latents[index],
+            self.log_probs[index],
+            self.kl[index],
+            self.ref_log_probs[index],
+            self.labels[index],
+            self.grid,
+        )
 
     def kl_to_go(self) -> Tensor:
         """``[B, N]``: the KL of the steps AFTER each step, sum_{j>k} KL_j (what step k's action influences)."""
@@ -144,8 +161,9 @@ def step_from_x0(x0_hat: Tensor, eps: Tensor, alpha_prod_prev: float, sigma: flo
     return math.sqrt(alpha_prod_prev) * x0_hat + math.sqrt(max(1 - alpha_prod_prev - sigma**2, 0.0)) * eps
 
 
-def step_mean(x: Tensor, eps: Tensor, alpha_prod: float, alpha_prod_prev: float, sigma: float,
-              clip_range: float | None = None) -> Tensor:
+def step_mean(
+    x: Tensor, eps: Tensor, alpha_prod: float, alpha_prod_prev: float, sigma: float, clip_range: float | None = None
+) -> Tensor:
     """Mean of one DDIM step (module docstring), ``[B, C, H, W]``; matches diffusers' DDIMScheduler.step."""
     return step_from_x0(predict_x0(x, eps, alpha_prod, clip_range), eps, alpha_prod_prev, sigma)
 
@@ -179,8 +197,16 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def step_means(policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor, control_scale: float = 1.0,
-               gradient_checkpointing: bool = False, grad_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+def step_means(
+    policy,
+    x: Tensor,
+    grid: StepGrid,
+    k: int,
+    labels: Tensor,
+    control_scale: float = 1.0,
+    gradient_checkpointing: bool = False,
+    grad_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``.
 
     The one place where a step's network call happens (sampling and every algorithm's re-evaluation
@@ -210,8 +236,39 @@ def seeded_noise(seeds: Tensor, num_steps: int, sample_shape: tuple[int, ...]) -
     """``[B, N+1, *sample_shape]`` standard normal noise for a chain sampler, chain i's from its own seed
     ``seeds[i]`` alone (the same chain gets the same noise in any batch, on any rank)."""
     shape = (num_steps + 1, *sample_shape)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) % (1 << 63)))
-                        for s in seeds.tolist()])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s) % (1 << 63))) for s in seeds.tolist()]
+    )
+
+
+def _chain_noise(noise: Tensor | None, generator, shape: tuple[int, ...], device) -> Tensor:
+    """The chains' standard normal draws of ``shape`` ``[B, N+1, ...]``: ``noise`` checked, or drawn."""
+    if noise is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    return noise
+
+
+def _window_start(stochastic: list[int], grad_steps: int, num_steps: int) -> int:
+    """The first step that carries gradients when the last ``grad_steps`` of the ``stochastic`` steps do."""
+    if grad_steps <= 0:
+        return num_steps
+    return stochastic[-grad_steps] if grad_steps <= len(stochastic) else 0
+
+
+def _transition(x_next: Tensor, mean: Tensor, mean_pre: Tensor, s: float) -> tuple[Tensor, Tensor, Tensor]:
+    """log-probability of ``x_next`` under the policy's and the pretrained step, and the step's KL, ``[B]`` each
+    (zeros for a deterministic step, s = 0)."""
+    if s == 0:
+        zero = torch.zeros(len(x_next), device=x_next.device)
+        return zero, zero, zero
+    x_next = x_next.detach()
+    return (
+        gaussian_log_prob(x_next, mean, s),
+        gaussian_log_prob(x_next, mean_pre.detach(), s),
+        gaussian_kl(mean, mean_pre, s),
+    )
 
 
 def sample(
@@ -228,7 +285,7 @@ def sample(
     kl_grad_steps: int = 0,
     gradient_checkpointing: bool = False,
 ) -> Trajectory:
-    """Sample ``len(labels)`` chains from ``policy`` and record log-probabilities and KL per step.
+    """Sample ``len(labels)`` chains from ``policy``: a :class:`Trajectory` with log-probabilities and KL per step.
 
     Args:
         policy: a DiffusionPolicy (``eps(x, t, labels, control_scale) -> (eps, eps_pre)``, ``scheduler``,
@@ -247,23 +304,13 @@ def sample(
             order) when it is in the window (None: 1).
         kl_grad_steps: the first steps, outside the window, whose KL keeps its direct gradient.
         gradient_checkpointing: recompute each step's network call in the backward pass.
-
-    Returns:
-        A :class:`Trajectory`.
     """
-    device = labels.device
     grid = make_grid(policy.scheduler, num_steps, eta)
-    batch = labels.shape[0]
-    shape = (batch, num_steps + 1, *policy.sample_shape)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    elif tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    noise = _chain_noise(noise, generator, (len(labels), num_steps + 1, *policy.sample_shape), labels.device)
     x = noise[:, 0]
-    latents, log_probs, ref_log_probs, kls = [x], [], [], []
+    latents, records = [x], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
     stochastic = (grid.sigma > 0).nonzero().squeeze(1).tolist()
-    first_grad_step = stochastic[-grad_steps] if 0 < grad_steps <= len(stochastic) else \
-        (0 if grad_steps > 0 else num_steps)
+    first_grad_step = _window_start(stochastic, grad_steps, num_steps)
     weights = dict(zip(stochastic, grad_weights.tolist())) if grad_weights is not None else {}
     grad_enabled = torch.is_grad_enabled()
     for k in range(num_steps):
@@ -274,24 +321,9 @@ def sample(
             if k == first_grad_step or kl_only:
                 x = x.detach()
             mean, mean_pre = step_means(policy, x, grid, k, labels, control_scale, gradient_checkpointing, weight)
-            if s > 0:
-                x_next = mean + s * noise[:, k + 1]
-                log_probs.append(gaussian_log_prob(x_next.detach(), mean, s))
-                ref_log_probs.append(gaussian_log_prob(x_next.detach(), mean_pre.detach(), s))
-                kls.append(gaussian_kl(mean, mean_pre, s))
-            else:
-                x_next = mean
-                zero = torch.zeros(batch, device=device)
-                log_probs.append(zero)
-                ref_log_probs.append(zero)
-                kls.append(zero)
+            x_next = mean + s * noise[:, k + 1] if s > 0 else mean
+            records.append(_transition(x_next, mean, mean_pre, s))
         x = x_next.detach() if kl_only else x_next
         latents.append(x)
-    return Trajectory(
-        latents=torch.stack(latents, 1),
-        log_probs=torch.stack(log_probs, 1),
-        kl=torch.stack(kls, 1),
-        ref_log_probs=torch.stack(ref_log_probs, 1),
-        labels=labels,
-        grid=grid,
-    )
+    log_probs, ref_log_probs, kls = (torch.stack(r, 1) for r in zip(*records))
+    return Trajectory(torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid)

@@ -41,6 +41,8 @@ def check_seeds(setting: str, first: int, count: int, kind: str) -> None:
     allowed = SETS[kind]
     if first < allowed.start or first + count > allowed.stop:
         others = ", ".join(f"{name} [{r.start}, {r.stop})" for name, r in SETS.items() if name != kind)
-        raise ValueError(f"{setting}={first} gives {kind} seeds [{first}, {first + count}) outside the {kind} range "
-                         f"[{allowed.start}, {allowed.stop}); the seed sets must stay disjoint ({others}): "
-                         f"choose {setting} in [{allowed.start}, {allowed.stop - count}], or leave it unset.")
+        raise ValueError(
+            f"{setting}={first} gives {kind} seeds [{first}, {first + count}) outside the {kind} range "
+            f"[{allowed.start}, {allowed.stop}); the seed sets must stay disjoint ({others}): "
+            f"choose {setting} in [{allowed.start}, {allowed.stop - count}], or leave it unset."
+        )

@@ -5,8 +5,31 @@ Gaussian closed-form checks, shared by the tests and benchmarks/closed_form.py."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from ctrl.rewards.images import AestheticMLP
+
+
+def _byte_tokenizer(directory: Path) -> dict[str, int]:
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (no merges), saved to ``directory``."""
+    # byte-level BPE symbols (GPT-2's byte-to-unicode table: printable bytes stand for themselves)
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {
+        s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+    tokenizer.save_pretrained(directory)
+    return vocab
 
 
 def make_tiny_sd(directory, seed: int = 0) -> str:
@@ -14,60 +37,73 @@ def make_tiny_sd(directory, seed: int = 0) -> str:
     tokenizer/, scheduler/), built offline: UNet2DConditionModel with block_out_channels (4, 8) on 8x8
     latents, a 2-block AutoencoderKL (factor 2, so 16x16 images), a 2-layer CLIPTextModel and a CLIP
     tokenizer whose vocabulary is the 256 byte symbols (no merges)."""
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     directory = Path(directory)
     torch.manual_seed(seed)
     UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=2,
     ).save_pretrained(directory / "unet")
     AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=2,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=2,
         sample_size=16,
     ).save_pretrained(directory / "vae")
-    # byte-level BPE symbols (GPT-2's byte-to-unicode table: printable bytes stand for themselves)
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
-    (directory / "tokenizer").mkdir(parents=True, exist_ok=True)
-    (directory / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "tokenizer" / "vocab.json"), str(directory / "tokenizer" / "merges.txt"),
-                              model_max_length=16)
-    tokenizer.save_pretrained(directory / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )).save_pretrained(directory / "text_encoder")
-    DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(directory / "scheduler")
+    vocab = _byte_tokenizer(directory / "tokenizer")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    ).save_pretrained(directory / "text_encoder")
+    DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(directory / "scheduler")
     return str(directory)
 
 
 def make_tiny_aesthetic(directory, seed: int = 0) -> tuple[str, str]:
     """A random tiny CLIP image tower (CLIPVisionModelWithProjection, 16x16 input, 8-d projection) and a
     matching aesthetic MLP, saved locally: ``(clip_dir, mlp_path)``."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from ctrl.rewards.images import AestheticMLP
-
     directory = Path(directory)
     torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-        patch_size=4, projection_dim=8,
-    )).save_pretrained(directory / "clip")
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=8,
+        )
+    ).save_pretrained(directory / "clip")
     mlp = AestheticMLP(8)
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(directory / "mlp.safetensors"))
     return str(directory / "clip"), str(directory / "mlp.safetensors")
@@ -76,9 +112,20 @@ def make_tiny_aesthetic(directory, seed: int = 0) -> tuple[str, str]:
 # The closed-form checks' second Gaussian world (tests/test_gaussian.py, benchmarks/closed_form.py): another
 # dimension, data mean and std, reward matrix, target, width and KL weight than configs/gaussian/*.yaml.
 GAUSSIAN_OTHER_WORLD = [
-    "--model.policy.dim", "3", "--model.policy.mean", "[-1.0, 0.5, 2.0]", "--model.policy.std", "1.3",
-    "--model.reward.A", "[[0.5, -1.0, 0.0], [1.0, 1.0, 0.5]]", "--model.reward.y", "[0.0, 2.0]",
-    "--model.reward.sigma", "0.7", "--model.algorithm.alpha", "0.5",
+    "--model.policy.dim",
+    "3",
+    "--model.policy.mean",
+    "[-1.0, 0.5, 2.0]",
+    "--model.policy.std",
+    "1.3",
+    "--model.reward.A",
+    "[[0.5, -1.0, 0.0], [1.0, 1.0, 0.5]]",
+    "--model.reward.y",
+    "[0.0, 2.0]",
+    "--model.reward.sigma",
+    "0.7",
+    "--model.algorithm.alpha",
+    "0.5",
 ]
 # RAFT's self-normalised weights are biased by about 1 / (effective sample size): on that world (a stronger
 # tilt) its covariance error was 0.055 with 256 chains and 0.036 with 1,024, which its checks use.

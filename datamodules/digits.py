@@ -25,9 +25,16 @@ class DigitsDataModule(L.LightningDataModule):
             lacks it (:func:`ctrl.datamodules.labelsets.offline_conditions`); ``num_labels`` is then a list.
     """
 
-    def __init__(self, train_split: str = "pretrain", val_split: str = "heldout", test_split: str = "heldout",
-                 batch_size: int = 64, image_size: int = 16, num_workers: int = 0,
-                 label_set: str | list[str] = "class"):
+    def __init__(
+        self,
+        train_split: str = "pretrain",
+        val_split: str = "heldout",
+        test_split: str = "heldout",
+        batch_size: int = 64,
+        image_size: int = 16,
+        num_workers: int = 0,
+        label_set: str | list[str] = "class",
+    ):
         super().__init__()
         for name, split in (("train_split", train_split), ("val_split", val_split), ("test_split", test_split)):
             if split not in SPLITS:
@@ -40,10 +47,18 @@ class DigitsDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         label_set = self.hparams.label_set
-        images, labels = (offline_split(label_set, split, self.hparams.image_size) if isinstance(label_set, str)
-                          else offline_conditions(list(label_set), split, self.hparams.image_size))
-        return DataLoader(TensorDataset(images, labels), batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          drop_last=shuffle, num_workers=self.hparams.num_workers)
+        images, labels = (
+            offline_split(label_set, split, self.hparams.image_size)
+            if isinstance(label_set, str)
+            else offline_conditions(list(label_set), split, self.hparams.image_size)
+        )
+        return DataLoader(
+            TensorDataset(images, labels),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.hparams.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, shuffle=True)

@@ -35,8 +35,9 @@ def _all_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = np.random.RandomState(0).permutation(len(data.target))
     images = torch.tensor(data.images[order], dtype=torch.float32)[:, None] / 16.0
     if image_size != 8:
-        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                                                 align_corners=False).clamp(0, 1)
+        images = torch.nn.functional.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", align_corners=False
+        ).clamp(0, 1)
     return images * 2 - 1, torch.tensor(data.target[order], dtype=torch.long)
 
 

@@ -39,8 +39,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: seeds the split.
     """
 
-    def __init__(self, root: str, labels_csv: str | None = None, num_labels: int = 10, image_size: int = 16,
-                 channels: int = 1, val_fraction: float = 0.1, batch_size: int = 64, seed: int = 0):
+    def __init__(
+        self,
+        root: str,
+        labels_csv: str | None = None,
+        num_labels: int = 10,
+        image_size: int = 16,
+        channels: int = 1,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        seed: int = 0,
+    ):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
@@ -70,15 +79,21 @@ class ImageFolderDataModule(L.LightningDataModule):
                 not_images.append(path.name)
                 continue
             if (width, height) != (size, size):
-                raise ValueError(f"data.image_size={size} but {path.name} is {width}x{height}; resize the images to "
-                                 f"{size}x{size} or set data.image_size to their size.")
+                raise ValueError(
+                    f"data.image_size={size} but {path.name} is {width}x{height}; resize the images to "
+                    f"{size}x{size} or set data.image_size to their size."
+                )
             if CHANNELS.get(mode) != channels:
-                raise ValueError(f"data.channels={channels} but {path.name} has {bands} channels (PIL mode {mode}); "
-                                 f"convert the images to {'grayscale (L)' if channels == 1 else 'RGB'} or set "
-                                 "data.channels to match them.")
+                raise ValueError(
+                    f"data.channels={channels} but {path.name} has {bands} channels (PIL mode {mode}); "
+                    f"convert the images to {'grayscale (L)' if channels == 1 else 'RGB'} or set "
+                    "data.channels to match them."
+                )
         if not_images:
-            raise ValueError(f"data.root: {len(not_images)} files are not images ({_listing(not_images)}); keep only "
-                             f"images ({', '.join(sorted(IMAGE_SUFFIXES))}) in data.root.")
+            raise ValueError(
+                f"data.root: {len(not_images)} files are not images ({_listing(not_images)}); keep only "
+                f"images ({', '.join(sorted(IMAGE_SUFFIXES))}) in data.root."
+            )
 
     def _read_labels(self, labels_csv: str, num_labels: int) -> list[int]:
         path = Path(labels_csv)
@@ -87,23 +102,31 @@ class ImageFolderDataModule(L.LightningDataModule):
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"file", "label"} <= set(rows[0]):
-            raise ValueError(f"data.labels_csv: '{labels_csv}' needs a header line `file,label` and one row per image.")
+            raise ValueError(
+                f"data.labels_csv: '{labels_csv}' needs a header line `file,label` and one row per image."
+            )
         given = {row["file"]: row["label"] for row in rows}
         names = [p.name for p in self.files]
         missing = [n for n in names if n not in given]
         if missing:
-            raise ValueError(f"data.labels_csv: {len(missing)} images have no label ({_listing(missing)}); add a row "
-                             "`file,label` for each.")
+            raise ValueError(
+                f"data.labels_csv: {len(missing)} images have no label ({_listing(missing)}); add a row "
+                "`file,label` for each."
+            )
         strangers = sorted(set(given) - set(names))
         if strangers:
-            raise ValueError(f"data.labels_csv: names {len(strangers)} files that are not in data.root "
-                             f"({_listing(strangers)}); remove those rows or add the images.")
+            raise ValueError(
+                f"data.labels_csv: names {len(strangers)} files that are not in data.root "
+                f"({_listing(strangers)}); remove those rows or add the images."
+            )
         labels = []
         for name in names:
             value = given[name].strip()
             if not value.lstrip("-").isdigit() or not 0 <= int(value) < num_labels:
-                raise ValueError(f"data.labels_csv: the label '{value}' of {name} is not one of 0..{num_labels - 1} "
-                                 "(data.num_labels); fix the row or set data.num_labels.")
+                raise ValueError(
+                    f"data.labels_csv: the label '{value}' of {name} is not one of 0..{num_labels - 1} "
+                    "(data.num_labels); fix the row or set data.num_labels."
+                )
             labels.append(int(value))
         return labels
 
@@ -123,8 +146,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_set = TensorDataset(images[val], labels[val])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          drop_last=len(self.train_set) > self.hparams.batch_size)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) > self.hparams.batch_size,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ctrl.seeds import TEST, check_seeds, chain_seed
+from ctrl.seeds import TEST, chain_seed, check_seeds
 
 
 def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data.prior") -> torch.Tensor:
@@ -15,11 +15,14 @@ def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data
         return torch.full((num_labels,), 1.0 / num_labels)
     p = torch.tensor(prior, dtype=torch.float64)
     if p.ndim != 1 or len(p) != num_labels:
-        raise ValueError(f"{setting}: has {len(prior)} entries but there are {num_labels} labels; give one "
-                         "probability per label.")
+        raise ValueError(
+            f"{setting}: has {len(prior)} entries but there are {num_labels} labels; give one probability per label."
+        )
     if (p < 0).any() or not torch.isfinite(p).all() or abs(float(p.sum()) - 1.0) > 1e-6:
-        raise ValueError(f"{setting}: {prior} is not a probability distribution (entries must be >= 0 and sum "
-                         f"to 1; they sum to {float(p.sum()):.6g}).")
+        raise ValueError(
+            f"{setting}: {prior} is not a probability distribution (entries must be >= 0 and sum "
+            f"to 1; they sum to {float(p.sum()):.6g})."
+        )
     return p.float()
 
 
@@ -114,18 +117,37 @@ class LabelsDataModule(L.LightningDataModule):
             ``2**30 + 7919``. The three sets are disjoint ranges, each checked (:mod:`ctrl.seeds`).
     """
 
-    def __init__(self, num_labels: int | None = 10, prior: list[float] | None = None, batch_size: int = 32,
-                 batches_per_epoch: int = 100, eval_per_label: int = 50, eval_batch_size: int = 250,
-                 predict_labels: list[int] | None = None, predict_per_label: int = 8, seed: int = 0,
-                 group_size: int = 1, val_seed: int | None = None, test_seed: int | None = None):
+    def __init__(
+        self,
+        num_labels: int | None = 10,
+        prior: list[float] | None = None,
+        batch_size: int = 32,
+        batches_per_epoch: int = 100,
+        eval_per_label: int = 50,
+        eval_batch_size: int = 250,
+        predict_labels: list[int] | None = None,
+        predict_per_label: int = 8,
+        seed: int = 0,
+        group_size: int = 1,
+        val_seed: int | None = None,
+        test_seed: int | None = None,
+    ):
         super().__init__()
-        for name in ("batch_size", "group_size", "batches_per_epoch", "eval_per_label", "eval_batch_size",
-                     "predict_per_label"):
+        for name in (
+            "batch_size",
+            "group_size",
+            "batches_per_epoch",
+            "eval_per_label",
+            "eval_batch_size",
+            "predict_per_label",
+        ):
             if locals()[name] < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {locals()[name]}.")
         if batch_size % group_size:
-            raise ValueError(f"data.batch_size={batch_size} must be a multiple of data.group_size={group_size} "
-                             "(each drawn condition fills a group of chains).")
+            raise ValueError(
+                f"data.batch_size={batch_size} must be a multiple of data.group_size={group_size} "
+                "(each drawn condition fills a group of chains)."
+            )
         self.save_hyperparameters()
         # the same evaluation chains whatever the run's seed: runs with other seeds are compared on them
         self.val_seed = 7919 if val_seed is None else val_seed
@@ -140,8 +162,10 @@ class LabelsDataModule(L.LightningDataModule):
         self.prior = check_prior(h.prior, num_labels)
         bad = [y for y in (h.predict_labels or []) if not 0 <= y < num_labels]
         if bad:
-            raise ValueError(f"data.predict_labels: {bad} are outside the label set 0..{num_labels - 1}; "
-                             "request labels in that range.")
+            raise ValueError(
+                f"data.predict_labels: {bad} are outside the label set 0..{num_labels - 1}; "
+                "request labels in that range."
+            )
         n = num_labels * h.eval_per_label
         check_seeds("data.val_seed", self.val_seed, n, "validation")
         check_seeds("data.test_seed", self.test_seed, n, "test")
@@ -152,7 +176,9 @@ class LabelsDataModule(L.LightningDataModule):
             return
         policy = getattr(getattr(self.trainer, "lightning_module", None), "policy", None)
         if getattr(policy, "num_labels", None) is None:
-            raise ValueError("data.num_labels is not set and there is no policy to take it from; give data.num_labels.")
+            raise ValueError(
+                "data.num_labels is not set and there is no policy to take it from; give data.num_labels."
+            )
         self._bind(policy.num_labels)  # the policy's conditions (a text-to-image policy's prompts x classes)
 
     def train_dataloader(self) -> DataLoader:
@@ -162,8 +188,10 @@ class LabelsDataModule(L.LightningDataModule):
         h = self.hparams
         world = self.trainer.world_size if self.trainer is not None else 1
         if h.batch_size % world:
-            raise ValueError(f"data.batch_size={h.batch_size} is the global batch and must divide evenly among the "
-                             f"{world} processes (trainer.devices x trainer.num_nodes); make it a multiple of {world}.")
+            raise ValueError(
+                f"data.batch_size={h.batch_size} is the global batch and must divide evenly among the "
+                f"{world} processes (trainer.devices x trainer.num_nodes); make it a multiple of {world}."
+            )
         dataset = _PriorChains(self.prior, h.batch_size, h.batches_per_epoch, h.seed, h.group_size)
         sampler = None
         if world > 1:
@@ -205,8 +233,27 @@ class PromptsDataModule(LabelsDataModule):
     per condition).
     """
 
-    def __init__(self, prior: list[float] | None = None, batch_size: int = 32, group_size: int = 4,
-                 batches_per_epoch: int = 100, eval_per_label: int = 2, eval_batch_size: int = 16,
-                 predict_labels: list[int] | None = None, predict_per_label: int = 4, seed: int = 0):
-        super().__init__(None, prior, batch_size, batches_per_epoch, eval_per_label, eval_batch_size,
-                         predict_labels, predict_per_label, seed, group_size)
+    def __init__(
+        self,
+        prior: list[float] | None = None,
+        batch_size: int = 32,
+        group_size: int = 4,
+        batches_per_epoch: int = 100,
+        eval_per_label: int = 2,
+        eval_batch_size: int = 16,
+        predict_labels: list[int] | None = None,
+        predict_per_label: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__(
+            None,
+            prior,
+            batch_size,
+            batches_per_epoch,
+            eval_per_label,
+            eval_batch_size,
+            predict_labels,
+            predict_per_label,
+            seed,
+            group_size,
+        )

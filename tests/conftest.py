@@ -18,12 +18,21 @@ def make_tiny_pretrained(directory, sample_size: int = 8, seed: int = 0) -> str:
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
     unet.save_pretrained(directory / "unet")
     DDPMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing").save_pretrained(
-        directory / "scheduler")
+        directory / "scheduler"
+    )
     return str(directory)
 
 
@@ -51,26 +60,45 @@ def tiny_control_args(root, pretrained: str, classifier: str) -> list[str]:
     from pathlib import Path
 
     return [
-        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        "--model.policy.pretrained", pretrained,
-        "--model.reward.path", classifier,
-        "--model.evaluator.image_size", "8",
-        "--model.num_steps", "3",
-        "--data.batch_size", "4",
-        "--data.eval_per_label", "2",
-        "--data.eval_batch_size", "10",
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.policy.pretrained",
+        pretrained,
+        "--model.reward.path",
+        classifier,
+        "--model.evaluator.image_size",
+        "8",
+        "--model.num_steps",
+        "3",
+        "--data.batch_size",
+        "4",
+        "--data.eval_per_label",
+        "2",
+        "--data.eval_batch_size",
+        "10",
     ]
 
 
 def run_args(root, pretrained: str, classifier: str, *extra: str, checkpoint_every: int = 2) -> list[str]:
     """:func:`tiny_control_args` for 6 rollouts, without a logger, with a resumable checkpoint every
     ``checkpoint_every`` optimizer steps as the only callback."""
-    callbacks = [{"class_path": "ctrl.callbacks.ResumableCheckpoint",
-                  "init_args": {"every_n_train_steps": checkpoint_every}}]
-    return [*tiny_control_args(root, pretrained, classifier), "--trainer.logger", "false",
-            "--trainer.callbacks", json.dumps(callbacks), "--data.batches_per_epoch", "6", *extra]
+    callbacks = [
+        {"class_path": "ctrl.callbacks.ResumableCheckpoint", "init_args": {"every_n_train_steps": checkpoint_every}}
+    ]
+    return [
+        *tiny_control_args(root, pretrained, classifier),
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        json.dumps(callbacks),
+        "--data.batches_per_epoch",
+        "6",
+        *extra,
+    ]
 
 
 def final_state(root) -> tuple[dict, dict]:
@@ -137,14 +165,38 @@ def tiny_sd_args(config: str, root, pipeline: str, reward: list[str], *extra: st
     from pathlib import Path
 
     return [
-        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "sd15" / f"{config}.yaml"),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-        "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--model.policy.pretrained", pipeline, "--model.policy.dtype", "float32",
-        "--model.policy.prompts", '["a cat", "a dog"]',
-        "--model.num_steps", "3", "--model.eval_num_steps", "3",
-        "--data.batch_size", "4", "--data.group_size", "2", "--data.batches_per_epoch", "2",
-        "--data.eval_per_label", "1",
-        *reward, *extra,
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "sd15" / f"{config}.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.policy.pretrained",
+        pipeline,
+        "--model.policy.dtype",
+        "float32",
+        "--model.policy.prompts",
+        '["a cat", "a dog"]',
+        "--model.num_steps",
+        "3",
+        "--model.eval_num_steps",
+        "3",
+        "--data.batch_size",
+        "4",
+        "--data.group_size",
+        "2",
+        "--data.batches_per_epoch",
+        "2",
+        "--data.eval_per_label",
+        "1",
+        *reward,
+        *extra,
     ]

@@ -11,18 +11,21 @@ from ctrl.rewards import GaussianLogLikelihood
 from ctrl.sampling import sample
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: PPO(clip_range=0.0), r"^PPO.clip_range: must be > 0"),
-    (lambda: PPO(timestep_fraction=1.5), r"^PPO.timestep_fraction: must lie in \(0, 1\]"),
-    (lambda: PPO(alpha=-0.1), r"^PPO.alpha: the KL weight must be >= 0"),
-    (lambda: PPO(inner_epochs=0), r"^PPO.inner_epochs: must be >= 1"),
-    (lambda: RAFT(keep_fraction=0.0), r"^RAFT.keep_fraction: must lie in \(0, 1\]"),
-    (lambda: RAFT(selection="tilted", alpha=0.0), r"^RAFT.alpha: must be > 0 with selection 'tilted'"),
-    (lambda: RAFT(minibatch_size=0), r"^RAFT.minibatch_size: must be >= 1"),
-    (lambda: ContinuousTimePG(value_lr=0.0), r"^ContinuousTimePG.value_lr: must be > 0"),
-    (lambda: ContinuousTimePG(clip_range=-1.0), r"^ContinuousTimePG.clip_range: must be > 0"),
-    (lambda: DirectBackprop(backprop_steps=0), r"^DirectBackprop.backprop_steps: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PPO(clip_range=0.0), r"^PPO.clip_range: must be > 0"),
+        (lambda: PPO(timestep_fraction=1.5), r"^PPO.timestep_fraction: must lie in \(0, 1\]"),
+        (lambda: PPO(alpha=-0.1), r"^PPO.alpha: the KL weight must be >= 0"),
+        (lambda: PPO(inner_epochs=0), r"^PPO.inner_epochs: must be >= 1"),
+        (lambda: RAFT(keep_fraction=0.0), r"^RAFT.keep_fraction: must lie in \(0, 1\]"),
+        (lambda: RAFT(selection="tilted", alpha=0.0), r"^RAFT.alpha: must be > 0 with selection 'tilted'"),
+        (lambda: RAFT(minibatch_size=0), r"^RAFT.minibatch_size: must be >= 1"),
+        (lambda: ContinuousTimePG(value_lr=0.0), r"^ContinuousTimePG.value_lr: must be > 0"),
+        (lambda: ContinuousTimePG(clip_range=-1.0), r"^ContinuousTimePG.clip_range: must be > 0"),
+        (lambda: DirectBackprop(backprop_steps=0), r"^DirectBackprop.backprop_steps: must be >= 1"),
+    ],
+)
 def test_out_of_range_settings(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -41,8 +44,14 @@ def test_nonfinite_rewards_are_counted_and_dropped(algorithm):
     algorithm.setup(policy, reward)
     labels = torch.zeros(8, dtype=torch.long)
     with torch.set_grad_enabled(algorithm.requires_grad_through_sampler):
-        traj = sample(policy, labels, 5, 1.0, grad_steps=algorithm.gradient_plan(4).steps,
-                      generator=torch.Generator().manual_seed(0))
+        traj = sample(
+            policy,
+            labels,
+            5,
+            1.0,
+            grad_steps=algorithm.gradient_plan(4).steps,
+            generator=torch.Generator().manual_seed(0),
+        )
     with pytest.warns(RuntimeWarning, match="NaN or Inf for 2 of 8 samples; they are dropped"):
         outputs = [algorithm.loss(batch, policy, reward) for batch in algorithm.updates(traj, policy, reward)]
     assert outputs
@@ -69,8 +78,9 @@ def test_rollout_without_finite_reward_gives_no_update(algorithm):
 def test_direct_backprop_without_finite_reward_has_zero_finite_loss():
     policy = AnalyticGaussian(dim=2)
     algorithm = DirectBackprop(alpha=1.0)
-    traj = sample(policy, torch.zeros(4, dtype=torch.long), 5, 1.0, grad_steps=5,
-                  generator=torch.Generator().manual_seed(0))
+    traj = sample(
+        policy, torch.zeros(4, dtype=torch.long), 5, 1.0, grad_steps=5, generator=torch.Generator().manual_seed(0)
+    )
     with pytest.warns(RuntimeWarning, match="NaN or Inf for 4 of 4 samples"):
         out = algorithm.loss(traj, policy, AlwaysNaN(y=[0.0, 0.0]))
     assert float(out["loss"]) == 0.0

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_classifier
 
 from ctrl.algorithms import DirectBackprop
 from ctrl.module import ControlModule
 from ctrl.policy import UNetPolicy
 from ctrl.rewards import ClassifierLogProb, Reward
-
-from conftest import make_tiny_classifier
 
 
 class JpegSize(Reward):
@@ -93,8 +92,23 @@ def test_negative_alpha():
 
 def test_command_line_error_is_one_message_without_traceback(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"
-    proc = subprocess.run([sys.executable, "-m", "ctrl.cli", "fit", "--config", str(config), "--model.eta", "0",
-                           "--trainer.default_root_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctrl.cli",
+            "fit",
+            "--config",
+            str(config),
+            "--model.eta",
+            "0",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "model.eta=0" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -123,30 +137,63 @@ def _refusals(tiny_sd, tiny_pretrained, tiny_classifier):
         ("SD negative classes", sd(num_classes=-1), r"model.policy.num_classes must be >= 0"),
         ("SD nothing trainable", sd(lora_rank=0), r"model.policy.lora_rank=0: nothing would be trainable"),
         ("SD guidance below 1", sd(guidance_scale=0.5), r"model.policy.guidance_scale must be >= 1"),
-        ("group size not dividing the batch", lambda: LabelsDataModule(batch_size=6, group_size=4),
-         r"data.batch_size=6 must be a multiple of data.group_size=4"),
-        ("zero or negative group", lambda: LabelsDataModule(batch_size=6, group_size=0),
-         r"data.group_size must be at least 1, got 0"),
-        ("test seeds in the validation range", lambda: LabelsDataModule(num_labels=2, eval_per_label=5, test_seed=7),
-         r"data.test_seed=7 gives test seeds \[7, 17\) outside the test range"),
-        ("unknown label set", lambda: DigitsDataModule(label_set="colour"),
-         r"data.label_set: 'colour' is not a label set; choose one of \['class', 'compressibility', 'ink'\]"),
-        ("unknown evaluator label set", lambda: LabelSetEvaluator(["ink", "colour"]),
-         r"model.evaluator.label_sets: 'colour' is not a label set"),
-        ("JPEG boundaries not increasing", lambda: JpegSizeEvaluator([3.0, 2.0]),
-         r"model.evaluator.boundaries_kb must be increasing and non-empty"),
-        ("joint reward of one", lambda: JointLabels([ClassifierLogProb(tiny_classifier)]),
-         r"model.reward.rewards: give at least two rewards that each score a label set"),
-        ("JPEG evaluator classes vs policy labels",
-         lambda: _module(tiny_pretrained, tiny_classifier, evaluator=JpegSizeEvaluator([1.0, 2.0])),
-         r"boundaries_kb makes 3 classes but the policy's reward labels number 10"),
+        (
+            "group size not dividing the batch",
+            lambda: LabelsDataModule(batch_size=6, group_size=4),
+            r"data.batch_size=6 must be a multiple of data.group_size=4",
+        ),
+        (
+            "zero or negative group",
+            lambda: LabelsDataModule(batch_size=6, group_size=0),
+            r"data.group_size must be at least 1, got 0",
+        ),
+        (
+            "test seeds in the validation range",
+            lambda: LabelsDataModule(num_labels=2, eval_per_label=5, test_seed=7),
+            r"data.test_seed=7 gives test seeds \[7, 17\) outside the test range",
+        ),
+        (
+            "unknown label set",
+            lambda: DigitsDataModule(label_set="colour"),
+            r"data.label_set: 'colour' is not a label set; choose one of \['class', 'compressibility', 'ink'\]",
+        ),
+        (
+            "unknown evaluator label set",
+            lambda: LabelSetEvaluator(["ink", "colour"]),
+            r"model.evaluator.label_sets: 'colour' is not a label set",
+        ),
+        (
+            "JPEG boundaries not increasing",
+            lambda: JpegSizeEvaluator([3.0, 2.0]),
+            r"model.evaluator.boundaries_kb must be increasing and non-empty",
+        ),
+        (
+            "joint reward of one",
+            lambda: JointLabels([ClassifierLogProb(tiny_classifier)]),
+            r"model.reward.rewards: give at least two rewards that each score a label set",
+        ),
+        (
+            "JPEG evaluator classes vs policy labels",
+            lambda: _module(tiny_pretrained, tiny_classifier, evaluator=JpegSizeEvaluator([1.0, 2.0])),
+            r"boundaries_kb makes 3 classes but the policy's reward labels number 10",
+        ),
     ]
 
 
-REFUSALS = ["SD dtype", "SD negative classes", "SD nothing trainable", "SD guidance below 1",
-            "group size not dividing the batch", "zero or negative group", "test seeds in the validation range",
-            "unknown label set", "unknown evaluator label set",
-            "JPEG boundaries not increasing", "joint reward of one", "JPEG evaluator classes vs policy labels"]
+REFUSALS = [
+    "SD dtype",
+    "SD negative classes",
+    "SD nothing trainable",
+    "SD guidance below 1",
+    "group size not dividing the batch",
+    "zero or negative group",
+    "test seeds in the validation range",
+    "unknown label set",
+    "unknown evaluator label set",
+    "JPEG boundaries not increasing",
+    "joint reward of one",
+    "JPEG evaluator classes vs policy labels",
+]
 
 
 @pytest.mark.parametrize("case", REFUSALS)
@@ -160,23 +207,37 @@ def test_new_settings_are_refused_with_one_message(case, tiny_sd, tiny_pretraine
 
 def test_checkpoint_without_the_trainable_weights_is_refused(tiny_pretrained, tiny_classifier):
     module = _module(tiny_pretrained, tiny_classifier)
-    with pytest.raises(ValueError, match=r"the checkpoint lacks \d+ trainable weights of this model .*resume with "
-                                         r"the config that wrote it"):
+    with pytest.raises(
+        ValueError,
+        match=r"the checkpoint lacks \d+ trainable weights of this model .*resume with "
+        r"the config that wrote it",
+    ):
         module.on_load_checkpoint({"state_dict": {}})
 
 
-@pytest.mark.parametrize("label_set, num_labels, expected", [
-    (["compressibility", "ink"], 4, "data.label_set: a classifier learns one label set"),
-    ("ink", 4, "model.num_labels=4 but the data's label set has 2 labels"),
-])
+@pytest.mark.parametrize(
+    "label_set, num_labels, expected",
+    [
+        (["compressibility", "ink"], 4, "data.label_set: a classifier learns one label set"),
+        ("ink", 4, "model.num_labels=4 but the data's label set has 2 labels"),
+    ],
+)
 def test_classifier_data_must_be_one_label_set_of_its_size(label_set, num_labels, expected, tmp_path):
     import lightning as L
 
     from ctrl.classifier import ClassifierTraining
     from ctrl.datamodules import DigitsDataModule
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match=expected):
-        trainer.fit(ClassifierTraining(num_labels=num_labels, width=4, robust=False),
-                    DigitsDataModule(train_split="classifier", val_split="calibration", label_set=label_set))
+        trainer.fit(
+            ClassifierTraining(num_labels=num_labels, width=4, robust=False),
+            DigitsDataModule(train_split="classifier", val_split="calibration", label_set=label_set),
+        )

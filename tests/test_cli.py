@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_control_args
 from PIL import Image
 
 from ctrl.commands import main
 
-from conftest import tiny_control_args
-
 
 def tiny_args(tmp_path, pretrained, classifier, *extra):
     """The tiny control run with the shipped config's own callbacks (its prediction grid into tmp_path)."""
-    return [*tiny_control_args(tmp_path, pretrained, classifier),
-            "--trainer.callbacks.path", str(tmp_path / "grid.png"),
-            "--data.batches_per_epoch", "2", "--data.predict_per_label", "2", *extra]
+    return [
+        *tiny_control_args(tmp_path, pretrained, classifier),
+        "--trainer.callbacks.path",
+        str(tmp_path / "grid.png"),
+        "--data.batches_per_epoch",
+        "2",
+        "--data.predict_per_label",
+        "2",
+        *extra,
+    ]
 
 
 def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
     cli = main(["fit", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.eval_num_steps", "[3, 5]"])
     metrics = cli.trainer.callback_metrics
-    for key in ("val/accuracy", "val/macro_f1", "val/frechet", "val/reward", "val/kl",
-                "val/pretrained_accuracy", "val/pretrained_frechet", "val/steps_5/accuracy", "val/steps_5/reward"):
+    for key in (
+        "val/accuracy",
+        "val/macro_f1",
+        "val/frechet",
+        "val/reward",
+        "val/kl",
+        "val/pretrained_accuracy",
+        "val/pretrained_frechet",
+        "val/steps_5/accuracy",
+        "val/steps_5/reward",
+    ):
         assert key in metrics, key
     assert 0 <= float(metrics["val/accuracy"]) <= 1 and float(metrics["val/frechet"]) >= 0
     assert float(metrics["val/kl"]) > 0  # two steps of training moved the policy
@@ -33,8 +48,22 @@ def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
     cli = main(["validate", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--ckpt_path", str(ckpt)])
     assert float(cli.trainer.callback_metrics["val/kl"]) == pytest.approx(float(metrics["val/kl"]), rel=1e-4)
 
-    main(["predict", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier, "--data.predict_labels", "[1, 3, 7]",
-                                "--model.control_scale", "2.0"), "--ckpt_path", str(ckpt)])
+    main(
+        [
+            "predict",
+            *tiny_args(
+                tmp_path,
+                tiny_pretrained,
+                tiny_classifier,
+                "--data.predict_labels",
+                "[1, 3, 7]",
+                "--model.control_scale",
+                "2.0",
+            ),
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 10 * 4, 3 * 10 * 4)  # 2 per label across, 3 labels down, 8 + 2 border px, scale 4
 
@@ -53,8 +82,9 @@ def test_unknown_algorithm_lists_the_available_ones(tmp_path, tiny_pretrained, t
     assert "model.algorithm 'Nope' is not an available algorithm; available: " in err and "DirectBackprop" in err
 
 
-def test_wrong_type_for_an_algorithm_setting_is_not_called_an_unknown_algorithm(tmp_path, tiny_pretrained,
-                                                                                tiny_classifier, capsys):
+def test_wrong_type_for_an_algorithm_setting_is_not_called_an_unknown_algorithm(
+    tmp_path, tiny_pretrained, tiny_classifier, capsys
+):
     with pytest.raises(SystemExit):
         main([*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.algorithm.alpha", "abc"], run=False)
     err = capsys.readouterr().err

@@ -22,8 +22,16 @@ def test_there_are_configs():
 def _tiny_components(config: Path, request) -> list[str]:
     if config.parent.name != "sd15":
         return []
-    swaps = ["--model.policy.pretrained", request.getfixturevalue("tiny_sd"), "--model.policy.dtype", "float32",
-             "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    swaps = [
+        "--model.policy.pretrained",
+        request.getfixturevalue("tiny_sd"),
+        "--model.policy.dtype",
+        "float32",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+    ]
     reward = config.read_text()
     if "ClassifierLogProb" in reward:
         return swaps + ["--model.reward.path", request.getfixturevalue("tiny_rgb_classifier")]
@@ -35,13 +43,23 @@ def _is_benchmark(config: Path) -> bool:
     return config.name.startswith("benchmark_")
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if not _is_benchmark(c)],
-                         ids=lambda p: str(p.relative_to(p.parents[1])))
+@pytest.mark.parametrize(
+    "config", [c for c in CONFIGS if not _is_benchmark(c)], ids=lambda p: str(p.relative_to(p.parents[1]))
+)
 def test_config_instantiates(config, tmp_path, request):
     # a task overlay (configs/digits/tasks/) goes after the main control config, as its header says
     base = ["--config", str(config.parents[1] / "control.yaml")] if config.parent.name == "tasks" else []
-    cli = main([*base, "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
-                *_tiny_components(config, request)], run=False)
+    cli = main(
+        [
+            *base,
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *_tiny_components(config, request),
+        ],
+        run=False,
+    )
     assert cli.model is not None and cli.datamodule is not None
     assert cli.trainer.max_epochs or cli.trainer.max_steps
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctrl.datamodules import LabelsDataModule, digits_split
-from ctrl.datamodules.digits import SPLITS
+from ctrl.datamodules.digits_data import SPLITS
 from ctrl.seeds import TRAINING
 
 
@@ -64,7 +64,7 @@ def test_ranks_split_each_global_batch():
         parts = []
         for rank in range(2):
             sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-            parts += [dataset[k] for k in list(sampler)[b * 4:(b + 1) * 4]]
+            parts += [dataset[k] for k in list(sampler)[b * 4 : (b + 1) * 4]]
         assert sorted(parts) == sorted(zip(labels.tolist(), seeds.tolist()))
 
 
@@ -85,11 +85,14 @@ def test_eval_labels_are_balanced_with_fixed_seeds():
     assert len(set(seeds.tolist())) == 12
 
 
-@pytest.mark.parametrize("prior, message", [
-    ([0.5, 0.5], "has 2 entries but there are 3 labels"),
-    ([0.5, 0.6, -0.1], "not a probability distribution"),
-    ([0.2, 0.2, 0.2], "sum to 0.6"),
-])
+@pytest.mark.parametrize(
+    "prior, message",
+    [
+        ([0.5, 0.5], "has 2 entries but there are 3 labels"),
+        ([0.5, 0.6, -0.1], "not a probability distribution"),
+        ([0.2, 0.2, 0.2], "sum to 0.6"),
+    ],
+)
 def test_bad_prior_is_one_clear_message(prior, message):
     with pytest.raises(ValueError, match=message):
         LabelsDataModule(num_labels=3, prior=prior)
@@ -109,8 +112,14 @@ def test_image_folder_gives_labelled_batches(tmp_path):
     for i in range(10):
         Image.new("L", (8, 8), color=25 * i).save(tmp_path / "images" / f"{i}.png")
     (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 3}\n" for i in range(10)))
-    dm = ImageFolderDataModule(str(tmp_path / "images"), str(tmp_path / "labels.csv"), num_labels=3, image_size=8,
-                               val_fraction=0.2, batch_size=4)
+    dm = ImageFolderDataModule(
+        str(tmp_path / "images"),
+        str(tmp_path / "labels.csv"),
+        num_labels=3,
+        image_size=8,
+        val_fraction=0.2,
+        batch_size=4,
+    )
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
@@ -124,18 +133,33 @@ def test_image_folder_gives_labelled_batches(tmp_path):
     assert sorted(seen) == list(range(10))
 
 
-@pytest.mark.parametrize("setup, kwargs, error, message", [
-    ("csv names an absent file", {}, ValueError,
-     r"data.labels_csv: names 1 files that are not in data.root \(ghost.png\); remove those rows"),
-    ("csv without header", {"header": "name,class"}, ValueError,
-     r"data.labels_csv: .* needs a header line `file,label`"),
-    ("channels", {"channels": 2}, ValueError, r"data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
-    ("val_fraction", {"val_fraction": 1.0}, ValueError, r"data.val_fraction must lie in \[0, 1\), got 1.0"),
-    ("no folder", {"root": "/nowhere/images"}, FileNotFoundError, r"data.root: no folder at '/nowhere/images'"),
-    ("empty folder", {"empty": True}, ValueError, r"data.root: '.*' holds no files; put the images in it"),
-    ("no csv", {"labels_csv": "/nowhere/labels.csv"}, FileNotFoundError,
-     r"data.labels_csv: no file at '/nowhere/labels.csv'"),
-])
+@pytest.mark.parametrize(
+    "setup, kwargs, error, message",
+    [
+        (
+            "csv names an absent file",
+            {},
+            ValueError,
+            r"data.labels_csv: names 1 files that are not in data.root \(ghost.png\); remove those rows",
+        ),
+        (
+            "csv without header",
+            {"header": "name,class"},
+            ValueError,
+            r"data.labels_csv: .* needs a header line `file,label`",
+        ),
+        ("channels", {"channels": 2}, ValueError, r"data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
+        ("val_fraction", {"val_fraction": 1.0}, ValueError, r"data.val_fraction must lie in \[0, 1\), got 1.0"),
+        ("no folder", {"root": "/nowhere/images"}, FileNotFoundError, r"data.root: no folder at '/nowhere/images'"),
+        ("empty folder", {"empty": True}, ValueError, r"data.root: '.*' holds no files; put the images in it"),
+        (
+            "no csv",
+            {"labels_csv": "/nowhere/labels.csv"},
+            FileNotFoundError,
+            r"data.labels_csv: no file at '/nowhere/labels.csv'",
+        ),
+    ],
+)
 def test_image_folder_refusals(setup, kwargs, error, message, tmp_path):
     from PIL import Image
 
@@ -157,8 +181,11 @@ def test_global_batch_must_divide_among_processes():
 
     dm = LabelsDataModule(num_labels=10, batch_size=8)
     dm.trainer = SimpleNamespace(world_size=3, global_rank=0)
-    with pytest.raises(ValueError, match=r"data.batch_size=8 is the global batch and must divide evenly among the 3 "
-                                         r"processes .*make it a multiple of 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.batch_size=8 is the global batch and must divide evenly among the 3 "
+        r"processes .*make it a multiple of 3",
+    ):
         dm.train_dataloader()
 
 
@@ -167,19 +194,27 @@ def test_evaluation_seed_sets_are_disjoint_and_fixed():
     generator keeps), and the evaluation sets do not move with the run's seed."""
     from ctrl.seeds import TEST, VALIDATION
 
-    a, b = LabelsDataModule(num_labels=3, eval_per_label=4, seed=0), LabelsDataModule(num_labels=3, eval_per_label=4, seed=5)
-    val, test = ([s for _, seeds in loader for s in seeds.tolist()] for loader in (a.val_dataloader(), a.test_dataloader()))
+    a, b = (
+        LabelsDataModule(num_labels=3, eval_per_label=4, seed=0),
+        LabelsDataModule(num_labels=3, eval_per_label=4, seed=5),
+    )
+    val, test = (
+        [s for _, seeds in loader for s in seeds.tolist()] for loader in (a.val_dataloader(), a.test_dataloader())
+    )
     assert all(s in VALIDATION for s in val) and all(s in TEST for s in test) and len(set(val)) == len(val) == 12
     assert val == [s for _, seeds in b.val_dataloader() for s in seeds.tolist()]
     train = {int(s) % (1 << 32) for _, seeds in a.train_dataloader() for s in seeds}
     assert not train & (set(val) | set(test))
 
 
-@pytest.mark.parametrize("setting, value, message", [
-    ("test_seed", 100, r"data.test_seed=100 gives test seeds \[100, 130\) outside the test range"),
-    ("val_seed", 1 << 30, r"data.val_seed=1073741824 gives validation seeds .* outside the validation range"),
-    ("val_seed", (1 << 30) - 10, r"choose data.val_seed in \[0, 1073741794\]"),
-])
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("test_seed", 100, r"data.test_seed=100 gives test seeds \[100, 130\) outside the test range"),
+        ("val_seed", 1 << 30, r"data.val_seed=1073741824 gives validation seeds .* outside the validation range"),
+        ("val_seed", (1 << 30) - 10, r"choose data.val_seed in \[0, 1073741794\]"),
+    ],
+)
 def test_evaluation_seeds_outside_their_set_are_refused(setting, value, message):
     with pytest.raises(ValueError, match=message):
         LabelsDataModule(num_labels=3, eval_per_label=10, **{setting: value})

@@ -27,8 +27,16 @@ def _gradient(algorithm: DirectBackprop, plan, policy, reward, noise) -> tuple[t
     labels = torch.zeros(len(noise), dtype=torch.long)
     policy.zero_grad()
     with torch.enable_grad():
-        traj = sample(policy, labels, STEPS, 1.0, noise=noise, grad_steps=plan.steps, grad_weights=plan.weights,
-                      kl_grad_steps=plan.kl_steps)
+        traj = sample(
+            policy,
+            labels,
+            STEPS,
+            1.0,
+            noise=noise,
+            grad_steps=plan.steps,
+            grad_weights=plan.weights,
+            kl_grad_steps=plan.kl_steps,
+        )
         algorithm.loss(traj, policy, reward)["loss"].backward()
     return policy.weight.grad.clone(), policy.bias.grad.clone()
 
@@ -83,9 +91,12 @@ def test_random_truncation_is_unbiased(k_max):
     fixed = DirectBackprop(alpha=0.5, backprop_steps=k_max)
     target = _gradient(fixed, fixed.gradient_plan(n), policy, reward, noise)
     for unbiased in (True, False):
-        algorithm = DirectBackprop(alpha=0.5, backprop_steps=k_max, random_truncation=True,
-                                   unbiased_truncation=unbiased)
-        draws = [_gradient(algorithm, algorithm.window(k, n), policy, reward, noise) for k in range(1, (k_max or n) + 1)]
+        algorithm = DirectBackprop(
+            alpha=0.5, backprop_steps=k_max, random_truncation=True, unbiased_truncation=unbiased
+        )
+        draws = [
+            _gradient(algorithm, algorithm.window(k, n), policy, reward, noise) for k in range(1, (k_max or n) + 1)
+        ]
         mean = [torch.stack(g).mean(0) for g in zip(*draws)]
         assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(mean, target)) == unbiased
 

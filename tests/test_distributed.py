@@ -8,22 +8,37 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import assert_same, final_state, run_args
 
 ALGORITHMS = {
     "DirectBackprop": {"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}},
     # the whole rollout in one minibatch: its advantage baselines are global sums over both ranks
-    "PPO": {"class_path": "PPO", "init_args": {"alpha": 0.2, "clip_range": 0.05, "advantages": "standardize",
-                                               "per_condition": True}},
+    "PPO": {
+        "class_path": "PPO",
+        "init_args": {"alpha": 0.2, "clip_range": 0.05, "advantages": "standardize", "per_condition": True},
+    },
 }
 
 
 def _fit(root, devices: int, extra: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "ctrl.cli", "fit", *extra, "--trainer.devices", str(devices),
-                           "--trainer.strategy", "ddp" if devices > 1 else "auto"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctrl.cli",
+            "fit",
+            *extra,
+            "--trainer.devices",
+            str(devices),
+            "--trainer.strategy",
+            "ddp" if devices > 1 else "auto",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -31,10 +46,22 @@ def _fit(root, devices: int, extra: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifier):
     def args(root):
-        return run_args(root, tiny_pretrained, tiny_classifier, "--model.algorithm", json.dumps(ALGORITHMS[name]),
-                        "--data.batches_per_epoch", "3", "--data.eval_per_label", "3", "--data.batch_size", "8",
-                        # two labels, 4 chains each per batch: per-label baselines over both ranks' chains
-                        "--data.prior", json.dumps([0.5, 0.5] + [0.0] * 8))
+        return run_args(
+            root,
+            tiny_pretrained,
+            tiny_classifier,
+            "--model.algorithm",
+            json.dumps(ALGORITHMS[name]),
+            "--data.batches_per_epoch",
+            "3",
+            "--data.eval_per_label",
+            "3",
+            "--data.batch_size",
+            "8",
+            # two labels, 4 chains each per batch: per-label baselines over both ranks' chains
+            "--data.prior",
+            json.dumps([0.5, 0.5] + [0.0] * 8),
+        )
 
     _fit(tmp_path / "one", 1, args(tmp_path / "one"))
     two = _fit(tmp_path / "two", 2, args(tmp_path / "two"))
@@ -48,8 +75,10 @@ def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifie
     # The metrics are over all 30 samples, gathered from both ranks. The Frechet distance of 30 samples in
     # 20 dimensions goes through the square root of a near-singular matrix, which turns float rounding of
     # 1e-6 in the samples into ~1e-3: it gets a looser tolerance than the rest.
-    for one, two in ((state["baselines"]["val"], state_ddp["baselines"]["val"]),
-                     (state["last_metrics"], state_ddp["last_metrics"])):
+    for one, two in (
+        (state["baselines"]["val"], state_ddp["baselines"]["val"]),
+        (state["last_metrics"], state_ddp["last_metrics"]),
+    ):
         one, two = dict(one), dict(two)
         assert one.pop("frechet") == pytest.approx(two.pop("frechet"), rel=2e-2)
         assert_same(one, two, atol=1e-5)

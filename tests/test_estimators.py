@@ -44,8 +44,9 @@ def test_advantage_is_return_minus_mean_of_the_other_chains(per_condition):
     returns = torch.randn(len(LABELS), 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     algorithm = _built(PPO(per_condition=per_condition, advantage_clip=None), num_labels=3)
     groups = LABELS if per_condition else torch.zeros_like(LABELS)
-    torch.testing.assert_close(algorithm._normalise(returns, LABELS), _leave_one_out(returns, groups),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        algorithm._normalise(returns, LABELS), _leave_one_out(returns, groups), rtol=0, atol=1e-12
+    )
 
 
 def test_standardized_advantage_divides_the_leave_one_out_one_by_the_group_std():
@@ -53,8 +54,9 @@ def test_standardized_advantage_divides_the_leave_one_out_one_by_the_group_std()
     algorithm = _built(PPO(per_condition=True, advantages="standardize", advantage_clip=None), num_labels=3)
     # the chain alone in its group (label 2) takes the whole batch's baseline and std
     std = torch.stack([returns[LABELS == y].std(0) if (LABELS == y).sum() > 1 else returns.std(0) for y in LABELS])
-    torch.testing.assert_close(algorithm._normalise(returns, LABELS), _leave_one_out(returns, LABELS) / std,
-                               rtol=1e-6, atol=0)  # the std has 1e-8 added
+    torch.testing.assert_close(
+        algorithm._normalise(returns, LABELS), _leave_one_out(returns, LABELS) / std, rtol=1e-6, atol=0
+    )  # the std has 1e-8 added
 
 
 @pytest.mark.parametrize("algorithm", [PPO, ContinuousTimePG])
@@ -90,8 +92,7 @@ def test_baselines_come_from_the_global_batch():
     other_rank._normalise(returns[second], LABELS[second])
     this_rank = _built(PPO(per_condition=True, advantage_clip=None), num_labels=3)
     this_rank.context.sum_over_ranks = lambda t: t + reduced[0]
-    torch.testing.assert_close(this_rank._normalise(returns[first], LABELS[first]), whole[first],
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(this_rank._normalise(returns[first], LABELS[first]), whole[first], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("algorithm", [PPO, ContinuousTimePG])
@@ -123,8 +124,9 @@ def _raft_rollout():
     with torch.no_grad():  # a nonzero correction, so that the policy and the pretrained chain differ
         policy.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
         policy.bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-        trajectory = sample(policy, torch.tensor([0, 0, 0, 0, 1, 1, 0, 0]), 4, 1.0,
-                            generator=torch.Generator().manual_seed(0))
+        trajectory = sample(
+            policy, torch.tensor([0, 0, 0, 0, 1, 1, 0, 0]), 4, 1.0, generator=torch.Generator().manual_seed(0)
+        )
     return policy, GaussianLogLikelihood(y=[1.0, -0.5]), trajectory
 
 
@@ -158,8 +160,14 @@ def test_raft_tilted_minibatches_average_to_the_rollout_fit(per_condition):
 def test_raft_top_minibatches_weigh_their_chains_equally(per_condition):
     """``selection: top`` keeps its meaning: each minibatch fits the mean over its kept chains."""
     policy, reward, trajectory = _raft_rollout()
-    algorithm = RAFT(alpha=0.5, selection="top", keep_fraction=0.5, per_condition=per_condition, minibatch_size=3,
-                     timestep_fraction=1.0)
+    algorithm = RAFT(
+        alpha=0.5,
+        selection="top",
+        keep_fraction=0.5,
+        per_condition=per_condition,
+        minibatch_size=3,
+        timestep_fraction=1.0,
+    )
     labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0]) if per_condition else trajectory.labels
     trajectory.labels = labels  # equal kept counts per group, hence equal weights
     minibatches = list(algorithm.updates(trajectory, policy, reward))

@@ -19,8 +19,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "gaussian"
 
 def test_tilted_target_closed_form_against_importance_weights():
     """The closed-form tilted mean and covariance agree with self-normalised importance weighting."""
-    m, s, A, y, sigma, alpha = torch.tensor([1.0, -0.5]), 0.8, torch.tensor([[1.0, 0.5], [0.0, 1.0]]), \
-        torch.tensor([2.0, 1.0]), 1.0, 0.7
+    m, s, A, y, sigma, alpha = (
+        torch.tensor([1.0, -0.5]),
+        0.8,
+        torch.tensor([[1.0, 0.5], [0.0, 1.0]]),
+        torch.tensor([2.0, 1.0]),
+        1.0,
+        0.7,
+    )
     mean, cov = tilted_gaussian(m, s, A, y, sigma, alpha)
     x = (m + s * torch.randn(400_000, 2, generator=torch.Generator().manual_seed(0))).double()
     logw = -(x @ A.double().T - y.double()).square().sum(1) / (2 * sigma**2 * alpha)
@@ -53,8 +59,20 @@ def test_fine_grid_approaches_the_data_distribution():
 
 
 def _fit(config: str, tmp_path, *overrides: str):
-    return main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), "--trainer.default_root_dir", str(tmp_path),
-                 "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *overrides])
+    return main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{config}.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+            *overrides,
+        ]
+    )
 
 
 # Relative error allowed against the discrete chain's optimum, measured from the policy's exact chain moments
@@ -88,14 +106,30 @@ def test_algorithm_reaches_the_chain_optimum(algorithm, world, tmp_path):
 def test_per_condition_baselines_in_groups_of_three_reach_the_optimum(algorithm, tmp_path):
     """85 conditions of 3 chains each, baselines per condition: the leave-one-out baseline keeps the estimator
     exact (with the chain's own return in its baseline, PPO ended 0.13 from the optimum in mean and covariance)."""
-    cli = _fit(algorithm, tmp_path, "--model.policy.num_labels", "85", "--data.num_labels", "85",
-               "--data.batch_size", "255", "--data.group_size", "3", "--model.algorithm.per_condition", "true",
-               "--data.eval_per_label", "50", "--data.eval_batch_size", "4250")
+    cli = _fit(
+        algorithm,
+        tmp_path,
+        "--model.policy.num_labels",
+        "85",
+        "--data.num_labels",
+        "85",
+        "--data.batch_size",
+        "255",
+        "--data.group_size",
+        "3",
+        "--model.algorithm.per_condition",
+        "true",
+        "--data.eval_per_label",
+        "50",
+        "--data.eval_batch_size",
+        "4250",
+    )
     _assert_reaches(cli.trainer.callback_metrics, TOLERANCE[algorithm])
 
 
-@pytest.mark.parametrize("truncation", [["--model.algorithm.backprop_steps", "20"],
-                                        ["--model.algorithm.random_truncation", "true"]])
+@pytest.mark.parametrize(
+    "truncation", [["--model.algorithm.backprop_steps", "20"], ["--model.algorithm.random_truncation", "true"]]
+)
 def test_truncated_direct_backprop_reaches_its_optimum(truncation, tmp_path):
     """A fixed window of the last 20 stochastic steps reaches the optimum of the family whose earlier steps
     are not controlled (their KL's gradient holds them at the pretrained chain); a random window weighted by
@@ -104,7 +138,7 @@ def test_truncated_direct_backprop_reaches_its_optimum(truncation, tmp_path):
     policy, reward, algorithm = cli.model.policy, cli.model.reward, cli.model.algorithm
     pretrained = policy.affine_steps(50, 1.0, control_scale=0.0)
     stochastic = [k for k, step in enumerate(pretrained) if step.sigma > 0]
-    window = stochastic if algorithm.random_truncation else stochastic[-algorithm.backprop_steps:]
+    window = stochastic if algorithm.random_truncation else stochastic[-algorithm.backprop_steps :]
     controlled = [k in window for k in range(len(pretrained))]
     _, mean, cov = chain_optimum(pretrained, reward.A, reward.y, reward.sigma, algorithm.alpha, controlled)
     errors = relative_errors(*chain_moments(policy.affine_steps(50, 1.0)), mean, cov)
@@ -117,8 +151,23 @@ def test_truncated_direct_backprop_reaches_its_optimum(truncation, tmp_path):
 def test_raft_top_selection_is_not_the_tilted_target(tmp_path):
     """Classic RAFT (keep the best fraction) converges elsewhere: the covariance shrinks below the target's.
     This documents why the Gaussian config uses selection 'tilted'."""
-    cli = main(["fit", "--config", str(CONFIGS / "raft.yaml"), "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-                "--model.algorithm.selection", "top", "--model.algorithm.keep_fraction", "0.25",
-                "--data.batches_per_epoch", "100"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "raft.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+            "--model.algorithm.selection",
+            "top",
+            "--model.algorithm.keep_fraction",
+            "0.25",
+            "--data.batches_per_epoch",
+            "100",
+        ]
+    )
     assert float(cli.trainer.callback_metrics["val/target_cov_rel_err"]) > 0.2

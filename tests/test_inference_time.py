@@ -35,10 +35,11 @@ def test_smc_reaches_the_tilted_target(world, lam):
     closed form (alpha = 1 / lam) within 0.06, the same bar as the fine-tuning plugins' check."""
     policy, reward = world
     n = 4000
-    out = SMC(num_particles=64, lam=lam).sample(policy, reward, torch.zeros(n, dtype=torch.long),
-                                                torch.arange(n), STEPS)
+    out = SMC(num_particles=64, lam=lam).sample(
+        policy, reward, torch.zeros(n, dtype=torch.long), torch.arange(n), STEPS
+    )
     mean_pre, var_pre = policy.pretrained_marginal(STEPS, 1.0)
-    mean_t, cov_t = tilted_gaussian(mean_pre, var_pre ** 0.5, reward.A, reward.y, reward.sigma, 1.0 / lam)
+    mean_t, cov_t = tilted_gaussian(mean_pre, var_pre**0.5, reward.A, reward.y, reward.sigma, 1.0 / lam)
     x = out.samples.double()
     assert (x.mean(0) - mean_t).norm() / mean_t.norm() < 0.06
     assert (torch.cov(x.T) - cov_t).norm() / cov_t.norm() < 0.06
@@ -60,18 +61,21 @@ def test_smc_reaches_the_tilted_target_from_a_wide_prior():
     policy = AnalyticGaussian(dim=1, mean=0.0, std=100.0)
     reward = GaussianLogLikelihood(y=[100.0], sigma=50.0)
     n, k, lam = 2000, 64, 1.0
-    out = SMC(num_particles=k, lam=lam).sample(policy, reward, torch.zeros(n, dtype=torch.long), torch.arange(n),
-                                               STEPS)
+    out = SMC(num_particles=k, lam=lam).sample(
+        policy, reward, torch.zeros(n, dtype=torch.long), torch.arange(n), STEPS
+    )
     mean_pre, var_pre = policy.pretrained_marginal(STEPS, 1.0)
-    mean_t, cov_t = tilted_gaussian(mean_pre, var_pre ** 0.5, reward.A, reward.y, reward.sigma, 1.0 / lam)
+    mean_t, cov_t = tilted_gaussian(mean_pre, var_pre**0.5, reward.A, reward.y, reward.sigma, 1.0 / lam)
     mean_t, sd_t = float(mean_t), float(cov_t) ** 0.5
     x = out.samples.double().flatten()
     mean, sd = float(x.mean()), float(x.std())
-    print(f"SMC wide prior: mean {mean:.2f} (target {mean_t:.2f}, pretrained {float(mean_pre):.2f}), "
-          f"sd {sd:.2f} (target {sd_t:.2f})")
-    assert abs(mean - mean_t) < 4 * sd_t / n ** 0.5 + sd_t / k, (mean, mean_t)
+    print(
+        f"SMC wide prior: mean {mean:.2f} (target {mean_t:.2f}, pretrained {float(mean_pre):.2f}), "
+        f"sd {sd:.2f} (target {sd_t:.2f})"
+    )
+    assert abs(mean - mean_t) < 4 * sd_t / n**0.5 + sd_t / k, (mean, mean_t)
     assert abs(sd - sd_t) < 4 * sd_t / (2 * n) ** 0.5 + sd_t / k, (sd, sd_t)
-    assert mean_t - float(mean_pre) > 20 * sd_t / n ** 0.5  # the tilt moves the mean far beyond the bound
+    assert mean_t - float(mean_pre) > 20 * sd_t / n**0.5  # the tilt moves the mean far beyond the bound
 
 
 class _Probe(GuidedSampler):
@@ -104,8 +108,9 @@ def test_extra_draws_are_not_another_chains_noise(world, s):
     assert torch.equal(first, _first_extra_draw(policy, [s, s + 1]))
 
 
-@pytest.mark.parametrize("sampler", [SMC(num_particles=8), SVDD(num_candidates=4, temperature=1.0)],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "sampler", [SMC(num_particles=8), SVDD(num_candidates=4, temperature=1.0)], ids=lambda s: type(s).__name__
+)
 def test_samplers_with_extra_draws_are_reproducible(world, sampler):
     """The same seeds give the same samples, in a new sampler call and whatever ran in between."""
     policy, reward = world
@@ -116,21 +121,32 @@ def test_samplers_with_extra_draws_are_reproducible(world, sampler):
     torch.testing.assert_close(sampler.sample(policy, reward, labels, seeds, STEPS).samples, first, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", [ReconstructionGuidance(scale=0.0), MPGD(step_size=0.0), SVDD(num_candidates=1)],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "sampler",
+    [ReconstructionGuidance(scale=0.0), MPGD(step_size=0.0), SVDD(num_candidates=1)],
+    ids=lambda s: type(s).__name__,
+)
 def test_zero_strength_is_the_pretrained_sampler(world, sampler):
     policy, reward = world
     labels, seeds = torch.zeros(64, dtype=torch.long), torch.arange(64)
-    torch.testing.assert_close(sampler.sample(policy, reward, labels, seeds, STEPS).samples,
-                               _pretrained(policy, labels, seeds), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        sampler.sample(policy, reward, labels, seeds, STEPS).samples,
+        _pretrained(policy, labels, seeds),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
-@pytest.mark.parametrize("sampler, denoiser_calls, reward_calls", [
-    (ReconstructionGuidance(scale=1.0), STEPS, STEPS),
-    (MPGD(step_size=0.3), STEPS, STEPS),
-    (SVDD(num_candidates=4), 1 + 4 * (STEPS - 1), 4 * STEPS),
-    (SMC(num_particles=8), 8 * STEPS, 8 * (STEPS + 1)),
-], ids=lambda v: type(v).__name__ if not isinstance(v, int) else str(v))
+@pytest.mark.parametrize(
+    "sampler, denoiser_calls, reward_calls",
+    [
+        (ReconstructionGuidance(scale=1.0), STEPS, STEPS),
+        (MPGD(step_size=0.3), STEPS, STEPS),
+        (SVDD(num_candidates=4), 1 + 4 * (STEPS - 1), 4 * STEPS),
+        (SMC(num_particles=8), 8 * STEPS, 8 * (STEPS + 1)),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, int) else str(v),
+)
 def test_guidance_raises_the_reward_and_counts_its_cost(world, sampler, denoiser_calls, reward_calls):
     policy, reward = world
     labels, seeds = torch.zeros(500, dtype=torch.long), torch.arange(500)
@@ -185,8 +201,14 @@ def test_classifier_free_guidance_composes_label_sets():
     N(m_null + w (m_(a,null) - m_null) + w (m_(null,b) - m_null)); the joint rows are never read."""
     policy = AnalyticGaussian(dim=2, mean=[0.0, 0.0], std=0.7)
     policy.num_labels = 6  # sizes [3, 2], condition = a * 2 + b
-    means = {(3, 2): [0.0, 0.0], (0, 2): [1.0, 0.0], (1, 2): [0.0, 1.0], (2, 2): [-1.0, -1.0],
-             (3, 0): [0.5, 0.5], (3, 1): [-0.5, 0.0]}
+    means = {
+        (3, 2): [0.0, 0.0],
+        (0, 2): [1.0, 0.0],
+        (1, 2): [0.0, 1.0],
+        (2, 2): [-1.0, -1.0],
+        (3, 0): [0.5, 0.5],
+        (3, 1): [-0.5, 0.0],
+    }
     scale = 1.5
     sampler = _gaussian_cfg(policy, means, [3, 2], scale)
     labels, seeds = torch.arange(6).repeat_interleave(8), torch.arange(48)
@@ -200,8 +222,15 @@ def test_classifier_free_guidance_composes_label_sets():
 
 
 def test_bad_settings_are_refused():
-    for make in (lambda: ClassifierFreeGuidance(pretrained="/nonexistent"), lambda: ClassifierFreeGuidance(scale=-1),
-                 lambda: SMC(num_particles=0), lambda: SMC(alpha=0), lambda: SMC(lam=0), lambda: SVDD(num_candidates=0),
-                 lambda: ReconstructionGuidance(scale=-1), lambda: MPGD(step_size=-1)):
+    for make in (
+        lambda: ClassifierFreeGuidance(pretrained="/nonexistent"),
+        lambda: ClassifierFreeGuidance(scale=-1),
+        lambda: SMC(num_particles=0),
+        lambda: SMC(alpha=0),
+        lambda: SMC(lam=0),
+        lambda: SVDD(num_candidates=0),
+        lambda: ReconstructionGuidance(scale=-1),
+        lambda: MPGD(step_size=-1),
+    ):
         with pytest.raises((ValueError, FileNotFoundError)):
             make()

@@ -25,15 +25,21 @@ def test_riccati_optimum_equals_a_brute_force_optimisation(alpha):
     the Riccati solution: same objective value and same x_0 moments."""
     pretrained = _policy().affine_steps(4, 1.0, control_scale=0.0)
     optimal, mean, cov = chain_optimum(pretrained, A, Y, SIGMA, alpha)
-    controls = [(torch.zeros(2, 2, dtype=torch.float64, requires_grad=True),
-                 torch.zeros(2, dtype=torch.float64, requires_grad=True)) for _ in pretrained]
+    controls = [
+        (
+            torch.zeros(2, 2, dtype=torch.float64, requires_grad=True),
+            torch.zeros(2, dtype=torch.float64, requires_grad=True),
+        )
+        for _ in pretrained
+    ]
     params = [p for c in controls for p in c]
 
     def chain():
         return [AffineStep(p.F + U, p.g + v, p.sigma) if p.sigma > 0 else p for p, (U, v) in zip(pretrained, controls)]
 
-    optimiser = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                  line_search_fn="strong_wolfe")
+    optimiser = torch.optim.LBFGS(
+        params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimiser.zero_grad()
@@ -60,8 +66,9 @@ def test_chain_optimum_meets_the_continuous_target_as_the_grid_refines():
     for n in (10, 50, 1000):
         _, mean, cov = chain_optimum(policy.affine_steps(n, 1.0, control_scale=0.0), A, Y, SIGMA, 1.0)
         pre_mean, pre_var = policy.pretrained_marginal(n, 1.0)
-        errors.append(float(relative_errors(mean, cov, *tilted_gaussian(pre_mean, math.sqrt(pre_var), A, Y, SIGMA,
-                                                                          1.0))[1]))
+        errors.append(
+            float(relative_errors(mean, cov, *tilted_gaussian(pre_mean, math.sqrt(pre_var), A, Y, SIGMA, 1.0))[1])
+        )
     assert errors[0] > 0.05 and errors[0] > errors[1] > errors[2] and errors[2] < 0.005
 
 
@@ -71,8 +78,9 @@ def test_chain_moments_of_a_controlled_policy_match_its_samples():
     with torch.no_grad():
         policy.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
         policy.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-        x = sample(policy, torch.zeros(100_000, dtype=torch.long), 10, 1.0,
-                   generator=torch.Generator().manual_seed(2)).samples.double()
+        x = sample(
+            policy, torch.zeros(100_000, dtype=torch.long), 10, 1.0, generator=torch.Generator().manual_seed(2)
+        ).samples.double()
     mean, cov = chain_moments(policy.affine_steps(10, 1.0))
     # 100k samples: standard errors about 0.003 on the mean and 0.005 on the covariance entries
     torch.testing.assert_close(x.mean(0), mean, atol=0.015, rtol=0)

@@ -11,18 +11,26 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ctrl.conditions import condition_codes
 from ctrl.datamodules import DigitsDataModule
 from ctrl.datamodules.labelsets import NUM_CLASSES, offline_conditions
 from ctrl.inference_time import ClassifierFreeGuidance
 from ctrl.policy import UNetPolicy
 from ctrl.policy.unet import load_pretrained_unet
-from ctrl.pretrain import DiffusionPretraining, condition_codes, load_conditional_unet
+from ctrl.pretrain import DiffusionPretraining, load_conditional_unet
 
 
 def _fit(module, images, labels, steps: int, tmp_path):
     loader = DataLoader(TensorDataset(images, labels), batch_size=32, shuffle=True, drop_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
 
 
@@ -50,8 +58,16 @@ def test_conditional_model_learns_its_labels(tiny_pretrained, tmp_path):
     torch.manual_seed(0)
     labels = torch.arange(2).repeat(128)
     images = (labels.float() * 1.4 - 0.7).view(-1, 1, 1, 1) + 0.05 * torch.randn(256, 1, 8, 8)
-    module = DiffusionPretraining(init_from=tiny_pretrained, num_labels=2, label_dropout=0.2, lr=3e-3,
-                                  embedding_lr=0.1, warmup_steps=5, ema_decay=0.9, export_dir=str(tmp_path / "model"))
+    module = DiffusionPretraining(
+        init_from=tiny_pretrained,
+        num_labels=2,
+        label_dropout=0.2,
+        lr=3e-3,
+        embedding_lr=0.1,
+        warmup_steps=5,
+        ema_decay=0.9,
+        export_dir=str(tmp_path / "model"),
+    )
     _fit(module, images, labels, 200, tmp_path)
     assert json.loads((tmp_path / "model" / "labels.json").read_text()) == {"num_labels": [2]}
     policy = UNetPolicy(pretrained=tiny_pretrained, num_labels=2)
@@ -60,7 +76,8 @@ def test_conditional_model_learns_its_labels(tiny_pretrained, tmp_path):
 
     def accuracy(scale):
         out = ClassifierFreeGuidance(pretrained=str(tmp_path / "model"), scale=scale).sample(
-            policy, None, y, torch.arange(64), 10)
+            policy, None, y, torch.arange(64), 10
+        )
         return float(((out.samples.mean((1, 2, 3)) > 0).long() == y).float().mean())
 
     guided, unconditional = accuracy(4.0), accuracy(0.0)
@@ -97,8 +114,13 @@ def test_classifier_free_guidance_refusals_name_the_setting(tiny_pretrained, tmp
     with pytest.raises(ValueError, match="^ClassifierFreeGuidance.scale: must be >= 0, got -1"):
         ClassifierFreeGuidance(scale=-1)
     with pytest.raises(ValueError, match="^ClassifierFreeGuidance.pretrained: no conditional model to sample"):
-        ClassifierFreeGuidance().sample(UNetPolicy(pretrained=tiny_pretrained, num_labels=2), None,
-                                                       torch.zeros(2, dtype=torch.long), torch.arange(2), 3)
+        ClassifierFreeGuidance().sample(
+            UNetPolicy(pretrained=tiny_pretrained, num_labels=2),
+            None,
+            torch.zeros(2, dtype=torch.long),
+            torch.arange(2),
+            3,
+        )
     # a conditional model of [2, 2] label sets for a task of 3 labels; then one with another noise schedule
     module = DiffusionPretraining(init_from=tiny_pretrained, num_labels=[2, 2])
     module.export(tmp_path / "model")
@@ -112,7 +134,8 @@ def test_classifier_free_guidance_refusals_name_the_setting(tiny_pretrained, tmp
     DDPMScheduler.from_config(module.scheduler.config).save_pretrained(tmp_path / "model" / "scheduler")
     with pytest.raises(ValueError, match="noise schedule differs from the pretrained model's"):
         ClassifierFreeGuidance(pretrained=str(tmp_path / "model")).sample(
-            UNetPolicy(pretrained=tiny_pretrained, num_labels=4), None, y, seeds, 3)
+            UNetPolicy(pretrained=tiny_pretrained, num_labels=4), None, y, seeds, 3
+        )
 
 
 def test_conditional_data_refusals(tiny_pretrained, tmp_path):
@@ -120,7 +143,13 @@ def test_conditional_data_refusals(tiny_pretrained, tmp_path):
         offline_conditions(["ink", "ink"], "classifier")
     module = DiffusionPretraining(init_from=tiny_pretrained, num_labels=2)
     loader = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8)), batch_size=32)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="model.num_labels is set but the data has no labels"):
         trainer.fit(module, loader)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import assert_same, final_state, run_args
 
 # Runs the CLI's trainer with a callback that SIGKILLs the process after a chosen training batch
@@ -37,19 +36,44 @@ print("METRICS=" + __import__("json").dumps(cli.model.last_metrics))
 # ContinuousTimePG adds a value network with its own learning rate.
 PLUGINS = {
     "DirectBackprop": ({"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}}, 1),
-    "PPO": ({"class_path": "PPO", "init_args": {"alpha": 0.2, "clip_range": 0.05, "inner_epochs": 2,
-                                                "minibatch_size": 2, "timestep_fraction": 0.5}}, 4),
-    "RAFT": ({"class_path": "RAFT", "init_args": {"alpha": 0.2, "keep_fraction": 0.5, "inner_epochs": 2,
-                                                  "minibatch_size": 1, "timestep_fraction": 0.5}}, 4),
-    "ContinuousTimePG": ({"class_path": "ContinuousTimePG", "init_args": {"alpha": 0.2, "clip_range": 0.05,
-                                                                          "minibatch_size": 2}}, 2),
+    "PPO": (
+        {
+            "class_path": "PPO",
+            "init_args": {
+                "alpha": 0.2,
+                "clip_range": 0.05,
+                "inner_epochs": 2,
+                "minibatch_size": 2,
+                "timestep_fraction": 0.5,
+            },
+        },
+        4,
+    ),
+    "RAFT": (
+        {
+            "class_path": "RAFT",
+            "init_args": {
+                "alpha": 0.2,
+                "keep_fraction": 0.5,
+                "inner_epochs": 2,
+                "minibatch_size": 1,
+                "timestep_fraction": 0.5,
+            },
+        },
+        4,
+    ),
+    "ContinuousTimePG": (
+        {"class_path": "ContinuousTimePG", "init_args": {"alpha": 0.2, "clip_range": 0.05, "minibatch_size": 2}},
+        2,
+    ),
 }
 
 
 def _run(root, args, kill_after: int = 0, ckpt_path: str = "none") -> tuple[int, dict]:
     """(exit status, the final evaluation's metrics) of one run in a child process."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(kill_after), ckpt_path, *args], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(kill_after), ckpt_path, *args], capture_output=True, text=True, timeout=300
+    )
     if kill_after == 0:
         assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("METRICS=")]
@@ -61,8 +85,14 @@ def test_kill_and_resume_is_exact(name, tmp_path, tiny_pretrained, tiny_classifi
     algorithm, steps_per_rollout = PLUGINS[name]
 
     def args(root):
-        return run_args(root, tiny_pretrained, tiny_classifier, "--model.algorithm", json.dumps(algorithm),
-                        checkpoint_every=2 * steps_per_rollout)
+        return run_args(
+            root,
+            tiny_pretrained,
+            tiny_classifier,
+            "--model.algorithm",
+            json.dumps(algorithm),
+            checkpoint_every=2 * steps_per_rollout,
+        )
 
     _, metrics = _run(tmp_path / "whole", args(tmp_path / "whole"))
     # Killed after rollout 3 of 6: the last checkpoint is from rollout 2, so rollout 3 is redone.

@@ -19,8 +19,14 @@ def test_step_mean_and_std_match_diffusers_ddim(clip, eta):
     x, eps, z = torch.randn(3, 4, 1, 8, 8)
     for k in range(9):  # every stochastic step
         t = int(grid.timesteps[k])
-        ours = step_mean(x, eps, float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k]),
-                         1.0 if clip else None)
+        ours = step_mean(
+            x,
+            eps,
+            float(grid.alpha_prod[k]),
+            float(grid.alpha_prod_prev[k]),
+            float(grid.sigma[k]),
+            1.0 if clip else None,
+        )
         ref_mean = sched.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
         ref_noisy = sched.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
         torch.testing.assert_close(ours, ref_mean, atol=1e-5, rtol=1e-5)
@@ -34,8 +40,11 @@ def test_log_prob_is_summed_gaussian_density():
     ref = torch.distributions.Normal(mean, 0.3).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(gaussian_log_prob(x, mean, 0.3), ref)
     # the KL of equal-variance Gaussians
-    ref_kl = torch.distributions.kl_divergence(torch.distributions.Normal(x, 0.3),
-                                               torch.distributions.Normal(mean, 0.3)).flatten(1).sum(1)
+    ref_kl = (
+        torch.distributions.kl_divergence(torch.distributions.Normal(x, 0.3), torch.distributions.Normal(mean, 0.3))
+        .flatten(1)
+        .sum(1)
+    )
     torch.testing.assert_close(gaussian_kl(x, mean, 0.3), ref_kl)
 
 
@@ -67,8 +76,9 @@ def test_null_label_row_never_trains(tiny_pretrained):
     assert weight[:3].abs().sum() > 0 and weight[3].abs().sum() == 0
 
 
-@pytest.mark.parametrize("parts", [dict(), dict(step_bias=True, residual_head=True, label_embedding=False),
-                                   dict(lora_rank=2)])
+@pytest.mark.parametrize(
+    "parts", [dict(), dict(step_bias=True, residual_head=True, label_embedding=False), dict(lora_rank=2)]
+)
 def test_kl_zero_at_init_and_positive_after_change(tiny_pretrained, parts):
     policy = _policy(tiny_pretrained, **parts)
     labels = torch.tensor([0, 1, 2, 1])
@@ -139,7 +149,7 @@ def test_kl_gradient_is_exact(tiny_pretrained):
     def kl_sum():
         return sample(policy, labels, 5, 1.0, noise=noise, grad_steps=5).kl.sum()
 
-    grad, = torch.autograd.grad(kl_sum(), weight)
+    (grad,) = torch.autograd.grad(kl_sum(), weight)
     h = 1e-4
     with torch.no_grad():
         weight.add_(h * direction)

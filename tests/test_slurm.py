@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import final_state, report, run_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,17 +90,34 @@ NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
 PartitionName=ctrl Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
     # srun runs `ctrl` from PATH: the one installed beside this interpreter, activated or not
-    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(conf),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
     pid_files = [d / "munge" / "munged.pid", d / "slurmctld.pid", d / "slurmd.pid"]
     try:
-        subprocess.run([_exe("munged"), f"--key-file={key}", f"--socket={d}/munge/munge.socket",
-                        f"--pid-file={pid_files[0]}",
-                        f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/seed", "--force"],
-                       check=True, env=env)
+        subprocess.run(
+            [
+                _exe("munged"),
+                f"--key-file={key}",
+                f"--socket={d}/munge/munge.socket",
+                f"--pid-file={pid_files[0]}",
+                f"--log-file={d}/munge/munged.log",
+                f"--seed-file={d}/munge/seed",
+                "--force",
+            ],
+            check=True,
+            env=env,
+        )
         subprocess.run([_exe("slurmctld"), "-i"], check=True, env=env)
         subprocess.run([_exe("slurmd")], check=True, env=env)
-        _wait(lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                               env=env).stdout, "the SLURM node becoming idle")
+        _wait(
+            lambda: (
+                "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout
+            ),
+            "the SLURM node becoming idle",
+        )
         yield env, d
     finally:
         for pid_file in reversed(pid_files):  # stop exactly the daemons started here
@@ -116,10 +132,26 @@ def test_sbatch_template_trains_on_two_ranks(slurm_cluster, tmp_path, tiny_pretr
     env, d = slurm_cluster
     overrides = run_args(tmp_path / "run", tiny_pretrained, tiny_classifier, "--trainer.accelerator", "cpu")[2:]
     log = tmp_path / "job.out"
-    proc = subprocess.run(["sbatch", "--wait", "--nodes", "1", "--ntasks-per-node", "2", f"--output={log}",
-                           "--chdir", str(ROOT), str(ROOT / "configs/slurm/train.sbatch"),
-                           str(ROOT / "configs/digits/control.yaml"), *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--nodes",
+            "1",
+            "--ntasks-per-node",
+            "2",
+            f"--output={log}",
+            "--chdir",
+            str(ROOT),
+            str(ROOT / "configs/slurm/train.sbatch"),
+            str(ROOT / "configs/digits/control.yaml"),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     out = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n--- job output ---\n{out[-4000:]}"
     for rank in (0, 1):

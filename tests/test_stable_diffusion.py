@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_sd_args
 
 from ctrl.cli import console
 from ctrl.commands import main
 from ctrl.policy import StableDiffusionPolicy
 from ctrl.sampling import sample, seeded_noise
-
-from conftest import tiny_sd_args
 
 
 def _rewards(config, tiny_rgb_classifier, tiny_aesthetic) -> list[str]:
@@ -33,7 +32,10 @@ PLUGIN_RUNS = {
     "RAFT": ("aesthetic_ddpo", ["--model.algorithm", "RAFT", "--model.algorithm.keep_fraction", "0.5"]),
     "PPO+JPEG": ("aesthetic_ddpo", ["--model.reward", "ctrl.rewards.JpegCompressibility"]),
     # as shipped: frozen weights in bfloat16 under bf16 autocast, LoRA and class embedding in float32
-    "DirectBackprop+bf16": ("compressibility", ["--model.policy.dtype", "bfloat16", "--trainer.precision", "bf16-mixed"]),
+    "DirectBackprop+bf16": (
+        "compressibility",
+        ["--model.policy.dtype", "bfloat16", "--trainer.precision", "bf16-mixed"],
+    ),
     "PPO+bf16": ("aesthetic_ddpo", ["--model.policy.dtype", "bfloat16", "--trainer.precision", "bf16-mixed"]),
 }
 
@@ -78,9 +80,23 @@ def test_predict_writes_a_grid_of_decoded_images(tmp_path, tiny_sd, tiny_rgb_cla
     args = tiny_sd_args("compressibility", tmp_path, tiny_sd, _rewards("compressibility", tiny_rgb_classifier, None))
     main(["fit", *args])
     grid = tmp_path / "grid.png"
-    callbacks = json.dumps([{"class_path": "ctrl.callbacks.PredictionGrid", "init_args": {"path": str(grid), "scale": 1}}])
-    main(["predict", *args, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"), "--trainer.callbacks", callbacks,
-          "--data.predict_labels", "[0, 1, 2, 3]", "--data.predict_per_label", "2"])
+    callbacks = json.dumps(
+        [{"class_path": "ctrl.callbacks.PredictionGrid", "init_args": {"path": str(grid), "scale": 1}}]
+    )
+    main(
+        [
+            "predict",
+            *args,
+            "--ckpt_path",
+            str(tmp_path / "checkpoints" / "last.ckpt"),
+            "--trainer.callbacks",
+            callbacks,
+            "--data.predict_labels",
+            "[0, 1, 2, 3]",
+            "--data.predict_per_label",
+            "2",
+        ]
+    )
     image = Image.open(grid)
     assert image.mode == "RGB" and image.size == (2 * 18, 4 * 18)  # 16x16 images with a 1-pixel frame
 
@@ -95,7 +111,9 @@ def _pipeline(directory):
         tokenizer=CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(directory, subfolder="unet"),
         scheduler=DDIMScheduler.from_pretrained(directory, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -113,17 +131,31 @@ def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     policy.export(tmp_path / "lora")
 
     pipe = _pipeline(tiny_sd)
-    base = pipe(prompts[1], num_inference_steps=steps, guidance_scale=scale, eta=1.0, output_type="pt",
-                generator=torch.Generator().manual_seed(seed)).images
+    base = pipe(
+        prompts[1],
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        eta=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
     pipe.load_lora_weights(tmp_path / "lora")
-    theirs = pipe(prompts[1], num_inference_steps=steps, guidance_scale=scale, eta=1.0, output_type="pt",
-                  generator=torch.Generator().manual_seed(seed)).images
+    theirs = pipe(
+        prompts[1],
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        eta=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
 
     labels = torch.tensor([1])  # condition 1: the second prompt
     noise = seeded_noise(torch.tensor([seed]), steps, policy.sample_shape)
     with torch.no_grad():
         ours = (policy.decode(sample(policy, labels, steps, 1.0, noise=noise).samples) + 1) / 2
-        pretrained = (policy.decode(sample(policy, labels, steps, 1.0, noise=noise, control_scale=0.0).samples) + 1) / 2
+        pretrained = (
+            policy.decode(sample(policy, labels, steps, 1.0, noise=noise, control_scale=0.0).samples) + 1
+        ) / 2
     assert (theirs - base).abs().max() > 1e-2  # the LoRA matters
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     torch.testing.assert_close(pretrained, base, atol=1e-4, rtol=0)
@@ -148,7 +180,9 @@ def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
     class) and the policy (adapters on; the conditional branch with the chain's prompt and class, the
     unconditional one with the empty prompt and the null class), with a non-zero LoRA and embedding."""
     scale, control_scale = 4.0, 0.7
-    policy = StableDiffusionPolicy(tiny_sd, prompts=["a cat", "a dog"], num_classes=3, guidance_scale=scale, lora_rank=2)
+    policy = StableDiffusionPolicy(
+        tiny_sd, prompts=["a cat", "a dog"], num_classes=3, guidance_scale=scale, lora_rank=2
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in policy.unet.named_parameters():
@@ -172,13 +206,23 @@ def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
     expected_pre = u_pre + scale * (c_pre - u_pre)
     expected_policy = u_pol + scale * (c_pol - u_pol)
     torch.testing.assert_close(eps_pre, expected_pre, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(eps, expected_pre + control_scale * (expected_policy - expected_pre), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        eps, expected_pre + control_scale * (expected_policy - expected_pre), atol=1e-5, rtol=1e-5
+    )
     assert (expected_policy - expected_pre).abs().max() > 1e-3  # the control is not trivially zero
 
 
 def test_prompts_datamodule_draws_groups_of_the_policys_conditions(tmp_path, tiny_sd, tiny_aesthetic):
-    args = tiny_sd_args("aesthetic_ddpo", tmp_path, tiny_sd, _rewards("aesthetic_ddpo", None, tiny_aesthetic),
-                        "--data.batch_size", "8", "--data.group_size", "4")
+    args = tiny_sd_args(
+        "aesthetic_ddpo",
+        tmp_path,
+        tiny_sd,
+        _rewards("aesthetic_ddpo", None, tiny_aesthetic),
+        "--data.batch_size",
+        "8",
+        "--data.group_size",
+        "4",
+    )
     cli = main(args, run=False)
     cli.trainer.strategy.connect(cli.model)
     cli.trainer.datamodule = cli.datamodule
@@ -232,22 +276,30 @@ def _v_prediction_pipeline(tmp_path, tiny_sd):
 BAD_INPUTS = {
     "pipeline missing a component": (
         lambda tmp, sd: ["--model.policy.pretrained", _bad_pipeline(tmp, sd)],
-        "model.policy.pretrained: '.*no-vae' has no vae/"),
+        "model.policy.pretrained: '.*no-vae' has no vae/",
+    ),
     "v-prediction pipeline": (
         lambda tmp, sd: ["--model.policy.pretrained", _v_prediction_pipeline(tmp, sd)],
-        "model.policy.pretrained: '.*v-pred' predicts 'v_prediction'"),
+        "model.policy.pretrained: '.*v-pred' predicts 'v_prediction'",
+    ),
     "LoRA target that is not in the UNet": (
         lambda tmp, sd: ["--model.policy.lora_target_modules", '["to_q", "attn_qq"]'],
-        r"model.policy.lora_target_modules: \['attn_qq'\] match no module of the UNet"),
+        r"model.policy.lora_target_modules: \['attn_qq'\] match no module of the UNet",
+    ),
     "empty prompt file": (
-        lambda tmp, sd: (tmp / "empty.txt").write_text("\n# nothing\n") and ["--model.policy.prompts", str(tmp / "empty.txt")],
-        "model.policy.prompts: '.*empty.txt' holds no prompt"),
+        lambda tmp, sd: (
+            (tmp / "empty.txt").write_text("\n# nothing\n") and ["--model.policy.prompts", str(tmp / "empty.txt")]
+        ),
+        "model.policy.prompts: '.*empty.txt' holds no prompt",
+    ),
     "resolution not divisible by the VAE factor": (
         lambda tmp, sd: ["--model.policy.resolution", "15"],
-        "model.policy.resolution=15 is not divisible by the VAE's downsampling factor 2"),
+        "model.policy.resolution=15 is not divisible by the VAE's downsampling factor 2",
+    ),
     "missing aesthetic weights": (
         lambda tmp, sd: ["--model.reward.mlp_path", str(tmp / "absent.pth")],
-        "model.reward.mlp_path: no aesthetic MLP weights at"),
+        "model.reward.mlp_path: no aesthetic MLP weights at",
+    ),
 }
 
 
@@ -257,8 +309,9 @@ def test_bad_input_gets_one_clear_line(case, tmp_path, tiny_sd, tiny_aesthetic, 
 
     make, expected = BAD_INPUTS[case]
     extra = make(tmp_path, tiny_sd)
-    args = tiny_sd_args("aesthetic_ddpo", tmp_path / "run", tiny_sd, _rewards("aesthetic_ddpo", None, tiny_aesthetic),
-                        *extra)
+    args = tiny_sd_args(
+        "aesthetic_ddpo", tmp_path / "run", tiny_sd, _rewards("aesthetic_ddpo", None, tiny_aesthetic), *extra
+    )
     monkeypatch.setattr("sys.argv", ["ctrl", "fit", *args])
     with pytest.raises(SystemExit) as exit_:
         console()

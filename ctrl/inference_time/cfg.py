@@ -16,6 +16,7 @@ from ctrl.inference_time.base import GuidedSampler
 from ctrl.pretrain import load_conditional_unet
 from ctrl.sampling import StepGrid, step_mean
 
+
 class ClassifierFreeGuidance(GuidedSampler):
     """``eps = eps(x, null) + scale * sum_s (eps(x, y_s) - eps(x, null))`` from a conditional model (its own
     network, not the pretrained one; :class:`ctrl.pretrain.DiffusionPretraining` with ``num_labels``).
@@ -57,16 +58,29 @@ class ClassifierFreeGuidance(GuidedSampler):
     @torch.no_grad()
     def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:
         if self.model is None:
-            raise SettingError(self, "pretrained", "no conditional model to sample: give its directory, or load() "
-                               "one (ctrl benchmark trains it from a baseline_models entry).")
+            raise SettingError(
+                self,
+                "pretrained",
+                "no conditional model to sample: give its directory, or load() "
+                "one (ctrl benchmark trains it from a baseline_models entry).",
+            )
         if math.prod(self.sizes) != policy.num_labels:
-            raise SettingError(self, "pretrained", f"the conditional model knows label sets of sizes {self.sizes} "
-                             f"({math.prod(self.sizes)} conditions) but the task has {policy.num_labels}; "
-                             "train it on the task's label sets.")
+            raise SettingError(
+                self,
+                "pretrained",
+                f"the conditional model knows label sets of sizes {self.sizes} "
+                f"({math.prod(self.sizes)} conditions) but the task has {policy.num_labels}; "
+                "train it on the task's label sets.",
+            )
         if self.alphas_cumprod is not None and not torch.allclose(
-                self.alphas_cumprod, policy.scheduler.alphas_cumprod.float(), atol=1e-6):
-            raise SettingError(self, "pretrained", "the conditional model's noise schedule differs from the pretrained "
-                             "model's; train it with init_from set to the pretrained model.")
+            self.alphas_cumprod, policy.scheduler.alphas_cumprod.float(), atol=1e-6
+        ):
+            raise SettingError(
+                self,
+                "pretrained",
+                "the conditional model's noise schedule differs from the pretrained "
+                "model's; train it with init_from set to the pretrained model.",
+            )
         b, sets = len(labels), len(self.sizes)
         null = torch.tensor(self.sizes, device=labels.device).repeat(b, 1)  # [B, S]
         rows = [null]  # the unconditional branch, then one branch per label set

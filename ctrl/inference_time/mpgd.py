@@ -33,7 +33,7 @@ class MPGD(GuidedSampler):
                 x0 = self.x0_hat(policy, x, eps, grid, k)
             with torch.enable_grad():
                 x0_in = x0.requires_grad_(True)
-                grad, = torch.autograd.grad(self.score(policy, reward, x0_in, labels).sum(), x0_in)
+                (grad,) = torch.autograd.grad(self.score(policy, reward, x0_in, labels).sum(), x0_in)
             x0 = x0.detach() + self.step_size * grad
             x = step_from_x0(x0, eps, float(grid.alpha_prod_prev[k]), s) + s * noise[:, k + 1]
         return x.detach()

@@ -34,8 +34,9 @@ class ReconstructionGuidance(GuidedSampler):
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(True)
                 eps = self.eps(policy, x_in, grid, k, labels)
-                grad, = torch.autograd.grad(self.score(policy, reward, self.x0_hat(policy, x_in, eps, grid, k),
-                                                       labels).sum(), x_in)
+                (grad,) = torch.autograd.grad(
+                    self.score(policy, reward, self.x0_hat(policy, x_in, eps, grid, k), labels).sum(), x_in
+                )
             eps = eps.detach() - self.scale * math.sqrt(1 - a) * grad
             mean = step_from_x0(self.x0_hat(policy, x, eps, grid, k), eps, float(grid.alpha_prod_prev[k]), s)
             x = (mean + s * noise[:, k + 1]).detach()

@@ -28,8 +28,9 @@ class SMC(GuidedSampler):
         lam: the old setting, 1 / alpha (works, with a notice).
     """
 
-    def __init__(self, num_particles: int = 16, alpha: float = 1.0, ess_threshold: float = 0.5,
-                 lam: float | None = None):
+    def __init__(
+        self, num_particles: int = 16, alpha: float = 1.0, ess_threshold: float = 0.5, lam: float | None = None
+    ):
         if lam is not None and lam <= 0:
             raise SettingError(self, "lam", f"must be > 0, got {lam} (it is 1 / alpha; write alpha instead).")
         if lam is not None:
@@ -64,8 +65,9 @@ class SMC(GuidedSampler):
         log_w = twist.double().view(b, k)
         for step in range(n):
             s = float(grid.sigma[step])
-            mean = step_mean(x, eps, float(grid.alpha_prod[step]), float(grid.alpha_prod_prev[step]), s,
-                             policy.clip_range)
+            mean = step_mean(
+                x, eps, float(grid.alpha_prod[step]), float(grid.alpha_prod_prev[step]), s, policy.clip_range
+            )
             x = mean + s * randn(tuple(x.shape), generator, x)
             if step + 1 < n:
                 eps = self.eps(policy, x, grid, step + 1, labels_k)
@@ -78,8 +80,11 @@ class SMC(GuidedSampler):
             ess = 1.0 / torch.softmax(log_w, 1).square().sum(1)  # [B]
             if step + 1 < n and (ess < self.ess_threshold * k).any():
                 resample = ess < self.ess_threshold * k
-                idx = torch.where(resample[:, None], self._systematic(log_w, generator),
-                                  torch.arange(k, device=x.device).expand(b, k))
+                idx = torch.where(
+                    resample[:, None],
+                    self._systematic(log_w, generator),
+                    torch.arange(k, device=x.device).expand(b, k),
+                )
                 rows = (torch.arange(b, device=x.device)[:, None] * k + idx).flatten()
                 x, eps, twist = x[rows], eps[rows], twist[rows]
                 log_w = torch.where(resample[:, None], torch.zeros_like(log_w), log_w)

@@ -22,7 +22,9 @@ class SVDD(GuidedSampler):
 
     def __init__(self, num_candidates: int = 8, temperature: float = 0.0):
         if num_candidates < 1 or temperature < 0:
-            raise ValueError(f"SVDD needs num_candidates >= 1 and temperature >= 0, got {num_candidates}, {temperature}.")
+            raise ValueError(
+                f"SVDD needs num_candidates >= 1 and temperature >= 0, got {num_candidates}, {temperature}."
+            )
         self.num_candidates, self.temperature = num_candidates, temperature
 
     @torch.no_grad()
@@ -35,7 +37,9 @@ class SVDD(GuidedSampler):
         for k in range(n):
             s = float(grid.sigma[k])
             mean = step_mean(x, eps, float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), s, policy.clip_range)
-            z = torch.cat([noise[:, k + 1, None], randn((b, m - 1, *shape), generator, x)], 1)  # candidate 0: the chain's own draw
+            z = torch.cat(
+                [noise[:, k + 1, None], randn((b, m - 1, *shape), generator, x)], 1
+            )  # candidate 0: the chain's own draw
             candidates = (mean[:, None] + s * z).flatten(0, 1)  # [B*M, ...]
             if k + 1 < n:
                 eps_next = self.eps(policy, candidates, grid, k + 1, labels_m)

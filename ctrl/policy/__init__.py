@@ -5,4 +5,11 @@ from ctrl.policy.gaussian import AnalyticGaussian
 from ctrl.policy.stable_diffusion import StableDiffusionPolicy
 from ctrl.policy.unet import ResidualControlHead, UNetPolicy, load_pretrained_unet
 
-__all__ = ["AnalyticGaussian", "DiffusionPolicy", "UNetPolicy", "ResidualControlHead", "StableDiffusionPolicy", "load_pretrained_unet"]
+__all__ = [
+    "AnalyticGaussian",
+    "DiffusionPolicy",
+    "UNetPolicy",
+    "ResidualControlHead",
+    "StableDiffusionPolicy",
+    "load_pretrained_unet",
+]

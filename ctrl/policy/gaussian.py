@@ -7,7 +7,6 @@ which is how every algorithm is checked for correctness.
 
 from __future__ import annotations
 
-
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
@@ -38,9 +37,17 @@ class AnalyticGaussian(DiffusionPolicy):
         num_train_timesteps, beta_schedule: the noise schedule (diffusers DDIMScheduler).
     """
 
-    def __init__(self, dim: int = 2, mean: list[float] | float = 0.0, std: float = 1.0, num_buckets: int = 50,
-                 lr: float = 1e-2, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
-                 num_labels: int = 1):
+    def __init__(
+        self,
+        dim: int = 2,
+        mean: list[float] | float = 0.0,
+        std: float = 1.0,
+        num_buckets: int = 50,
+        lr: float = 1e-2,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        num_labels: int = 1,
+    ):
         super().__init__()
         if dim < 1:
             raise ValueError(f"model.policy.dim must be >= 1, got {dim}.")
@@ -57,8 +64,12 @@ class AnalyticGaussian(DiffusionPolicy):
             raise ValueError(f"model.policy.num_labels must be >= 1, got {num_labels}.")
         self.num_labels = num_labels
         self.sample_shape = (dim,)
-        self.scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                       clip_sample=False, timestep_spacing="trailing")
+        self.scheduler = DDIMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            clip_sample=False,
+            timestep_spacing="trailing",
+        )
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float().clone())
         self.weight = nn.Parameter(torch.zeros(num_buckets, dim, dim))
         self.bias = nn.Parameter(torch.zeros(num_buckets, dim))

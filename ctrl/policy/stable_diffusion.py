@@ -29,9 +29,11 @@ def _load(cls, path: str, component: str, **kwargs):
         return cls.from_pretrained(path, subfolder=component, **kwargs)
     except Exception as err:  # diffusers / transformers raise OSError, ValueError, EnvironmentError, ...
         first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"model.policy.pretrained: could not load the {component} of '{path}' "
-                         f"({type(err).__name__}: {first}). Give a StableDiffusionPipeline directory "
-                         f"(save_pretrained) or a hub id in the local cache.") from None
+        raise ValueError(
+            f"model.policy.pretrained: could not load the {component} of '{path}' "
+            f"({type(err).__name__}: {first}). Give a StableDiffusionPipeline directory "
+            f"(save_pretrained) or a hub id in the local cache."
+        ) from None
 
 
 def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str | None):
@@ -43,13 +45,17 @@ def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str |
     local = Path(pretrained)
     if local.exists() or pretrained.startswith(("/", ".")):
         if not local.is_dir():
-            raise FileNotFoundError(f"model.policy.pretrained: no pipeline directory at '{pretrained}'; give a "
-                                    "directory written by StableDiffusionPipeline.save_pretrained, or a hub id.")
+            raise FileNotFoundError(
+                f"model.policy.pretrained: no pipeline directory at '{pretrained}'; give a "
+                "directory written by StableDiffusionPipeline.save_pretrained, or a hub id."
+            )
         missing = [c for c in COMPONENTS if not (local / c).is_dir()]
         if missing:
-            raise ValueError(f"model.policy.pretrained: '{pretrained}' has no {', '.join(m + '/' for m in missing)}; "
-                             f"a Stable Diffusion pipeline directory holds {', '.join(c + '/' for c in COMPONENTS)} "
-                             "(as StableDiffusionPipeline.save_pretrained writes them).")
+            raise ValueError(
+                f"model.policy.pretrained: '{pretrained}' has no {', '.join(m + '/' for m in missing)}; "
+                f"a Stable Diffusion pipeline directory holds {', '.join(c + '/' for c in COMPONENTS)} "
+                "(as StableDiffusionPipeline.save_pretrained writes them)."
+            )
     weights = dict(torch_dtype=dtype, variant=variant)
     unet = _load(UNet2DConditionModel, pretrained, "unet", **weights)
     vae = _load(AutoencoderKL, pretrained, "vae", **weights)
@@ -57,12 +63,16 @@ def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str |
     tokenizer = _load(CLIPTokenizer, pretrained, "tokenizer")
     scheduler = _load(DDIMScheduler, pretrained, "scheduler")
     if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"model.policy.pretrained: '{pretrained}' predicts '{scheduler.config.prediction_type}'; ctrl's "
-                         "sampler needs an epsilon-prediction pipeline (Stable Diffusion 1.x, 2.x-base).")
+        raise ValueError(
+            f"model.policy.pretrained: '{pretrained}' predicts '{scheduler.config.prediction_type}'; ctrl's "
+            "sampler needs an epsilon-prediction pipeline (Stable Diffusion 1.x, 2.x-base)."
+        )
     if unet.config.in_channels != vae.config.latent_channels or unet.config.get("addition_embed_type"):
-        raise ValueError(f"model.policy.pretrained: '{pretrained}' is not a text-to-image pipeline of the Stable "
-                         "Diffusion 1.x/2.x kind (its UNet takes extra inputs: inpainting or SDXL); give one whose "
-                         "UNet takes only the VAE latents and the text embeddings.")
+        raise ValueError(
+            f"model.policy.pretrained: '{pretrained}' is not a text-to-image pipeline of the Stable "
+            "Diffusion 1.x/2.x kind (its UNet takes extra inputs: inpainting or SDXL); give one whose "
+            "UNet takes only the VAE latents and the text embeddings."
+        )
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
         model.eval()
@@ -119,22 +129,32 @@ class StableDiffusionPolicy(DiffusionPolicy):
         if num_classes < 0:
             raise ValueError(f"model.policy.num_classes must be >= 0 (0: prompts only), got {num_classes}.")
         if lora_rank < 0 or (lora_rank == 0 and num_classes == 0):
-            raise ValueError(f"model.policy.lora_rank={lora_rank}: nothing would be trainable; give lora_rank > 0 "
-                             "(or num_classes > 0 for a class embedding).")
+            raise ValueError(
+                f"model.policy.lora_rank={lora_rank}: nothing would be trainable; give lora_rank > 0 "
+                "(or num_classes > 0 for a class embedding)."
+            )
         if guidance_scale < 1:
-            raise ValueError(f"model.policy.guidance_scale must be >= 1 (1: no classifier-free guidance), got "
-                             f"{guidance_scale}.")
+            raise ValueError(
+                f"model.policy.guidance_scale must be >= 1 (1: no classifier-free guidance), got {guidance_scale}."
+            )
         self.prompts = load_prompts(prompts)
         self.unet, self.vae, text_encoder, tokenizer, self.scheduler = load_pipeline_components(
-            pretrained, DTYPES[dtype], variant)
+            pretrained, DTYPES[dtype], variant
+        )
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = self.unet.config.sample_size
         resolution = resolution or (size if isinstance(size, int) else size[0]) * self.vae_factor
         if resolution <= 0 or resolution % self.vae_factor:
-            raise ValueError(f"model.policy.resolution={resolution} is not divisible by the VAE's downsampling "
-                             f"factor {self.vae_factor}; use a multiple of {self.vae_factor} (e.g. "
-                             f"{resolution // self.vae_factor * self.vae_factor or self.vae_factor}).")
-        self.sample_shape = (self.unet.config.in_channels, resolution // self.vae_factor, resolution // self.vae_factor)
+            raise ValueError(
+                f"model.policy.resolution={resolution} is not divisible by the VAE's downsampling "
+                f"factor {self.vae_factor}; use a multiple of {self.vae_factor} (e.g. "
+                f"{resolution // self.vae_factor * self.vae_factor or self.vae_factor})."
+            )
+        self.sample_shape = (
+            self.unet.config.in_channels,
+            resolution // self.vae_factor,
+            resolution // self.vae_factor,
+        )
         self.num_classes, self.guidance_scale = num_classes, guidance_scale
         self.num_labels = len(self.prompts) * max(num_classes, 1)
         self.decode_checkpointing = decode_checkpointing
@@ -159,8 +179,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
 
     @staticmethod
     def _encode(text_encoder, tokenizer, prompts: list[str]) -> Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         return text_encoder(ids)[0]
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
@@ -169,9 +190,11 @@ class StableDiffusionPolicy(DiffusionPolicy):
         names = [n for n, _ in self.unet.named_modules()]
         missing = [m for m in targets if not any(n == m or n.endswith("." + m) for n in names)]
         if missing:
-            raise ValueError(f"model.policy.lora_target_modules: {missing} match no module of the UNet; name its "
-                             f"Linear/Conv2d modules, e.g. {DEFAULT_LORA_TARGETS} (attention) or proj_in, "
-                             "proj_out, ff.net.2, conv1, conv2.")
+            raise ValueError(
+                f"model.policy.lora_target_modules: {missing} match no module of the UNet; name its "
+                f"Linear/Conv2d modules, e.g. {DEFAULT_LORA_TARGETS} (attention) or proj_in, "
+                "proj_out, ff.net.2, conv1, conv2."
+            )
         self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
         self.unet.add_adapter(self.lora_config)
         for name, p in self.unet.named_parameters():  # trainable weights in float32 under bf16/fp16 bases
@@ -251,11 +274,17 @@ class StableDiffusionPolicy(DiffusionPolicy):
     def param_groups(self) -> list[dict]:
         groups = []
         if self.lora_rank > 0:
-            groups.append(dict(name="lora", params=[p for n, p in self.unet.named_parameters() if "lora_" in n],
-                               lr=self.lrs["lora"]))
+            groups.append(
+                dict(
+                    name="lora",
+                    params=[p for n, p in self.unet.named_parameters() if "lora_" in n],
+                    lr=self.lrs["lora"],
+                )
+            )
         if self.num_classes > 0:
-            groups.append(dict(name="embedding", params=list(self.unet.class_embedding.parameters()),
-                               lr=self.lrs["embedding"]))
+            groups.append(
+                dict(name="embedding", params=list(self.unet.class_embedding.parameters()), lr=self.lrs["embedding"])
+            )
         return groups
 
     # -- export ---------------------------------------------------------------------------------
@@ -276,9 +305,12 @@ class StableDiffusionPolicy(DiffusionPolicy):
             layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             metadata = self.lora_config.to_dict()
             metadata["target_modules"] = sorted(metadata["target_modules"])
-            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers,
-                                                      unet_lora_adapter_metadata=metadata)
+            StableDiffusionPipeline.save_lora_weights(
+                directory, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+            )
         if self.num_classes > 0:
-            save_file({"weight": self.unet.class_embedding.weight.detach().cpu().contiguous()},
-                      str(directory / "class_embedding.safetensors"))
+            save_file(
+                {"weight": self.unet.class_embedding.weight.detach().cpu().contiguous()},
+                str(directory / "class_embedding.safetensors"),
+            )
         return directory

@@ -13,7 +13,6 @@ from ctrl.assets import resolve_path
 from ctrl.policy.base import DiffusionPolicy
 
 
-
 class _AdapterUNet2DModel(UNet2DModel, PeftAdapterMixin):
     """UNet2DModel has no ``add_adapter``; diffusers' PeftAdapterMixin gives it LoRA through peft."""
 
@@ -39,8 +38,11 @@ def load_pretrained_unet(pretrained: str, setting: str = "pretrained") -> tuple[
         subfolder, has_scheduler = "unet", True
     try:
         unet = _AdapterUNet2DModel.from_pretrained(path, subfolder=subfolder)
-        scheduler = (DDIMScheduler.from_pretrained(path, subfolder="scheduler") if has_scheduler
-                     else DDIMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing"))
+        scheduler = (
+            DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+            if has_scheduler
+            else DDIMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
+        )
     except Exception as err:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors
         raise ValueError(
             f"{setting}: could not load a diffusers UNet2DModel from '{pretrained}' ({type(err).__name__}: "
@@ -48,8 +50,10 @@ def load_pretrained_unet(pretrained: str, setting: str = "pretrained") -> tuple[
             "(README: 'How the shipped weights were made')."
         ) from None
     if unet.config.get("class_embed_type") is not None or unet.config.get("num_class_embeds"):
-        raise ValueError(f"{setting}: '{pretrained}' is already class-conditional; ctrl expects an "
-                         "unconditional pretrained UNet to add the control to.")
+        raise ValueError(
+            f"{setting}: '{pretrained}' is already class-conditional; ctrl expects an "
+            "unconditional pretrained UNet to add the control to."
+        )
     unet.requires_grad_(False)
     unet.eval()
     return unet, scheduler
@@ -66,7 +70,8 @@ class ResidualControlHead(nn.Module):
     def __init__(self, channels: int, num_labels: int, num_buckets: int, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(2 * channels + 2, width // 2, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * channels + 2, width // 2, 3, padding=1),
+            nn.SiLU(),
             nn.Conv2d(width // 2, width, 3, padding=1),
         )
         self.label_embedding = nn.Embedding(num_labels + 1, width)
@@ -126,13 +131,18 @@ class UNetPolicy(DiffusionPolicy):
         if num_labels < 1:
             raise ValueError(f"policy num_labels must be at least 1, got {num_labels}")
         if not (label_embedding or lora_rank > 0 or step_bias or residual_head):
-            raise ValueError("policy: nothing is trainable; enable at least one of label_embedding, "
-                             "lora_rank > 0, step_bias, residual_head.")
+            raise ValueError(
+                "policy: nothing is trainable; enable at least one of label_embedding, "
+                "lora_rank > 0, step_bias, residual_head."
+            )
         self.unet, self.scheduler = load_pretrained_unet(pretrained, "model.policy.pretrained")
         self.num_labels = num_labels
         cfg = self.unet.config
-        self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(
-            cfg.sample_size, int) else (cfg.in_channels, *cfg.sample_size)
+        self.sample_shape = (
+            (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+            if isinstance(cfg.sample_size, int)
+            else (cfg.in_channels, *cfg.sample_size)
+        )
         self.num_buckets = num_buckets
         self.lrs = dict(embedding=embedding_lr, lora=lora_lr, bias=bias_lr, head=head_lr)
         self.label_embedding = label_embedding
@@ -148,17 +158,27 @@ class UNetPolicy(DiffusionPolicy):
 
             targets = lora_target_modules or ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
             names = {n.rsplit(".", 1)[-1] for n, _ in self.unet.named_modules()} | {
-                n for n, _ in self.unet.named_modules()}
+                n for n, _ in self.unet.named_modules()
+            }
             missing = [m for m in targets if not any(n.endswith(m) for n in names)]
             if missing:
-                raise ValueError(f"model.policy.lora_target_modules: {missing} match no module of the UNet; "
-                                 "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0, conv1, conv2.")
-            self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
-                                             target_modules=targets, init_lora_weights=True))
+                raise ValueError(
+                    f"model.policy.lora_target_modules: {missing} match no module of the UNet; "
+                    "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0, conv1, conv2."
+                )
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights=True
+                )
+            )
             if label_embedding:  # peft freezes everything but the adapters; the embedding trains too
                 self.unet.class_embedding.requires_grad_(True)
-        self.step_bias = nn.Parameter(torch.zeros(num_labels + 1, num_buckets, *self.sample_shape)) if step_bias else None
-        self.head = ResidualControlHead(self.sample_shape[0], num_labels, num_buckets, head_width) if residual_head else None
+        self.step_bias = (
+            nn.Parameter(torch.zeros(num_labels + 1, num_buckets, *self.sample_shape)) if step_bias else None
+        )
+        self.head = (
+            ResidualControlHead(self.sample_shape[0], num_labels, num_buckets, head_width) if residual_head else None
+        )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -166,7 +186,11 @@ class UNetPolicy(DiffusionPolicy):
         return self
 
     def _bucket(self, t: Tensor) -> Tensor:
-        return (t.long() * self.num_buckets // self.scheduler.config.num_train_timesteps).clamp(0, self.num_buckets - 1).view(1)
+        return (
+            (t.long() * self.num_buckets // self.scheduler.config.num_train_timesteps)
+            .clamp(0, self.num_buckets - 1)
+            .view(1)
+        )
 
     def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, adapters: bool) -> Tensor:
         if self.lora_rank > 0:
@@ -198,7 +222,9 @@ class UNetPolicy(DiffusionPolicy):
     def param_groups(self) -> list[dict]:
         groups = []
         if self.label_embedding:
-            groups.append(dict(name="embedding", params=list(self.unet.class_embedding.parameters()), lr=self.lrs["embedding"]))
+            groups.append(
+                dict(name="embedding", params=list(self.unet.class_embedding.parameters()), lr=self.lrs["embedding"])
+            )
         if self.lora_rank > 0:
             lora = [p for n, p in self.unet.named_parameters() if "lora_" in n]
             groups.append(dict(name="lora", params=lora, lr=self.lrs["lora"]))

@@ -23,8 +23,10 @@ def load_prompts(prompts: str | list[str], setting: str = "model.policy.prompts"
         path = Path(resolve_path(prompts, PROMPTS_DIR, ".txt"))
         if not path.is_file():
             lists = ", ".join(shipped(PROMPTS_DIR, ".txt"))
-            raise FileNotFoundError(f"{setting}: no prompt file at '{prompts}'; give a text file with one prompt per "
-                                    f"line, a list of prompts, or a shipped list ({lists}).")
+            raise FileNotFoundError(
+                f"{setting}: no prompt file at '{prompts}'; give a text file with one prompt per "
+                f"line, a list of prompts, or a shipped list ({lists})."
+            )
         lines = path.read_text(encoding="utf-8").splitlines()
         found, where = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")], f"'{prompts}'"
     if not found:

@@ -6,4 +6,11 @@ from ctrl.rewards.gaussian import GaussianLogLikelihood
 from ctrl.rewards.images import AestheticScore, JpegCompressibility
 from ctrl.rewards.joint import JointLabels
 
-__all__ = ["AestheticScore", "ClassifierLogProb", "GaussianLogLikelihood", "JointLabels", "JpegCompressibility", "Reward"]
+__all__ = [
+    "AestheticScore",
+    "ClassifierLogProb",
+    "GaussianLogLikelihood",
+    "JointLabels",
+    "JpegCompressibility",
+    "Reward",
+]

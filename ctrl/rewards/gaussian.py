@@ -26,14 +26,18 @@ class GaussianLogLikelihood(Reward):
         target = torch.as_tensor(y, dtype=torch.float32).flatten()
         matrix = torch.eye(len(target)) if A is None else torch.as_tensor(A, dtype=torch.float32)
         if matrix.ndim != 2 or matrix.shape[0] != len(target):
-            raise ValueError(f"model.reward.A has shape {tuple(matrix.shape)} but y has {len(target)} entries; "
-                             "A needs one row per entry of y.")
+            raise ValueError(
+                f"model.reward.A has shape {tuple(matrix.shape)} but y has {len(target)} entries; "
+                "A needs one row per entry of y."
+            )
         self.register_buffer("A", matrix)
         self.register_buffer("y", target)
         self.sigma = float(sigma)
 
     def forward(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
         if x0.shape[-1] != self.A.shape[1]:
-            raise ValueError(f"model.reward.A has {self.A.shape[1]} columns but samples have dimension "
-                             f"{x0.shape[-1]}; give A one column per dimension.")
+            raise ValueError(
+                f"model.reward.A has {self.A.shape[1]} columns but samples have dimension "
+                f"{x0.shape[-1]}; give A one column per dimension."
+            )
         return -(x0 @ self.A.T - self.y).square().sum(-1) / (2 * self.sigma**2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,8 +41,14 @@ class AestheticMLP(nn.Module):
     def __init__(self, dim: int = 768):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
         )
 
     def forward(self, embeds: Tensor) -> Tensor:
@@ -78,23 +83,30 @@ class AestheticScore(Reward):
         from transformers import CLIPVisionModelWithProjection
 
         if not Path(mlp_path).is_file():
-            raise FileNotFoundError(f"model.reward.mlp_path: no aesthetic MLP weights at '{mlp_path}'; download "
-                                    "sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) on a machine "
-                                    "with internet and give its path.")
+            raise FileNotFoundError(
+                f"model.reward.mlp_path: no aesthetic MLP weights at '{mlp_path}'; download "
+                "sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) on a machine "
+                "with internet and give its path."
+            )
         try:
-            self.clip = CLIPVisionModelWithProjection.from_pretrained(clip_model, dtype=DTYPES[dtype],
-                                                                      local_files_only=True)
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(
+                clip_model, dtype=DTYPES[dtype], local_files_only=True
+            )
         except Exception as err:  # transformers raises OSError / ValueError for absent or wrong weights
-            raise ValueError(f"model.reward.clip_model: could not load CLIP image weights from '{clip_model}' "
-                             f"({type(err).__name__}); give a local directory (or a hub id already in the cache) "
-                             "of a CLIP model such as openai/clip-vit-large-patch14.") from None
+            raise ValueError(
+                f"model.reward.clip_model: could not load CLIP image weights from '{clip_model}' "
+                f"({type(err).__name__}); give a local directory (or a hub id already in the cache) "
+                "of a CLIP model such as openai/clip-vit-large-patch14."
+            ) from None
         dim = self.clip.config.projection_dim
         self.mlp = AestheticMLP(dim)
         try:
             self.mlp.load_state_dict(_load_state(mlp_path))
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ValueError(f"model.reward.mlp_path: '{mlp_path}' is not an aesthetic MLP for {dim}-d CLIP "
-                             f"embeddings ({str(err).splitlines()[0]}).") from None
+            raise ValueError(
+                f"model.reward.mlp_path: '{mlp_path}' is not an aesthetic MLP for {dim}-d CLIP "
+                f"embeddings ({str(err).splitlines()[0]})."
+            ) from None
         self.requires_grad_(False)
         self.size = self.clip.config.image_size
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
@@ -107,10 +119,15 @@ class AestheticScore(Reward):
         """CLIP's preprocessing in torch (differentiable): resize the short side, centre crop, normalise."""
         h, w = images.shape[-2:]
         scale = self.size / min(h, w)
-        x = F.interpolate(images.float(), size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
-                          mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(
+            images.float(),
+            size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        )
         top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-        x = x[..., top:top + self.size, left:left + self.size]
+        x = x[..., top : top + self.size, left : left + self.size]
         return ((x.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
 
     def forward(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -21,8 +21,9 @@ class JointLabels(Reward):
     def __init__(self, rewards: list[Reward]):
         super().__init__()
         if len(rewards) < 2 or any(r.num_labels is None for r in rewards):
-            raise ValueError("model.reward.rewards: give at least two rewards that each score a label set "
-                             "(e.g. ClassifierLogProb).")
+            raise ValueError(
+                "model.reward.rewards: give at least two rewards that each score a label set (e.g. ClassifierLogProb)."
+            )
         self.rewards = nn.ModuleList(rewards)
         self.sizes = [r.num_labels for r in rewards]
         self.num_labels = 1
