@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _UNSET = object()
@@ -47,6 +49,19 @@ class SettingError(ValueError):
             self.path = found[0][0]
             self.args = (str(self),)
         return self
+
+
+@contextmanager
+def setting(owner: Any, key: str, value: Any = _UNSET) -> Iterator[None]:
+    """Errors raised inside are about ``owner``'s setting ``key``: a ValueError or OSError (a missing or
+    unreadable file) becomes a :class:`SettingError` with the same message, so that loaders need not know
+    where their argument came from. ``with setting(self, "path", path): net = load_classifier(path)``."""
+    try:
+        yield
+    except SettingError:
+        raise
+    except (ValueError, OSError) as err:
+        raise SettingError(owner, key, str(err), value) from None
 
 
 def _plain(config: Any) -> Any:
