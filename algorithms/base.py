@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ctrl.algorithms.rollouts import pick_steps
 from ctrl.errors import SettingError
 from ctrl.rewards.base import Reward
-from ctrl.sampling import GradientPlan, StepGrid, Trajectory
+from ctrl.sampling import GradientPlan, StepGrid, Trajectory, step_means
 
 
 class ContextError(AttributeError, ValueError):
@@ -161,3 +161,10 @@ class MinibatchAlgorithm(Algorithm):
         for _ in range(self.inner_epochs):
             for idx in chains[torch.randperm(len(chains), device=chains.device)].split(size):
                 yield idx, pick_steps(trajectory.stochastic_steps, self.timestep_fraction)
+
+    def step_means(self, policy, batch: Minibatch, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The policy's and the pretrained model's means of step k at states ``x`` ``[M, ...]`` of a minibatch's
+        chains (differentiable in the policy; checkpointed as the context says)."""
+        return step_means(
+            policy, x, batch.grid, k, batch.labels, gradient_checkpointing=self.context.gradient_checkpointing
+        )

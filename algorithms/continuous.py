@@ -168,20 +168,11 @@ class ContinuousTimePG(PPO):
         return {"advantages": advantages, "returns": rewards[:, None].expand(-1, n), "value_anchor": anchor}
 
     def loss(self, batch: ValueMinibatch, policy, reward):
-        policy_loss, value_loss, kl_total, clipped = 0.0, 0.0, 0.0, 0.0
-        scale = batch.step_scale
+        """PPO's loss on the temporal-difference advantages plus ``value_coef`` times V's regression of r(x0)."""
+        out = super().loss(batch, policy, reward)
+        value_loss = 0.0
         for k in batch.steps:
-            surrogate, kl, ratio = self.clipped_step(batch, k, policy)
-            policy_loss = policy_loss + surrogate.mean() + self.alpha * kl.mean()
             v = self.values(batch.value_anchor[:, k], batch.grid, k, batch.latents[:, k], batch.labels)
             value_loss = value_loss + (v - batch.returns[:, k]).square().mean()
-            kl_total += float(kl.detach().mean())
-            clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
         n = len(batch.steps)
-        return {
-            "loss": policy_loss * scale + self.value_coef * value_loss / n,
-            "reward": batch.rewards.mean(),
-            "kl": torch.tensor(kl_total * scale),
-            "value_loss": (value_loss / n).detach(),
-            "clip_fraction": torch.tensor(clipped / n),
-        }
+        return {**out, "loss": out["loss"] + self.value_coef * value_loss / n, "value_loss": (value_loss / n).detach()}

@@ -28,7 +28,7 @@ from torch import Tensor
 from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
-from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_means
+from ctrl.sampling import gaussian_kl, gaussian_log_prob
 
 
 @dataclass
@@ -139,14 +139,7 @@ class PPO(MinibatchAlgorithm):
         """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
         differentiable in the policy) and the importance ratio ``[M]``."""
         s = float(batch.grid.sigma[k])
-        mean, mean_pre = step_means(
-            policy,
-            batch.latents[:, k],
-            batch.grid,
-            k,
-            batch.labels,
-            gradient_checkpointing=self.context.gradient_checkpointing,
-        )
+        mean, mean_pre = self.step_means(policy, batch, batch.latents[:, k], k)
         ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
         adv = batch.advantages[:, k]
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))

@@ -27,7 +27,7 @@ from torch import Tensor
 from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
-from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean, step_means
+from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean
 
 
 @dataclass
@@ -110,14 +110,7 @@ class RAFT(MinibatchAlgorithm):
         for k in batch.steps:
             s = float(batch.grid.sigma[k])
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
-                mean, mean_pre = step_means(
-                    policy,
-                    batch.latents[:, k],
-                    batch.grid,
-                    k,
-                    batch.labels,
-                    gradient_checkpointing=self.context.gradient_checkpointing,
-                )
+                mean, mean_pre = self.step_means(policy, batch, batch.latents[:, k], k)
                 fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * fit).sum()
@@ -125,14 +118,7 @@ class RAFT(MinibatchAlgorithm):
                 a, a_prev = float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])
                 noise = torch.randn_like(x0)
                 x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
-                mean, mean_pre = step_means(
-                    policy,
-                    x_t,
-                    batch.grid,
-                    k,
-                    batch.labels,
-                    gradient_checkpointing=self.context.gradient_checkpointing,
-                )
+                mean, mean_pre = self.step_means(policy, batch, x_t, k)
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()

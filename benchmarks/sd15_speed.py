@@ -39,7 +39,7 @@ PLUGINS = {
 def make_sd15(directory: Path) -> str:
     """SD 1.5's architecture (UNet 320-640-1280-1280, cross-attention 768, VAE 128-256-512-512, CLIP
     ViT-L/14 text tower) with random weights, saved in bf16, and the byte-level test tokenizer (77 tokens)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ctrl.testing import make_tiny_sd
@@ -59,36 +59,30 @@ def make_sd15(directory: Path) -> str:
     tokenizer_config = json.loads((directory / "tokenizer" / "tokenizer_config.json").read_text())
     tokenizer_config["model_max_length"] = 77
     (directory / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-        )
-    ).to(torch.bfloat16).save_pretrained(directory / "text_encoder")
-    DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(directory / "scheduler")
+    text = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+    text.update(num_attention_heads=12, max_position_embeddings=77)  # CLIP ViT-L/14's text tower
+    CLIPTextModel(CLIPTextConfig(**text)).to(torch.bfloat16).save_pretrained(directory / "text_encoder")
     return str(directory)
 
 
 def training_step(module, optimizer, labels: torch.Tensor, num_steps: int) -> None:
     """One rollout of ``labels`` and the plugin's optimizer steps on it (what ControlModule does per batch,
     without a Trainer)."""
-    from ctrl.sampling import sample
+    from ctrl.sampling import make_grid, sample
 
     policy, reward, algorithm = module.policy, module.reward, module.algorithm
-    grad_steps = algorithm.grad_steps(num_steps)
-    with torch.set_grad_enabled(grad_steps > 0):
-        traj = sample(policy, labels, num_steps, 1.0, grad_steps=grad_steps, gradient_checkpointing=True)
+    plan = algorithm.gradient_plan(int((make_grid(policy.scheduler, num_steps, 1.0).sigma > 0).sum()))
+    with torch.set_grad_enabled(plan.steps > 0 or plan.kl_steps > 0):
+        traj = sample(
+            policy,
+            labels,
+            num_steps,
+            1.0,
+            grad_steps=plan.steps,
+            grad_weights=plan.weights,
+            kl_grad_steps=plan.kl_steps,
+            gradient_checkpointing=True,
+        )
     for item in algorithm.updates(traj, policy, reward):
         optimizer.zero_grad()
         algorithm.loss(item, policy, reward)["loss"].backward()

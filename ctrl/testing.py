@@ -39,28 +39,23 @@ def make_tiny_sd(directory, seed: int = 0) -> str:
     tokenizer whose vocabulary is the 256 byte symbols (no merges)."""
     directory = Path(directory)
     torch.manual_seed(seed)
+    tiny = dict(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2)  # both networks
     UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16,
         attention_head_dim=2,
-        norm_num_groups=2,
+        **tiny,
     ).save_pretrained(directory / "unet")
     AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
         latent_channels=4,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=2,
         sample_size=16,
+        **tiny,
     ).save_pretrained(directory / "vae")
     vocab = _byte_tokenizer(directory / "tokenizer")
     CLIPTextModel(
