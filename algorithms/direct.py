@@ -72,7 +72,7 @@ class DirectBackprop(Algorithm):
             raise SettingError(
                 self,
                 "backprop_steps",
-                f"={self.backprop_steps} is more than the {n} stochastic steps "
+                f"is {self.backprop_steps}, more than the {n} stochastic steps "
                 "of a training rollout (num_steps; a deterministic last step is not counted): set it "
                 f"to at most {n}, or null for the whole chain.",
                 value=self.backprop_steps,

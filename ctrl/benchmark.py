@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ctrl import commands
-from ctrl.errors import SettingError, renamed_setting
+from ctrl.errors import SettingError, located_in, renamed_setting
 from ctrl.images import grid_image
 from ctrl.inference_time import GuidedSampler
 from ctrl.parser import CtrlArgumentParser
@@ -293,10 +293,8 @@ def parse(args: list[str] | None = None) -> dict:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(run_benchmark)
     config = parser.parse_args(args)
-    try:
+    with located_in(config):
         init = parser.instantiate_classes(config)
-    except SettingError as err:
-        raise err.locate(config) from None
     init.pop("config", None)
     return init
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
+from ctrl.errors import SettingError
 from ctrl.images import grid_image
 
 # Lightning warns at every step-triggered save under manual optimisation that the checkpoint holds the
@@ -100,9 +101,11 @@ class PredictionGrid(BasePredictionWriter):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             image.save(self.path)
         except OSError as err:
-            raise OSError(
-                f"PredictionGrid path: cannot write '{self.path}' ({err.strerror}); choose a writable "
-                "path with --trainer.callbacks.path or in the config."
+            raise SettingError(
+                self,
+                "path",
+                f"cannot write '{self.path}' ({err.strerror}); choose a writable path with "
+                "--trainer.callbacks.path or in the config.",
             ) from None
         pl_module.print(
             f"wrote {len(samples)} samples ({rows} labels, control scale {pl_module.control_scale}) to {self.path}"
@@ -126,9 +129,11 @@ class ExportLora(Callback):
         if self.directory is None:
             self.directory = Path(trainer.default_root_dir) / "lora"
         if not hasattr(pl_module.policy, "export"):
-            raise ValueError(
-                f"ExportLora: the policy {type(pl_module.policy).__name__} has no diffusers export; use it "
-                "with ctrl.policy.StableDiffusionPolicy or remove the callback."
+            raise SettingError(
+                self,
+                "",
+                f"the policy {type(pl_module.policy).__name__} has no diffusers export; use it with "
+                "ctrl.policy.StableDiffusionPolicy or remove the callback.",
             )
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -136,9 +141,11 @@ class ExportLora(Callback):
             try:
                 pl_module.policy.export(self.directory)
             except OSError as err:
-                raise OSError(
-                    f"ExportLora directory: cannot write '{self.directory}' ({err.strerror}); choose a "
-                    "writable folder (trainer.callbacks' ExportLora directory)."
+                raise SettingError(
+                    self,
+                    "directory",
+                    f"cannot write '{self.directory}' ({err.strerror}); choose a writable folder (in "
+                    "trainer.callbacks).",
                 ) from None
             written = ", ".join(sorted(p.name for p in self.directory.iterdir()))
             pl_module.print(f"wrote {written} to {self.directory} (diffusers: pipe.load_lora_weights)")

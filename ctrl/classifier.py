@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
@@ -49,13 +49,13 @@ def save_classifier(net: ConvClassifier, temperature: float, path: str | Path) -
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
 
 
-def load_classifier(path: str | Path, setting: str = "classifier path") -> tuple[ConvClassifier, float]:
-    """Inverse of :func:`save_classifier`; one clear message for a missing or damaged file."""
-    from safetensors import safe_open
+def load_classifier(path: str | Path) -> tuple[ConvClassifier, float]:
+    """Inverse of :func:`save_classifier`; one clear message for a missing (FileNotFoundError) or damaged
+    (ValueError) file, which the class whose setting gave ``path`` names (``ctrl.errors.setting``)."""
 
     if not Path(path).is_file():
         raise FileNotFoundError(
-            f"{setting}: no classifier file at '{path}'. Train one with "
+            f"no classifier file at '{path}'. Train one with "
             "`ctrl fit --config configs/digits/classifier.yaml` or give the right path."
         )
     try:
@@ -67,7 +67,7 @@ def load_classifier(path: str | Path, setting: str = "classifier path") -> tuple
         temperature = float(meta["temperature"])
     except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as err:
         raise ValueError(
-            f"{setting}: '{path}' is not a readable ctrl classifier ({type(err).__name__}: "
+            f"'{path}' is not a readable ctrl classifier ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). Retrain it with "
             "configs/digits/classifier.yaml."
         ) from None

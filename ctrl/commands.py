@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from ctrl.callbacks import ResumableCheckpoint
-from ctrl.errors import SettingError
+from ctrl.errors import located_in
 from ctrl.parser import CtrlArgumentParser
 from ctrl.registry import load_plugins
 
@@ -51,10 +51,8 @@ class CtrlCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Build every class of the config; a :class:`SettingError` is worded with its setting's path."""
-        try:
+        with located_in(self.config.get(str(self.config.get("subcommand")), self.config)):
             super().instantiate_classes()
-        except SettingError as err:
-            raise err.locate(self.config.get(str(self.config.get("subcommand")), self.config)) from None
 
     def instantiate_trainer(self, **kwargs):
         self._check_devices(self._get(self.config_init, "trainer", {}))

@@ -51,6 +51,31 @@ class SettingError(ValueError):
         return self
 
 
+def setting_error_in(err: BaseException | None) -> SettingError | None:
+    """The :class:`SettingError` that ``err`` is, or was raised from, if any: jsonargparse re-raises a
+    constructor's error as "Does not validate against any of the Union subtypes" from it when the class sits
+    under an Optional (``model`` under a subcommand, a benchmark's list of methods)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, SettingError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+@contextmanager
+def located_in(config: Any) -> Iterator[None]:
+    """A :class:`SettingError` raised inside (while ``config``'s classes are built) is worded with its path."""
+    try:
+        yield
+    except ValueError as err:
+        found = setting_error_in(err)
+        if found is None:
+            raise
+        raise found.locate(config) from None
+
+
 @contextmanager
 def setting(owner: Any, key: str, value: Any = _UNSET) -> Iterator[None]:
     """Errors raised inside are about ``owner``'s setting ``key``: a ValueError or OSError (a missing or

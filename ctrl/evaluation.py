@@ -19,6 +19,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from ctrl.conditions import join_condition, split_condition
 from ctrl.datamodules.digits_data import digits_judge, digits_split
 from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set, true_labels
+from ctrl.errors import SettingError, setting
 from ctrl.images import jpeg_kilobytes
 from ctrl.linear_gaussian import chain_moments, chain_optimum
 
@@ -114,15 +115,17 @@ class JpegSizeEvaluator(Evaluator):
 
     def __init__(self, boundaries_kb: list[float], quality: int = 95):
         if any(b >= c for b, c in zip(boundaries_kb, boundaries_kb[1:])) or not boundaries_kb:
-            raise ValueError(f"model.evaluator.boundaries_kb must be increasing and non-empty, got {boundaries_kb}.")
+            raise SettingError(self, "boundaries_kb", f"must be increasing and non-empty, got {boundaries_kb}.")
         self.boundaries = torch.tensor(boundaries_kb, dtype=torch.float32)
         self.num_labels, self.quality = len(boundaries_kb) + 1, quality
 
     def attach(self, module) -> None:
         if module.policy.num_reward_labels != self.num_labels:
-            raise ValueError(
-                f"model.evaluator.boundaries_kb makes {self.num_labels} classes but the policy's reward "
-                f"labels number {module.policy.num_reward_labels}; give one boundary fewer than classes."
+            raise SettingError(
+                self,
+                "boundaries_kb",
+                f"makes {self.num_labels} classes but the policy's reward labels number "
+                f"{module.policy.num_reward_labels}; give one boundary fewer than classes.",
             )
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -147,17 +150,20 @@ class LabelSetEvaluator(Evaluator):
 
     def __init__(self, label_sets: str | list[str] = "compressibility", image_size: int = 16, num_features: int = 20):
         self.label_sets = [label_sets] if isinstance(label_sets, str) else list(label_sets)
-        for name in self.label_sets:
-            check_label_set(name, "model.evaluator.label_sets")
+        with setting(self, "label_sets", label_sets):
+            for name in self.label_sets:
+                check_label_set(name)
         self.sizes = [NUM_CLASSES[n] for n in self.label_sets]
         self.num_labels = math.prod(self.sizes)
         self.frechet = DigitsEvaluator(self.num_labels, image_size, num_features).frechet
 
     def attach(self, module) -> None:
         if module.policy.num_reward_labels != self.num_labels:
-            raise ValueError(
-                f"model.evaluator.label_sets {self.label_sets} make {self.num_labels} conditions but the "
-                f"policy has {module.policy.num_reward_labels} labels; make them agree."
+            raise SettingError(
+                self,
+                "label_sets",
+                f"{self.label_sets} make {self.num_labels} conditions but the policy has "
+                f"{module.policy.num_reward_labels} labels; make them agree.",
             )
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -232,13 +238,15 @@ class TiltedGaussianEvaluator(Evaluator):
     def attach(self, module) -> None:
         policy, reward, alpha = module.policy, module.reward, module.algorithm.alpha
         if not alpha or alpha <= 0:
-            raise ValueError(
-                "TiltedGaussianEvaluator needs the algorithm's KL weight alpha > 0 (the target "
-                "p_pre exp(r / alpha) is undefined at alpha = 0); set model.algorithm.alpha."
+            raise SettingError(
+                self,
+                "",
+                "needs the algorithm's KL weight alpha > 0 (the target p_pre exp(r / alpha) is undefined at "
+                "alpha = 0); set the module's algorithm.alpha.",
             )
         if not hasattr(policy, "affine_steps") or not all(hasattr(reward, a) for a in ("A", "y", "sigma")):
-            raise ValueError(
-                "TiltedGaussianEvaluator needs model.policy AnalyticGaussian and model.reward GaussianLogLikelihood."
+            raise SettingError(
+                self, "", "needs the module's policy AnalyticGaussian and its reward GaussianLogLikelihood."
             )
         steps = policy.affine_steps(module.eval_num_steps, module.eta, control_scale=0.0)  # the pretrained chain
         mean, cov = chain_moments(steps)  # isotropic: every pretrained step is f x + g in each coordinate

@@ -117,7 +117,7 @@ class ControlModule(L.LightningModule):
             raise SettingError(
                 self,
                 "eta",
-                f"={eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
+                f"is {eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
                 "the KL to the pretrained chain exist only for eta > 0); set it in (0, 1], e.g. 1.0.",
             )
         if num_steps < 2:

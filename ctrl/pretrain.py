@@ -28,17 +28,19 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ctrl.conditions import condition_codes
+from ctrl.errors import SettingError, setting
 from ctrl.policy.unet import load_pretrained_unet
 
 LABELS_FILE = "labels.json"
 
 
-def load_conditional_unet(path: str | Path, setting: str) -> tuple[UNet2DModel, DDPMScheduler, list[int]]:
-    """The EMA UNet, noise schedule and label-set sizes written by a conditional :class:`DiffusionPretraining`."""
+def load_conditional_unet(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler, list[int]]:
+    """The EMA UNet, noise schedule and label-set sizes written by a conditional :class:`DiffusionPretraining`
+    (FileNotFoundError when ``path`` holds none; the class whose setting gave it names it)."""
     path = Path(path)
     if not (path / LABELS_FILE).is_file() or not (path / "unet").is_dir():
         raise FileNotFoundError(
-            f"{setting}: '{path}' holds no conditional model (unet/ and {LABELS_FILE}); train one "
+            f"'{path}' holds no conditional model (unet/ and {LABELS_FILE}); train one "
             "with ctrl.pretrain.DiffusionPretraining and num_labels set (e.g. configs/digits/cfg_*.yaml)."
         )
     sizes = json.loads((path / LABELS_FILE).read_text())["num_labels"]
@@ -90,16 +92,11 @@ class DiffusionPretraining(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.label_sizes = (
-            None if num_labels is None else [num_labels] if isinstance(num_labels, int) else list(num_labels)
-        )
-        if self.label_sizes is not None and (not self.label_sizes or min(self.label_sizes) < 1):
-            raise ValueError(f"model.num_labels: give a label-set size >= 1 (or one per label set), got {num_labels}.")
-        if not 0 <= label_dropout < 1:
-            raise ValueError(f"model.label_dropout must lie in [0, 1), got {label_dropout}.")
+        self.label_sizes = self._label_sizes(num_labels, label_dropout)
         class_embeds = math.prod(n + 1 for n in self.label_sizes) if self.label_sizes else None
         if init_from is not None:
-            base, schedule = load_pretrained_unet(init_from, "model.init_from")
+            with setting(self, "init_from", init_from):
+                base, schedule = load_pretrained_unet(init_from)
             self.unet = UNet2DModel.from_config(base.config, num_class_embeds=class_embeds)
             missing, _ = self.unet.load_state_dict(base.state_dict(), strict=False)
             assert all(name.startswith("class_embedding") for name in missing), missing
@@ -126,6 +123,17 @@ class DiffusionPretraining(L.LightningModule):
         self.scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False, timestep_spacing="trailing")
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+
+    def _label_sizes(self, num_labels: int | list[int] | None, label_dropout: float) -> list[int] | None:
+        """The label-set sizes of a conditional model (None: unconditional), its settings checked."""
+        sizes = None if num_labels is None else [num_labels] if isinstance(num_labels, int) else list(num_labels)
+        if sizes is not None and (not sizes or min(sizes) < 1):
+            raise SettingError(
+                self, "num_labels", f"give a label-set size >= 1 (or one per label set), got {num_labels}."
+            )
+        if not 0 <= label_dropout < 1:
+            raise SettingError(self, "label_dropout", f"must lie in [0, 1), got {label_dropout}.")
+        return sizes
 
     def training_step(self, batch, batch_idx):
         x0 = batch[0]

@@ -6,7 +6,14 @@ import lightning as L
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctrl.datamodules.digits_data import SPLITS
-from ctrl.datamodules.labelsets import NUM_CLASSES, check_label_set, offline_conditions, offline_split
+from ctrl.datamodules.labelsets import (
+    NUM_CLASSES,
+    check_label_set,
+    check_label_sets,
+    offline_conditions,
+    offline_split,
+)
+from ctrl.errors import SettingError, setting
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -38,12 +45,15 @@ class DigitsDataModule(L.LightningDataModule):
         super().__init__()
         for name, split in (("train_split", train_split), ("val_split", val_split), ("test_split", test_split)):
             if split not in SPLITS:
-                raise ValueError(f"data.{name}: '{split}' is not a digits split; choose one of {sorted(SPLITS)}.")
+                raise SettingError(
+                    self, name, f"'{split}' is not a digits split; choose one of {sorted(SPLITS)}.", value=split
+                )
         self.save_hyperparameters()
-        if isinstance(label_set, str):
-            self.num_labels = NUM_CLASSES[check_label_set(label_set, "data.label_set")]
-        else:
-            self.num_labels = [NUM_CLASSES[check_label_set(name, "data.label_set")] for name in label_set]
+        with setting(self, "label_set", label_set):
+            if isinstance(label_set, str):
+                self.num_labels = NUM_CLASSES[check_label_set(label_set)]
+            else:
+                self.num_labels = [NUM_CLASSES[name] for name in check_label_sets(list(label_set))]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         label_set = self.hparams.label_set

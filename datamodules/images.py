@@ -11,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, TensorDataset
 
+from ctrl.errors import SettingError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CHANNELS = {"L": 1, "RGB": 3}
 
@@ -52,15 +54,15 @@ class ImageFolderDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if channels not in (1, 3):
-            raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+            raise SettingError(self, "channels", f"must be 1 (grayscale) or 3 (RGB), got {channels}.")
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.val_fraction must lie in [0, 1), got {val_fraction}.")
+            raise SettingError(self, "val_fraction", f"must lie in [0, 1), got {val_fraction}.")
         folder = Path(root)
         if not folder.is_dir():
-            raise FileNotFoundError(f"data.root: no folder at '{root}'; give the folder that holds the images.")
+            raise SettingError(self, "root", f"no folder at '{root}'; give the folder that holds the images.")
         self.files = sorted(p for p in folder.iterdir() if p.is_file())
         if not self.files:
-            raise ValueError(f"data.root: '{root}' holds no files; put the images in it.")
+            raise SettingError(self, "root", f"'{root}' holds no files; put the images in it.")
         self._check_images(image_size, channels)
         self.labels = self._read_labels(labels_csv, num_labels) if labels_csv else [0] * len(self.files)
         self.num_labels = num_labels
@@ -79,53 +81,63 @@ class ImageFolderDataModule(L.LightningDataModule):
                 not_images.append(path.name)
                 continue
             if (width, height) != (size, size):
-                raise ValueError(
-                    f"data.image_size={size} but {path.name} is {width}x{height}; resize the images to "
-                    f"{size}x{size} or set data.image_size to their size."
+                raise SettingError(
+                    self,
+                    "image_size",
+                    f"is {size} but {path.name} is {width}x{height}; resize the images to {size}x{size} or set "
+                    "image_size to their size.",
                 )
             if CHANNELS.get(mode) != channels:
-                raise ValueError(
-                    f"data.channels={channels} but {path.name} has {bands} channels (PIL mode {mode}); "
-                    f"convert the images to {'grayscale (L)' if channels == 1 else 'RGB'} or set "
-                    "data.channels to match them."
+                raise SettingError(
+                    self,
+                    "channels",
+                    f"is {channels} but {path.name} has {bands} channels (PIL mode {mode}); convert the images to "
+                    f"{'grayscale (L)' if channels == 1 else 'RGB'} or set channels to match them.",
                 )
         if not_images:
-            raise ValueError(
-                f"data.root: {len(not_images)} files are not images ({_listing(not_images)}); keep only "
-                f"images ({', '.join(sorted(IMAGE_SUFFIXES))}) in data.root."
+            raise SettingError(
+                self,
+                "root",
+                f"{len(not_images)} files are not images ({_listing(not_images)}); keep only images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder.",
             )
 
     def _read_labels(self, labels_csv: str, num_labels: int) -> list[int]:
         path = Path(labels_csv)
         if not path.is_file():
-            raise FileNotFoundError(f"data.labels_csv: no file at '{labels_csv}'.")
+            raise SettingError(self, "labels_csv", f"no file at '{labels_csv}'.")
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"file", "label"} <= set(rows[0]):
-            raise ValueError(
-                f"data.labels_csv: '{labels_csv}' needs a header line `file,label` and one row per image."
+            raise SettingError(
+                self, "labels_csv", f"'{labels_csv}' needs a header line `file,label` and one row per image."
             )
         given = {row["file"]: row["label"] for row in rows}
         names = [p.name for p in self.files]
         missing = [n for n in names if n not in given]
         if missing:
-            raise ValueError(
-                f"data.labels_csv: {len(missing)} images have no label ({_listing(missing)}); add a row "
-                "`file,label` for each."
+            raise SettingError(
+                self,
+                "labels_csv",
+                f"{len(missing)} images have no label ({_listing(missing)}); add a row `file,label` for each.",
             )
         strangers = sorted(set(given) - set(names))
         if strangers:
-            raise ValueError(
-                f"data.labels_csv: names {len(strangers)} files that are not in data.root "
-                f"({_listing(strangers)}); remove those rows or add the images."
+            raise SettingError(
+                self,
+                "labels_csv",
+                f"names {len(strangers)} files that are not in root ({_listing(strangers)}); remove those rows "
+                "or add the images.",
             )
         labels = []
         for name in names:
             value = given[name].strip()
             if not value.lstrip("-").isdigit() or not 0 <= int(value) < num_labels:
-                raise ValueError(
-                    f"data.labels_csv: the label '{value}' of {name} is not one of 0..{num_labels - 1} "
-                    "(data.num_labels); fix the row or set data.num_labels."
+                raise SettingError(
+                    self,
+                    "labels_csv",
+                    f"the label '{value}' of {name} is not one of 0..{num_labels - 1} (num_labels); fix the row "
+                    "or set num_labels.",
                 )
             labels.append(int(value))
         return labels

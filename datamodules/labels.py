@@ -6,21 +6,23 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ctrl.errors import SettingError, setting
 from ctrl.seeds import TEST, chain_seed, check_seeds
 
 
-def check_prior(prior: list[float] | None, num_labels: int, setting: str = "data.prior") -> torch.Tensor:
-    """The prior as a ``[num_labels]`` tensor (uniform when None); one clear message when it is not a distribution."""
+def check_prior(prior: list[float] | None, num_labels: int) -> torch.Tensor:
+    """The prior as a ``[num_labels]`` tensor (uniform when None); one clear message (ValueError) when it is not a
+    distribution, which the class whose setting gave it names."""
     if prior is None:
         return torch.full((num_labels,), 1.0 / num_labels)
     p = torch.tensor(prior, dtype=torch.float64)
     if p.ndim != 1 or len(p) != num_labels:
         raise ValueError(
-            f"{setting}: has {len(prior)} entries but there are {num_labels} labels; give one probability per label."
+            f"has {len(prior)} entries but there are {num_labels} labels; give one probability per label."
         )
     if (p < 0).any() or not torch.isfinite(p).all() or abs(float(p.sum()) - 1.0) > 1e-6:
         raise ValueError(
-            f"{setting}: {prior} is not a probability distribution (entries must be >= 0 and sum "
+            f"{prior} is not a probability distribution (entries must be >= 0 and sum "
             f"to 1; they sum to {float(p.sum()):.6g})."
         )
     return p.float()
@@ -142,11 +144,13 @@ class LabelsDataModule(L.LightningDataModule):
             "predict_per_label",
         ):
             if locals()[name] < 1:
-                raise ValueError(f"data.{name} must be at least 1, got {locals()[name]}.")
+                raise SettingError(self, name, f"must be at least 1, got {locals()[name]}.")
         if batch_size % group_size:
-            raise ValueError(
-                f"data.batch_size={batch_size} must be a multiple of data.group_size={group_size} "
-                "(each drawn condition fills a group of chains)."
+            raise SettingError(
+                self,
+                "batch_size",
+                f"{batch_size} is not a multiple of group_size {group_size} (each drawn condition fills a group "
+                "of chains); make it one.",
             )
         self.save_hyperparameters()
         # the same evaluation chains whatever the run's seed: runs with other seeds are compared on them
@@ -157,18 +161,23 @@ class LabelsDataModule(L.LightningDataModule):
             self._bind(num_labels)
 
     def _bind(self, num_labels: int) -> None:
-        """Fix the label set: check the prior and the requested prediction labels against it."""
+        """Fix the label set: check the prior, the requested prediction labels and the evaluation seeds against it."""
         h = self.hparams
-        self.prior = check_prior(h.prior, num_labels)
+        with setting(self, "prior", h.prior):
+            self.prior = check_prior(h.prior, num_labels)
         bad = [y for y in (h.predict_labels or []) if not 0 <= y < num_labels]
         if bad:
-            raise ValueError(
-                f"data.predict_labels: {bad} are outside the label set 0..{num_labels - 1}; "
-                "request labels in that range."
+            raise SettingError(
+                self,
+                "predict_labels",
+                f"{bad} are outside the label set 0..{num_labels - 1}; request labels in that range.",
             )
         n = num_labels * h.eval_per_label
-        check_seeds("data.val_seed", self.val_seed, n, "validation")
-        check_seeds("data.test_seed", self.test_seed, n, "test")
+        for key, first, kind in (("val_seed", self.val_seed, "validation"), ("test_seed", self.test_seed, "test")):
+            try:
+                check_seeds(key, first, n, kind)
+            except ValueError as err:  # worded "<key>=<first> gives ...": the key is the SettingError's
+                raise SettingError(self, key, str(err).removeprefix(f"{key}="), value=first) from None
         self.num_labels = num_labels
 
     def setup(self, stage: str) -> None:
@@ -179,7 +188,10 @@ class LabelsDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.num_labels is not set and there is no policy to take it from; give data.num_labels."
             )
-        self._bind(policy.num_labels)  # the policy's conditions (a text-to-image policy's prompts x classes)
+        try:
+            self._bind(policy.num_labels)  # the policy's conditions (a text-to-image policy's prompts x classes)
+        except SettingError as err:  # at trainer time this datamodule is the config's top-level `data`
+            raise SettingError("data", err.key, err.problem) from None
 
     def train_dataloader(self) -> DataLoader:
         """Batches of ``(labels [b], noise seeds [b])``, b = batch_size / world size: under DDP, rank r gets

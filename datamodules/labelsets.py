@@ -31,10 +31,18 @@ NUM_CLASSES = {"class": 10, "compressibility": 4, "ink": 2}
 OFFLINE_PART = {"class": slice(None), "compressibility": slice(0, None, 2), "ink": slice(1, None, 2)}
 
 
-def check_label_set(name: str, setting: str) -> str:
+def check_label_set(name: str) -> str:
+    """``name``, refused (ValueError) unless it is a label set; the class whose setting gave it names it."""
     if name not in LABEL_SETS:
-        raise ValueError(f"{setting}: '{name}' is not a label set; choose one of {list(LABEL_SETS)}.")
+        raise ValueError(f"'{name}' is not a label set; choose one of {list(LABEL_SETS)}.")
     return name
+
+
+def check_label_sets(names: list[str]) -> list[str]:
+    """Several label sets at once (a conditional model's offline data): each known, none twice."""
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"give distinct label sets, got {names}.")
+    return [check_label_set(name) for name in names]
 
 
 def ink(images: Tensor) -> Tensor:
@@ -59,7 +67,7 @@ def true_labels(name: str, images: Tensor) -> Tensor:
 
     For ``class`` it is the independent SVC judge (the digit of a generated image has no ground truth).
     """
-    check_label_set(name, "label set")
+    check_label_set(name)
     size = images.shape[-1]
     if name == "class":
         svc, _ = digits_judge(size)
@@ -83,11 +91,9 @@ def offline_conditions(names: list[str], split: str, image_size: int = 16) -> tu
     own data: every label set's part of ``split`` (:func:`offline_split`), concatenated, with labels
     ``[N, S]`` (one column per set) holding the set's label and ``NUM_CLASSES[other]`` (that set's null
     label: unknown) in the other columns. No image needs more than one label."""
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"data.label_set: give distinct label sets, got {names}.")
     images, labels = [], []
-    for s, name in enumerate(names):
-        x, y = offline_split(check_label_set(name, "data.label_set"), split, image_size)
+    for s, name in enumerate(check_label_sets(names)):
+        x, y = offline_split(name, split, image_size)
         rows = torch.tensor([NUM_CLASSES[n] for n in names]).repeat(len(x), 1)
         rows[:, s] = y
         images.append(x)

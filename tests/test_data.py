@@ -99,8 +99,19 @@ def test_bad_prior_is_one_clear_message(prior, message):
 
 
 def test_predict_label_outside_label_set():
-    with pytest.raises(ValueError, match=r"data.predict_labels: \[12\] are outside the label set 0..9"):
+    with pytest.raises(ValueError, match=r"^LabelsDataModule\.predict_labels: \[12\] are outside the label set 0..9"):
         LabelsDataModule(num_labels=10, predict_labels=[3, 12])
+
+
+def test_settings_checked_when_the_run_starts_name_data():
+    """Without num_labels the label set is the policy's, known when the run starts: the datamodule is then the
+    run's ``data``, and its settings are named so."""
+    from types import SimpleNamespace
+
+    dm = LabelsDataModule(num_labels=None, prior=[0.5, 0.5])
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(policy=SimpleNamespace(num_labels=3)))
+    with pytest.raises(ValueError, match=r"^data\.prior: has 2 entries but there are 3 labels"):
+        dm.setup("fit")
 
 
 def test_image_folder_gives_labelled_batches(tmp_path):
@@ -140,23 +151,43 @@ def test_image_folder_gives_labelled_batches(tmp_path):
             "csv names an absent file",
             {},
             ValueError,
-            r"data.labels_csv: names 1 files that are not in data.root \(ghost.png\); remove those rows",
+            r"^ImageFolderDataModule\.labels_csv: names 1 files that are not in root \(ghost.png\); remove those rows",
         ),
         (
             "csv without header",
             {"header": "name,class"},
             ValueError,
-            r"data.labels_csv: .* needs a header line `file,label`",
+            r"^ImageFolderDataModule\.labels_csv: .* needs a header line `file,label`",
         ),
-        ("channels", {"channels": 2}, ValueError, r"data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
-        ("val_fraction", {"val_fraction": 1.0}, ValueError, r"data.val_fraction must lie in \[0, 1\), got 1.0"),
-        ("no folder", {"root": "/nowhere/images"}, FileNotFoundError, r"data.root: no folder at '/nowhere/images'"),
-        ("empty folder", {"empty": True}, ValueError, r"data.root: '.*' holds no files; put the images in it"),
+        (
+            "channels",
+            {"channels": 2},
+            ValueError,
+            r"^ImageFolderDataModule\.channels: must be 1 \(grayscale\) or 3 \(RGB\), got 2",
+        ),
+        (
+            "val_fraction",
+            {"val_fraction": 1.0},
+            ValueError,
+            r"^ImageFolderDataModule\.val_fraction: must lie in \[0, 1\), got 1.0",
+        ),
+        (
+            "no folder",
+            {"root": "/nowhere/images"},
+            ValueError,
+            r"^ImageFolderDataModule\.root: no folder at '/nowhere/images'",
+        ),
+        (
+            "empty folder",
+            {"empty": True},
+            ValueError,
+            r"^ImageFolderDataModule\.root: '.*' holds no files; put the images in it",
+        ),
         (
             "no csv",
             {"labels_csv": "/nowhere/labels.csv"},
-            FileNotFoundError,
-            r"data.labels_csv: no file at '/nowhere/labels.csv'",
+            ValueError,
+            r"^ImageFolderDataModule\.labels_csv: no file at '/nowhere/labels.csv'",
         ),
     ],
 )
@@ -210,9 +241,13 @@ def test_evaluation_seed_sets_are_disjoint_and_fixed():
 @pytest.mark.parametrize(
     "setting, value, message",
     [
-        ("test_seed", 100, r"data.test_seed=100 gives test seeds \[100, 130\) outside the test range"),
-        ("val_seed", 1 << 30, r"data.val_seed=1073741824 gives validation seeds .* outside the validation range"),
-        ("val_seed", (1 << 30) - 10, r"choose data.val_seed in \[0, 1073741794\]"),
+        ("test_seed", 100, r"^LabelsDataModule\.test_seed: 100 gives test seeds \[100, 130\) outside the test range"),
+        (
+            "val_seed",
+            1 << 30,
+            r"^LabelsDataModule\.val_seed: 1073741824 gives validation seeds .* outside the validation range",
+        ),
+        ("val_seed", (1 << 30) - 10, r"^LabelsDataModule\.val_seed: .*choose val_seed in \[0, 1073741794\]"),
     ],
 )
 def test_evaluation_seeds_outside_their_set_are_refused(setting, value, message):

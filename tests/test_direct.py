@@ -103,6 +103,6 @@ def test_random_truncation_is_unbiased(k_max):
 
 def test_backprop_steps_beyond_the_stochastic_steps_is_refused():
     policy, reward = _world()
-    with pytest.raises(ValueError, match=r"model.algorithm.backprop_steps=10 is more than the 9 stochastic steps"):
+    with pytest.raises(ValueError, match=r"^DirectBackprop.backprop_steps: is 10, more than the 9 stochastic steps"):
         ControlModule(policy, reward, DirectBackprop(alpha=1.0, backprop_steps=10), num_steps=10)
     ControlModule(policy, reward, DirectBackprop(alpha=1.0, backprop_steps=9), num_steps=10)

@@ -88,5 +88,5 @@ def test_chain_moments_of_a_controlled_policy_match_its_samples():
 
 
 def test_gaussian_policy_without_conditions_is_refused():
-    with pytest.raises(ValueError, match=r"model.policy.num_labels must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^AnalyticGaussian\.num_labels: must be >= 1, got 0"):
         AnalyticGaussian(num_labels=0)

@@ -294,7 +294,7 @@ BAD_INPUTS = {
     ),
     "resolution not divisible by the VAE factor": (
         lambda tmp, sd: ["--model.policy.resolution", "15"],
-        "model.policy.resolution=15 is not divisible by the VAE's downsampling factor 2",
+        "model.policy.resolution: 15 is not divisible by the VAE's downsampling factor 2",
     ),
     "missing aesthetic weights": (
         lambda tmp, sd: ["--model.reward.mlp_path", str(tmp / "absent.pth")],
@@ -317,5 +317,5 @@ def test_bad_input_gets_one_clear_line(case, tmp_path, tiny_sd, tiny_aesthetic, 
         console()
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ctrl: error:")]
     assert exit_.value.code == 2 and len(err) == 1, err
-    assert re.search(expected, err[0]), err[0]
+    assert re.match(f"ctrl: error: {expected}", err[0]), err[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training

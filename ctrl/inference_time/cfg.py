@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ctrl.assets import resolve_path
 from ctrl.conditions import condition_codes, split_condition
-from ctrl.errors import SettingError
+from ctrl.errors import SettingError, setting
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.pretrain import load_conditional_unet
 from ctrl.sampling import StepGrid, step_mean
@@ -50,7 +50,8 @@ class ClassifierFreeGuidance(GuidedSampler):
         return self.model is not None
 
     def load(self, path: str | Path) -> None:
-        unet, scheduler, sizes = load_conditional_unet(resolve_path(str(path)), "ClassifierFreeGuidance.pretrained")
+        with setting(self, "pretrained", str(path)):
+            unet, scheduler, sizes = load_conditional_unet(resolve_path(str(path)))
         self.model = lambda x, t, codes: unet(x, t, class_labels=codes).sample
         self.sizes, self.alphas_cumprod = sizes, scheduler.alphas_cumprod.float()
 

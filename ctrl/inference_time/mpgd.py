@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ctrl.errors import SettingError
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.sampling import StepGrid, step_from_x0
 
@@ -21,7 +22,7 @@ class MPGD(GuidedSampler):
 
     def __init__(self, step_size: float = 0.1):
         if step_size < 0:
-            raise ValueError(f"MPGD step_size must be >= 0, got {step_size}.")
+            raise SettingError(self, "step_size", f"must be >= 0, got {step_size}.")
         self.step_size = step_size
 
     def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ctrl.errors import SettingError
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.sampling import StepGrid, step_from_x0
 
@@ -24,7 +25,7 @@ class ReconstructionGuidance(GuidedSampler):
 
     def __init__(self, scale: float = 1.0):
         if scale < 0:
-            raise ValueError(f"ReconstructionGuidance scale must be >= 0, got {scale}.")
+            raise SettingError(self, "scale", f"must be >= 0, got {scale}.")
         self.scale = scale
 
     def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:

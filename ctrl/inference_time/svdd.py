@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ctrl.errors import SettingError
 from ctrl.inference_time.base import GuidedSampler, randn
 from ctrl.sampling import StepGrid, step_mean
 
@@ -21,10 +22,10 @@ class SVDD(GuidedSampler):
     """
 
     def __init__(self, num_candidates: int = 8, temperature: float = 0.0):
-        if num_candidates < 1 or temperature < 0:
-            raise ValueError(
-                f"SVDD needs num_candidates >= 1 and temperature >= 0, got {num_candidates}, {temperature}."
-            )
+        if num_candidates < 1:
+            raise SettingError(self, "num_candidates", f"must be >= 1, got {num_candidates}.")
+        if temperature < 0:
+            raise SettingError(self, "temperature", f"must be >= 0 (0: the best candidate), got {temperature}.")
         self.num_candidates, self.temperature = num_candidates, temperature
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
+from ctrl.errors import SettingError
 from ctrl.linear_gaussian import AffineStep, chain_moments
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.sampling import make_grid, step_means
@@ -50,18 +51,18 @@ class AnalyticGaussian(DiffusionPolicy):
     ):
         super().__init__()
         if dim < 1:
-            raise ValueError(f"model.policy.dim must be >= 1, got {dim}.")
+            raise SettingError(self, "dim", f"must be >= 1, got {dim}.")
         if std <= 0:
-            raise ValueError(f"model.policy.std must be > 0, got {std}.")
+            raise SettingError(self, "std", f"must be > 0, got {std}.")
         m = torch.as_tensor(mean, dtype=torch.float32).flatten()
         if m.numel() == 1:
             m = m.expand(dim).clone()
         if m.numel() != dim:
-            raise ValueError(f"model.policy.mean has {m.numel()} entries but dim is {dim}; give {dim} numbers or one.")
+            raise SettingError(self, "mean", f"has {m.numel()} entries but dim is {dim}; give {dim} numbers or one.")
         self.register_buffer("mean", m)
         self.std, self.dim, self.num_buckets, self.lr = float(std), dim, num_buckets, lr
         if num_labels < 1:
-            raise ValueError(f"model.policy.num_labels must be >= 1, got {num_labels}.")
+            raise SettingError(self, "num_labels", f"must be >= 1, got {num_labels}.")
         self.num_labels = num_labels
         self.sample_shape = (dim,)
         self.scheduler = DDIMScheduler(

@@ -12,10 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from ctrl.dtypes import DTYPES
+from ctrl.errors import SettingError, setting
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.prompts import load_prompts
 
@@ -30,7 +37,7 @@ def _load(cls, path: str, component: str, **kwargs):
     except Exception as err:  # diffusers / transformers raise OSError, ValueError, EnvironmentError, ...
         first = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(
-            f"model.policy.pretrained: could not load the {component} of '{path}' "
+            f"could not load the {component} of '{path}' "
             f"({type(err).__name__}: {first}). Give a StableDiffusionPipeline directory "
             f"(save_pretrained) or a hub id in the local cache."
         ) from None
@@ -38,21 +45,20 @@ def _load(cls, path: str, component: str, **kwargs):
 
 def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str | None):
     """``(unet, vae, text_encoder, tokenizer, scheduler)`` of a StableDiffusionPipeline directory or hub id,
-    frozen; the scheduler is DDIM with the pipeline's noise schedule."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    frozen; the scheduler is DDIM with the pipeline's noise schedule. A missing directory is a
+    FileNotFoundError, a pipeline that cannot be used a ValueError (the policy names its setting)."""
 
     local = Path(pretrained)
     if local.exists() or pretrained.startswith(("/", ".")):
         if not local.is_dir():
             raise FileNotFoundError(
-                f"model.policy.pretrained: no pipeline directory at '{pretrained}'; give a "
+                f"no pipeline directory at '{pretrained}'; give a "
                 "directory written by StableDiffusionPipeline.save_pretrained, or a hub id."
             )
         missing = [c for c in COMPONENTS if not (local / c).is_dir()]
         if missing:
             raise ValueError(
-                f"model.policy.pretrained: '{pretrained}' has no {', '.join(m + '/' for m in missing)}; "
+                f"'{pretrained}' has no {', '.join(m + '/' for m in missing)}; "
                 f"a Stable Diffusion pipeline directory holds {', '.join(c + '/' for c in COMPONENTS)} "
                 "(as StableDiffusionPipeline.save_pretrained writes them)."
             )
@@ -64,12 +70,12 @@ def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str |
     scheduler = _load(DDIMScheduler, pretrained, "scheduler")
     if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(
-            f"model.policy.pretrained: '{pretrained}' predicts '{scheduler.config.prediction_type}'; ctrl's "
+            f"'{pretrained}' predicts '{scheduler.config.prediction_type}'; ctrl's "
             "sampler needs an epsilon-prediction pipeline (Stable Diffusion 1.x, 2.x-base)."
         )
     if unet.config.in_channels != vae.config.latent_channels or unet.config.get("addition_embed_type"):
         raise ValueError(
-            f"model.policy.pretrained: '{pretrained}' is not a text-to-image pipeline of the Stable "
+            f"'{pretrained}' is not a text-to-image pipeline of the Stable "
             "Diffusion 1.x/2.x kind (its UNet takes extra inputs: inpainting or SDXL); give one whose "
             "UNet takes only the VAE latents and the text embeddings."
         )
@@ -124,32 +130,15 @@ class StableDiffusionPolicy(DiffusionPolicy):
         decode_checkpointing: bool = True,
     ):
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"model.policy.dtype: '{dtype}' is not one of {sorted(DTYPES)}.")
-        if num_classes < 0:
-            raise ValueError(f"model.policy.num_classes must be >= 0 (0: prompts only), got {num_classes}.")
-        if lora_rank < 0 or (lora_rank == 0 and num_classes == 0):
-            raise ValueError(
-                f"model.policy.lora_rank={lora_rank}: nothing would be trainable; give lora_rank > 0 "
-                "(or num_classes > 0 for a class embedding)."
+        self._check_settings(dtype, num_classes, lora_rank, guidance_scale)
+        with setting(self, "prompts", prompts):
+            self.prompts = load_prompts(prompts)
+        with setting(self, "pretrained", pretrained):
+            self.unet, self.vae, text_encoder, tokenizer, self.scheduler = load_pipeline_components(
+                pretrained, DTYPES[dtype], variant
             )
-        if guidance_scale < 1:
-            raise ValueError(
-                f"model.policy.guidance_scale must be >= 1 (1: no classifier-free guidance), got {guidance_scale}."
-            )
-        self.prompts = load_prompts(prompts)
-        self.unet, self.vae, text_encoder, tokenizer, self.scheduler = load_pipeline_components(
-            pretrained, DTYPES[dtype], variant
-        )
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.unet.config.sample_size
-        resolution = resolution or (size if isinstance(size, int) else size[0]) * self.vae_factor
-        if resolution <= 0 or resolution % self.vae_factor:
-            raise ValueError(
-                f"model.policy.resolution={resolution} is not divisible by the VAE's downsampling "
-                f"factor {self.vae_factor}; use a multiple of {self.vae_factor} (e.g. "
-                f"{resolution // self.vae_factor * self.vae_factor or self.vae_factor})."
-            )
+        resolution = self._resolution(resolution)
         self.sample_shape = (
             self.unet.config.in_channels,
             resolution // self.vae_factor,
@@ -177,6 +166,37 @@ class StableDiffusionPolicy(DiffusionPolicy):
         if num_classes > 0:
             self.unet.class_embedding.requires_grad_(True)  # peft freezes all but the adapters
 
+    def _check_settings(self, dtype: str, num_classes: int, lora_rank: int, guidance_scale: float) -> None:
+        if dtype not in DTYPES:
+            raise SettingError(self, "dtype", f"'{dtype}' is not one of {sorted(DTYPES)}.")
+        if num_classes < 0:
+            raise SettingError(self, "num_classes", f"must be >= 0 (0: prompts only), got {num_classes}.")
+        if lora_rank < 0 or (lora_rank == 0 and num_classes == 0):
+            raise SettingError(
+                self,
+                "lora_rank",
+                f"{lora_rank} leaves nothing trainable; give lora_rank > 0 (or num_classes > 0 for a class "
+                "embedding).",
+            )
+        if guidance_scale < 1:
+            raise SettingError(
+                self, "guidance_scale", f"must be >= 1 (1: no classifier-free guidance), got {guidance_scale}."
+            )
+
+    def _resolution(self, resolution: int | None) -> int:
+        """The image side in pixels: ``resolution``, or the UNet's sample size times the VAE's factor; it must be
+        a multiple of that factor."""
+        size = self.unet.config.sample_size
+        resolution = resolution or (size if isinstance(size, int) else size[0]) * self.vae_factor
+        if resolution <= 0 or resolution % self.vae_factor:
+            raise SettingError(
+                self,
+                "resolution",
+                f"{resolution} is not divisible by the VAE's downsampling factor {self.vae_factor}; use a multiple "
+                f"of {self.vae_factor} (e.g. {resolution // self.vae_factor * self.vae_factor or self.vae_factor}).",
+            )
+        return resolution
+
     @staticmethod
     def _encode(text_encoder, tokenizer, prompts: list[str]) -> Tensor:
         ids = tokenizer(
@@ -185,15 +205,15 @@ class StableDiffusionPolicy(DiffusionPolicy):
         return text_encoder(ids)[0]
 
     def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
-        from peft import LoraConfig
 
         names = [n for n, _ in self.unet.named_modules()]
         missing = [m for m in targets if not any(n == m or n.endswith("." + m) for n in names)]
         if missing:
-            raise ValueError(
-                f"model.policy.lora_target_modules: {missing} match no module of the UNet; name its "
-                f"Linear/Conv2d modules, e.g. {DEFAULT_LORA_TARGETS} (attention) or proj_in, "
-                "proj_out, ff.net.2, conv1, conv2."
+            raise SettingError(
+                self,
+                "lora_target_modules",
+                f"{missing} match no module of the UNet; name its Linear/Conv2d modules, e.g. "
+                f"{DEFAULT_LORA_TARGETS} (attention) or proj_in, proj_out, ff.net.2, conv1, conv2.",
             )
         self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
         self.unet.add_adapter(self.lora_config)
@@ -292,10 +312,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
         """Write the LoRA as ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it
         (``pytorch_lora_weights.safetensors``), and the class embedding, if any, as
         ``class_embedding.safetensors`` (``[num_classes + 1, D]``, the last row the null class)."""
+        # imported here: diffusers' pipelines pull in every image processor of transformers (seconds, and
+        # warnings about torchvision) for this one method
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
+from peft import LoraConfig
 from torch import Tensor, nn
 
 from ctrl.assets import resolve_path
+from ctrl.errors import SettingError, setting
 from ctrl.policy.base import DiffusionPolicy
 
 
@@ -17,19 +19,20 @@ class _AdapterUNet2DModel(UNet2DModel, PeftAdapterMixin):
     """UNet2DModel has no ``add_adapter``; diffusers' PeftAdapterMixin gives it LoRA through peft."""
 
 
-def load_pretrained_unet(pretrained: str, setting: str = "pretrained") -> tuple[UNet2DModel, DDIMScheduler]:
+def load_pretrained_unet(pretrained: str) -> tuple[UNet2DModel, DDIMScheduler]:
     """Load a diffusers UNet2DModel and its noise schedule from a directory or hub id.
 
     ``pretrained`` is a DDPMPipeline-style directory (``unet/`` and ``scheduler/``, as
     ``save_pretrained`` writes them), a bare UNet directory (the default schedule is then used), a
-    hub id, or ``ctrl:<name>`` for weights shipped with ctrl.
+    hub id, or ``ctrl:<name>`` for weights shipped with ctrl. A missing directory is a FileNotFoundError, unreadable
+    or unsuitable weights a ValueError (the class whose setting gave ``pretrained`` names it: ``errors.setting``).
     """
     path = resolve_path(pretrained)
     local = Path(path)
     if local.exists() or path.startswith(("/", ".")):
         if not local.is_dir():
             raise FileNotFoundError(
-                f"{setting}: no model directory at '{pretrained}'. Give a directory written by diffusers' "
+                f"no model directory at '{pretrained}'. Give a directory written by diffusers' "
                 "save_pretrained (with unet/ and scheduler/), a hub id, or ctrl:digits-ddpm."
             )
         subfolder = "unet" if (local / "unet").is_dir() else None
@@ -45,13 +48,13 @@ def load_pretrained_unet(pretrained: str, setting: str = "pretrained") -> tuple[
         )
     except Exception as err:  # diffusers raises OSError, ValueError, EnvironmentError, safetensors errors
         raise ValueError(
-            f"{setting}: could not load a diffusers UNet2DModel from '{pretrained}' ({type(err).__name__}: "
+            f"could not load a diffusers UNet2DModel from '{pretrained}' ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). Check the path, or remake the weights "
             "(README: 'How the shipped weights were made')."
         ) from None
     if unet.config.get("class_embed_type") is not None or unet.config.get("num_class_embeds"):
         raise ValueError(
-            f"{setting}: '{pretrained}' is already class-conditional; ctrl expects an "
+            f"'{pretrained}' is already class-conditional; ctrl expects an "
             "unconditional pretrained UNet to add the control to."
         )
     unet.requires_grad_(False)
@@ -128,14 +131,9 @@ class UNetPolicy(DiffusionPolicy):
         lora_target_modules: list[str] | None = None,
     ):
         super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"policy num_labels must be at least 1, got {num_labels}")
-        if not (label_embedding or lora_rank > 0 or step_bias or residual_head):
-            raise ValueError(
-                "policy: nothing is trainable; enable at least one of label_embedding, "
-                "lora_rank > 0, step_bias, residual_head."
-            )
-        self.unet, self.scheduler = load_pretrained_unet(pretrained, "model.policy.pretrained")
+        self._check_settings(num_labels, label_embedding, lora_rank, step_bias, residual_head)
+        with setting(self, "pretrained", pretrained):
+            self.unet, self.scheduler = load_pretrained_unet(pretrained)
         self.num_labels = num_labels
         cfg = self.unet.config
         self.sample_shape = (
@@ -154,23 +152,7 @@ class UNetPolicy(DiffusionPolicy):
             self.unet.register_to_config(num_class_embeds=num_labels + 1)
         self.lora_rank = lora_rank
         if lora_rank > 0:
-            from peft import LoraConfig
-
-            targets = lora_target_modules or ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-            names = {n.rsplit(".", 1)[-1] for n, _ in self.unet.named_modules()} | {
-                n for n, _ in self.unet.named_modules()
-            }
-            missing = [m for m in targets if not any(n.endswith(m) for n in names)]
-            if missing:
-                raise ValueError(
-                    f"model.policy.lora_target_modules: {missing} match no module of the UNet; "
-                    "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0, conv1, conv2."
-                )
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights=True
-                )
-            )
+            self._add_lora(lora_rank, lora_alpha or lora_rank, lora_target_modules)
             if label_embedding:  # peft freezes everything but the adapters; the embedding trains too
                 self.unet.class_embedding.requires_grad_(True)
         self.step_bias = (
@@ -179,6 +161,33 @@ class UNetPolicy(DiffusionPolicy):
         self.head = (
             ResidualControlHead(self.sample_shape[0], num_labels, num_buckets, head_width) if residual_head else None
         )
+
+    def _check_settings(self, num_labels, label_embedding, lora_rank, step_bias, residual_head) -> None:
+        if num_labels < 1:
+            raise SettingError(self, "num_labels", f"must be at least 1, got {num_labels}.")
+        if not (label_embedding or lora_rank > 0 or step_bias or residual_head):
+            raise SettingError(
+                self,
+                "",
+                "nothing is trainable; enable at least one of label_embedding, lora_rank > 0, step_bias, "
+                "residual_head.",
+            )
+
+    def _add_lora(self, rank: int, alpha: float, target_modules: list[str] | None) -> None:
+
+        targets = target_modules or ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+        names = {n.rsplit(".", 1)[-1] for n, _ in self.unet.named_modules()} | {
+            n for n, _ in self.unet.named_modules()
+        }
+        missing = [m for m in targets if not any(n.endswith(m) for n in names)]
+        if missing:
+            raise SettingError(
+                self,
+                "lora_target_modules",
+                f"{missing} match no module of the UNet; name Linear/Conv2d modules such as to_q, to_k, to_v, "
+                "to_out.0, conv1, conv2.",
+            )
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -11,11 +11,12 @@ from pathlib import Path
 from ctrl.assets import PROMPTS_DIR, resolve_path, shipped
 
 
-def load_prompts(prompts: str | list[str], setting: str = "model.policy.prompts") -> list[str]:
+def load_prompts(prompts: str | list[str]) -> list[str]:
     """The prompts named by ``prompts``: a list of strings, a text file of one prompt per line (blank
     lines and lines starting with ``#`` are skipped), or ``ctrl:<name>`` for a shipped list.
 
-    One clear message naming ``setting`` when the file is missing or holds no prompt.
+    One clear message when the file is missing (FileNotFoundError) or holds no prompt (ValueError); the class
+    whose setting gave ``prompts`` names it (``ctrl.errors.setting``).
     """
     if isinstance(prompts, list):
         found, where = [p.strip() for p in prompts if p.strip()], "the list"
@@ -24,11 +25,11 @@ def load_prompts(prompts: str | list[str], setting: str = "model.policy.prompts"
         if not path.is_file():
             lists = ", ".join(shipped(PROMPTS_DIR, ".txt"))
             raise FileNotFoundError(
-                f"{setting}: no prompt file at '{prompts}'; give a text file with one prompt per "
+                f"no prompt file at '{prompts}'; give a text file with one prompt per "
                 f"line, a list of prompts, or a shipped list ({lists})."
             )
         lines = path.read_text(encoding="utf-8").splitlines()
         found, where = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")], f"'{prompts}'"
     if not found:
-        raise ValueError(f"{setting}: {where} holds no prompt; write one prompt per line.")
+        raise ValueError(f"{where} holds no prompt; write one prompt per line.")
     return found

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ctrl.assets import resolve_path
 from ctrl.classifier import load_classifier
+from ctrl.errors import SettingError, setting
 from ctrl.rewards.base import Reward
 
 
@@ -21,12 +22,13 @@ class ClassifierLogProb(Reward):
 
     def __init__(self, path: str = "ctrl:digits-classifier.safetensors", temperature: float | None = None):
         super().__init__()
-        self.net, calibrated = load_classifier(resolve_path(path), "model.reward.path")
+        with setting(self, "path", path):
+            self.net, calibrated = load_classifier(resolve_path(path))
         self.net.requires_grad_(False)
         self.net.eval()
         self.temperature = calibrated if temperature is None else temperature
         if self.temperature <= 0:
-            raise ValueError(f"model.reward.temperature must be > 0, got {self.temperature}.")
+            raise SettingError(self, "temperature", f"must be > 0, got {self.temperature}.", value=temperature)
         self.num_labels = self.net.config["num_labels"]
 
     def train(self, mode: bool = True):

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers import CLIPVisionModelWithProjection
 
 from ctrl.dtypes import DTYPES
+from ctrl.errors import SettingError
 from ctrl.images import jpeg_kilobytes
 from ctrl.rewards.base import Reward
 
@@ -24,7 +27,7 @@ class JpegCompressibility(Reward):
     def __init__(self, quality: int = 95, incompressible: bool = False):
         super().__init__()
         if not 1 <= quality <= 100:
-            raise ValueError(f"model.reward.quality must lie in 1..100, got {quality}.")
+            raise SettingError(self, "quality", f"must lie in 1..100, got {quality}.")
         self.quality, self.sign = quality, 1.0 if incompressible else -1.0
 
     def forward(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -57,8 +60,6 @@ class AestheticMLP(nn.Module):
 
 def _load_state(path: str) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -80,32 +81,36 @@ class AestheticScore(Reward):
 
     def __init__(self, clip_model: str, mlp_path: str, dtype: str = "float32"):
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
 
+        if dtype not in DTYPES:
+            raise SettingError(self, "dtype", f"'{dtype}' is not one of {sorted(DTYPES)}.")
         if not Path(mlp_path).is_file():
-            raise FileNotFoundError(
-                f"model.reward.mlp_path: no aesthetic MLP weights at '{mlp_path}'; download "
-                "sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) on a machine "
-                "with internet and give its path."
+            raise SettingError(
+                self,
+                "mlp_path",
+                f"no aesthetic MLP weights at '{mlp_path}'; download sac+logos+ava1-l14-linearMSE.pth (LAION "
+                "improved-aesthetic-predictor) on a machine with internet and give its path.",
             )
         try:
             self.clip = CLIPVisionModelWithProjection.from_pretrained(
                 clip_model, dtype=DTYPES[dtype], local_files_only=True
             )
         except Exception as err:  # transformers raises OSError / ValueError for absent or wrong weights
-            raise ValueError(
-                f"model.reward.clip_model: could not load CLIP image weights from '{clip_model}' "
-                f"({type(err).__name__}); give a local directory (or a hub id already in the cache) "
-                "of a CLIP model such as openai/clip-vit-large-patch14."
+            raise SettingError(
+                self,
+                "clip_model",
+                f"could not load CLIP image weights from '{clip_model}' ({type(err).__name__}); give a local "
+                "directory (or a hub id already in the cache) of a CLIP model such as openai/clip-vit-large-patch14.",
             ) from None
         dim = self.clip.config.projection_dim
         self.mlp = AestheticMLP(dim)
         try:
             self.mlp.load_state_dict(_load_state(mlp_path))
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ValueError(
-                f"model.reward.mlp_path: '{mlp_path}' is not an aesthetic MLP for {dim}-d CLIP "
-                f"embeddings ({str(err).splitlines()[0]})."
+            raise SettingError(
+                self,
+                "mlp_path",
+                f"'{mlp_path}' is not an aesthetic MLP for {dim}-d CLIP embeddings ({str(err).splitlines()[0]}).",
             ) from None
         self.requires_grad_(False)
         self.size = self.clip.config.image_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ctrl.conditions import split_condition
+from ctrl.errors import SettingError
 from ctrl.rewards.base import Reward
 
 
@@ -21,8 +22,8 @@ class JointLabels(Reward):
     def __init__(self, rewards: list[Reward]):
         super().__init__()
         if len(rewards) < 2 or any(r.num_labels is None for r in rewards):
-            raise ValueError(
-                "model.reward.rewards: give at least two rewards that each score a label set (e.g. ClassifierLogProb)."
+            raise SettingError(
+                self, "rewards", "give at least two rewards that each score a label set (e.g. ClassifierLogProb)."
             )
         self.rewards = nn.ModuleList(rewards)
         self.sizes = [r.num_labels for r in rewards]
