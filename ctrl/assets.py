@@ -22,6 +22,18 @@ def resolve_path(path: str, folder: Path = WEIGHTS_DIR, suffix: str = "") -> str
     return path
 
 
+def local_directory(path: str, what: str, hint: str) -> Path | None:
+    """The folder ``path`` names when it is local (it exists, or is written as a path: ``/...``, ``./...``);
+    None for a hub id (diffusers resolves those, from its cache when offline). A local path that is not a
+    folder is a FileNotFoundError: "no <what> directory at '<path>'; <hint>."."""
+    local = Path(path)
+    if not (local.exists() or path.startswith(("/", "."))):
+        return None
+    if not local.is_dir():
+        raise FileNotFoundError(f"no {what} directory at '{path}'; {hint}.")
+    return local
+
+
 def shipped(folder: Path = WEIGHTS_DIR, suffix: str = "") -> list[str]:
     """The shipped assets of ``folder`` (files ending in ``suffix``, or directories), as ``ctrl:<name>``."""
     names = [

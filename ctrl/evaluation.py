@@ -35,6 +35,13 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]: ...
 
+    def check_conditions(self, module, key: str, fix: str) -> None:
+        """Refuse a module whose policy's reward labels are not this evaluator's ``num_labels`` conditions;
+        ``key``: the evaluator's setting that fixes them, ``fix``: how to make them agree."""
+        if module.policy.num_reward_labels != self.num_labels:
+            given = f"makes {self.num_labels} conditions but the policy has {module.policy.num_reward_labels}"
+            raise SettingError(self, key, f"{given}; {fix}")
+
 
 def classification_scores(judged: Tensor, labels: Tensor, num_labels: int) -> dict[str, Tensor]:
     """Judged against requested labels (``[N]`` each): ``accuracy``, ``macro_f1``, ``min_class_accuracy``
@@ -120,13 +127,7 @@ class JpegSizeEvaluator(Evaluator):
         self.num_labels, self.quality = len(boundaries_kb) + 1, quality
 
     def attach(self, module) -> None:
-        if module.policy.num_reward_labels != self.num_labels:
-            raise SettingError(
-                self,
-                "boundaries_kb",
-                f"makes {self.num_labels} classes but the policy's reward labels number "
-                f"{module.policy.num_reward_labels}; give one boundary fewer than classes.",
-            )
+        self.check_conditions(module, "boundaries_kb", "give one boundary fewer than classes.")
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         sizes = jpeg_kilobytes(samples, self.quality).cpu()
@@ -158,13 +159,7 @@ class LabelSetEvaluator(Evaluator):
         self.frechet = DigitsEvaluator(self.num_labels, image_size, num_features).frechet
 
     def attach(self, module) -> None:
-        if module.policy.num_reward_labels != self.num_labels:
-            raise SettingError(
-                self,
-                "label_sets",
-                f"{self.label_sets} make {self.num_labels} conditions but the policy has "
-                f"{module.policy.num_reward_labels} labels; make them agree.",
-            )
+        self.check_conditions(module, "label_sets", f"{self.label_sets} and the policy's labels must agree.")
 
     def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
         labels = labels.cpu()

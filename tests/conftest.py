@@ -66,21 +66,25 @@ def tiny_control_args(root, pretrained: str, classifier: str) -> list[str]:
         str(root),
         "--trainer.enable_progress_bar",
         "false",
-        "--model.policy.pretrained",
-        pretrained,
-        "--model.reward.path",
-        classifier,
-        "--model.evaluator.image_size",
-        "8",
-        "--model.num_steps",
-        "3",
-        "--data.batch_size",
-        "4",
-        "--data.eval_per_label",
-        "2",
-        "--data.eval_batch_size",
-        "10",
+        *["--model.policy.pretrained", pretrained, "--model.reward.path", classifier],
+        *"--model.evaluator.image_size 8 --model.num_steps 3 --data.batch_size 4".split(),
+        *"--data.eval_per_label 2 --data.eval_batch_size 10".split(),
     ]
+
+
+def quiet_trainer(root, max_steps: int):
+    """A CPU Lightning Trainer that writes and prints nothing but its errors, for ``max_steps`` steps."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
 
 
 def run_args(root, pretrained: str, classifier: str, *extra: str, checkpoint_every: int = 2) -> list[str]:

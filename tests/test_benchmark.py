@@ -24,22 +24,10 @@ def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
     """A benchmark config: ``task`` on the tiny 8x8 model and tiny classifiers, two fine-tuning rows, every
     guidance baseline (classifier-free guidance with a 3-step conditional model), 2 samples per label."""
     tiny = [
-        "--model.policy.pretrained",
-        tiny_pretrained,
-        "--model.evaluator.image_size",
-        "8",
-        "--model.num_steps",
-        "3",
-        "--data.batch_size",
-        "4",
-        "--data.batches_per_epoch",
-        "2",
-        "--data.eval_per_label",
-        "2",
-        "--trainer.logger",
-        "false",
-        "--trainer.callbacks",
-        json.dumps([{"class_path": "ctrl.callbacks.ResumableCheckpoint"}]),
+        *["--model.policy.pretrained", tiny_pretrained],
+        *"--model.evaluator.image_size 8 --model.num_steps 3 --data.batch_size 4 --data.batches_per_epoch 2".split(),
+        *"--data.eval_per_label 2 --trainer.logger false".split(),
+        *["--trainer.callbacks", json.dumps([{"class_path": "ctrl.callbacks.ResumableCheckpoint"}])],
     ]
     if task == "class":
         tiny += ["--model.reward.path", make_tiny_classifier(tmp_path / "class.safetensors", num_labels=10)]

@@ -46,22 +46,11 @@ def _fit(root, devices: int, extra: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifier):
     def args(root):
-        return run_args(
-            root,
-            tiny_pretrained,
-            tiny_classifier,
-            "--model.algorithm",
-            json.dumps(ALGORITHMS[name]),
-            "--data.batches_per_epoch",
-            "3",
-            "--data.eval_per_label",
-            "3",
-            "--data.batch_size",
-            "8",
-            # two labels, 4 chains each per batch: per-label baselines over both ranks' chains
-            "--data.prior",
-            json.dumps([0.5, 0.5] + [0.0] * 8),
-        )
+        algorithm = ["--model.algorithm", json.dumps(ALGORITHMS[name])]
+        sizes = "--data.batches_per_epoch 3 --data.eval_per_label 3 --data.batch_size 8".split()
+        # two labels, 4 chains each per batch: per-label baselines over both ranks' chains
+        prior = ["--data.prior", json.dumps([0.5, 0.5] + [0.0] * 8)]
+        return run_args(root, tiny_pretrained, tiny_classifier, *algorithm, *sizes, *prior)
 
     _fit(tmp_path / "one", 1, args(tmp_path / "one"))
     two = _fit(tmp_path / "two", 2, args(tmp_path / "two"))

@@ -151,23 +151,11 @@ def test_truncated_direct_backprop_reaches_its_optimum(truncation, tmp_path):
 def test_raft_top_selection_is_not_the_tilted_target(tmp_path):
     """Classic RAFT (keep the best fraction) converges elsewhere: the covariance shrinks below the target's.
     This documents why the Gaussian config uses selection 'tilted'."""
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "raft.yaml"),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.logger",
-            "false",
-            "--model.algorithm.selection",
-            "top",
-            "--model.algorithm.keep_fraction",
-            "0.25",
-            "--data.batches_per_epoch",
-            "100",
-        ]
+    cli = _fit(
+        "raft",
+        tmp_path,
+        *"--model.algorithm.selection top --model.algorithm.keep_fraction 0.25".split(),
+        "--data.batches_per_epoch",
+        "100",
     )
     assert float(cli.trainer.callback_metrics["val/target_cov_rel_err"]) > 0.2

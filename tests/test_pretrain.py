@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctrl.conditions import condition_codes
@@ -22,15 +22,7 @@ from ctrl.pretrain import DiffusionPretraining, load_conditional_unet
 
 def _fit(module, images, labels, steps: int, tmp_path):
     loader = DataLoader(TensorDataset(images, labels), batch_size=32, shuffle=True, drop_last=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, steps)
     trainer.fit(module, loader)
 
 
@@ -147,13 +139,6 @@ def test_conditional_data_refusals(tiny_pretrained, tmp_path):
         DigitsDataModule(label_set=["ink", "ink"])
     module = DiffusionPretraining(init_from=tiny_pretrained, num_labels=2)
     loader = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8)), batch_size=32)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 1)
     with pytest.raises(ValueError, match="model.num_labels is set but the data has no labels"):
         trainer.fit(module, loader)

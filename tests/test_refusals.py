@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_classifier, run_args
+from conftest import make_tiny_classifier, quiet_trainer, run_args
 from PIL import Image
 
 from ctrl.algorithms import DirectBackprop
@@ -78,7 +78,7 @@ def test_a_class_built_directly_names_its_own_setting(tmp_path):
     err = info.value
     assert isinstance(err, ValueError) and (err.owner, err.key, err.value) == (UNetPolicy, "pretrained", missing)
     assert str(err) == f"UNetPolicy.pretrained: {err.problem}"
-    assert err.problem.startswith(f"no model directory at '{missing}'. Give a directory written by diffusers'")
+    assert err.problem.startswith(f"no model directory at '{missing}'; give a directory written by diffusers'")
     with pytest.raises(FileNotFoundError, match=f"^no model directory at '{re.escape(missing)}'"):
         load_pretrained_unet(missing)
 
@@ -257,19 +257,11 @@ def test_checkpoint_without_the_trainable_weights_is_refused(tiny_pretrained, ti
     ],
 )
 def test_classifier_data_must_be_one_label_set_of_its_size(label_set, num_labels, expected, tmp_path):
-    import lightning as L
 
     from ctrl.classifier import ClassifierTraining
     from ctrl.datamodules import DigitsDataModule
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 1)
     with pytest.raises(ValueError, match=expected):
         trainer.fit(
             ClassifierTraining(num_labels=num_labels, width=4, robust=False),

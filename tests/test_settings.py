@@ -26,22 +26,18 @@ def _fresh_notices(monkeypatch):
     monkeypatch.setattr(errors, "_NOTICED", set())  # a notice is said once per process
 
 
+def _instantiate(config: str, tmp_path, *overrides: str):
+    """``ctrl fit --config configs/<config>.yaml <overrides>``, built but not run."""
+    root = ["--trainer.default_root_dir", str(tmp_path)]
+    return main(["--config", str(CONFIGS / f"{config}.yaml"), *overrides, *root], run=False)
+
+
 def _notices(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("ctrl: notice:")]
 
 
 def test_renamed_control_scale_key_loads_with_one_notice(tmp_path, capsys):
-    cli = main(
-        [
-            "--config",
-            str(CONFIGS / "gaussian" / "direct.yaml"),
-            "--model.guidance",
-            "0.7",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ],
-        run=False,
-    )
+    cli = _instantiate("gaussian/direct", tmp_path, "--model.guidance", "0.7")
     assert cli.model.control_scale == 0.7
     notices = _notices(capsys)
     assert len(notices) == 1 and "guidance is renamed control_scale" in notices[0], notices
@@ -100,17 +96,7 @@ def test_a_nested_class_error_is_located_by_its_value():
 
 def test_plugin_errors_name_their_setting_path_through_the_cli(tmp_path):
     with pytest.raises(ValueError, match=r"^model.algorithm.clip_range: must be > 0, got 0.0"):
-        main(
-            [
-                "--config",
-                str(CONFIGS / "gaussian" / "ppo.yaml"),
-                "--model.algorithm.clip_range",
-                "0",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-            ],
-            run=False,
-        )
+        _instantiate("gaussian/ppo", tmp_path, "--model.algorithm.clip_range", "0")
 
 
 class Scribbler(PPO):

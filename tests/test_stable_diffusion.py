@@ -131,23 +131,16 @@ def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     policy.export(tmp_path / "lora")
 
     pipe = _pipeline(tiny_sd)
-    base = pipe(
-        prompts[1],
-        num_inference_steps=steps,
-        guidance_scale=scale,
-        eta=1.0,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
+
+    def images():
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(
+            prompts[1], num_inference_steps=steps, guidance_scale=scale, eta=1.0, output_type="pt", generator=generator
+        ).images
+
+    base = images()
     pipe.load_lora_weights(tmp_path / "lora")
-    theirs = pipe(
-        prompts[1],
-        num_inference_steps=steps,
-        guidance_scale=scale,
-        eta=1.0,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(seed),
-    ).images
+    theirs = images()
 
     labels = torch.tensor([1])  # condition 1: the second prompt
     noise = seeded_noise(torch.tensor([seed]), steps, policy.sample_shape)

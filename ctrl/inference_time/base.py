@@ -11,14 +11,13 @@ included) per image, and wall-clock seconds per image.
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ctrl.sampling import StepGrid, make_grid, predict_x0, seeded_noise
+from ctrl.sampling import StepGrid, make_grid, predict_x0, seeded_noise, step_from_x0
 from ctrl.seeds import derived_seed
 
 
@@ -50,9 +49,10 @@ def extra_draw_seed(seeds: Tensor) -> int:
     return derived_seed("guided sampler extra draws", *seeds.tolist())
 
 
-class GuidedSampler(ABC):
+class GuidedSampler:
     """Template of a guided sampler: :meth:`sample` sets up the grid, the noise and the counters and calls
-    :meth:`run`, which subclasses implement with :meth:`eps`, :meth:`x0_hat` and :meth:`score`.
+    :meth:`run`; a subclass implements :meth:`guided_step` (one guided DDIM step per image) or its own
+    :meth:`run` (particles, candidates), with :meth:`eps`, :meth:`x0_hat` and :meth:`score`.
 
     The chains' starting noise x_T comes from their seeds exactly as in ctrl's own sampler
     (:func:`ctrl.sampling.seeded_noise`), so every method starts from the same x_T for the same seed; any
@@ -72,11 +72,21 @@ class GuidedSampler(ABC):
         n = len(labels)
         return GuidedSamples(samples.detach(), labels, self._denoiser_calls / n, self._reward_calls / n, seconds / n)
 
-    @abstractmethod
     def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator: torch.Generator) -> Tensor:
         """The final samples ``[B, ...]``. ``noise`` ``[B, N+1, ...]`` holds each chain's x_T (``noise[:, 0]``)
         and one standard normal draw per step; ``generator`` serves any further draws (particles,
-        candidates, resampling)."""
+        candidates, resampling). Default: one chain per image, each DDIM step taken from the guided
+        ``(x0, eps)`` of :meth:`guided_step`."""
+        x = noise[:, 0]
+        for k in range(len(grid.timesteps)):
+            x0, eps = self.guided_step(policy, reward, x, grid, k, labels)
+            s = float(grid.sigma[k])
+            x = (step_from_x0(x0, eps, float(grid.alpha_prod_prev[k]), s) + s * noise[:, k + 1]).detach()
+        return x
+
+    def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The denoised estimate and noise ``[B, ...]`` each that step k of the default :meth:`run` takes."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither run nor guided_step.")
 
     #: the method samples a model of its own that must be trained first (``ctrl benchmark`` trains it from a
     #: ``baseline_models`` entry and calls :meth:`load`); the others use the pretrained model alone

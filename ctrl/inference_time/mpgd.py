@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ctrl.errors import SettingError
 from ctrl.inference_time.base import GuidedSampler
-from ctrl.sampling import StepGrid, step_from_x0
+from ctrl.sampling import StepGrid
 
 
 class MPGD(GuidedSampler):
@@ -25,16 +25,11 @@ class MPGD(GuidedSampler):
             raise SettingError(self, "step_size", f"must be >= 0, got {step_size}.")
         self.step_size = step_size
 
-    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:
-        x = noise[:, 0]
-        for k in range(len(grid.timesteps)):
-            s = float(grid.sigma[k])
-            with torch.no_grad():
-                eps = self.eps(policy, x, grid, k, labels)
-                x0 = self.x0_hat(policy, x, eps, grid, k)
-            with torch.enable_grad():
-                x0_in = x0.requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.score(policy, reward, x0_in, labels).sum(), x0_in)
-            x0 = x0.detach() + self.step_size * grad
-            x = step_from_x0(x0, eps, float(grid.alpha_prod_prev[k]), s) + s * noise[:, k + 1]
-        return x.detach()
+    def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            eps = self.eps(policy, x, grid, k, labels)
+            x0 = self.x0_hat(policy, x, eps, grid, k)
+        with torch.enable_grad():
+            x0_in = x0.requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.score(policy, reward, x0_in, labels).sum(), x0_in)
+        return x0.detach() + self.step_size * grad, eps

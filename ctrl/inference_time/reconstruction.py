@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ctrl.errors import SettingError
 from ctrl.inference_time.base import GuidedSampler
-from ctrl.sampling import StepGrid, step_from_x0
+from ctrl.sampling import StepGrid
 
 
 class ReconstructionGuidance(GuidedSampler):
@@ -28,17 +28,11 @@ class ReconstructionGuidance(GuidedSampler):
             raise SettingError(self, "scale", f"must be >= 0, got {scale}.")
         self.scale = scale
 
-    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:
-        x = noise[:, 0]
-        for k in range(len(grid.timesteps)):
-            a, s = float(grid.alpha_prod[k]), float(grid.sigma[k])
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                eps = self.eps(policy, x_in, grid, k, labels)
-                (grad,) = torch.autograd.grad(
-                    self.score(policy, reward, self.x0_hat(policy, x_in, eps, grid, k), labels).sum(), x_in
-                )
-            eps = eps.detach() - self.scale * math.sqrt(1 - a) * grad
-            mean = step_from_x0(self.x0_hat(policy, x, eps, grid, k), eps, float(grid.alpha_prod_prev[k]), s)
-            x = (mean + s * noise[:, k + 1]).detach()
-        return x
+    def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            eps = self.eps(policy, x_in, grid, k, labels)
+            x0 = self.x0_hat(policy, x_in, eps, grid, k)
+            (grad,) = torch.autograd.grad(self.score(policy, reward, x0, labels).sum(), x_in)
+        eps = eps.detach() - self.scale * math.sqrt(1 - float(grid.alpha_prod[k])) * grad
+        return self.x0_hat(policy, x, eps, grid, k), eps

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ctrl.assets import local_directory
 from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError, setting
 from ctrl.policy.base import DiffusionPolicy
@@ -48,13 +49,9 @@ def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str |
     frozen; the scheduler is DDIM with the pipeline's noise schedule. A missing directory is a
     FileNotFoundError, a pipeline that cannot be used a ValueError (the policy names its setting)."""
 
-    local = Path(pretrained)
-    if local.exists() or pretrained.startswith(("/", ".")):
-        if not local.is_dir():
-            raise FileNotFoundError(
-                f"no pipeline directory at '{pretrained}'; give a "
-                "directory written by StableDiffusionPipeline.save_pretrained, or a hub id."
-            )
+    hint = "give a directory written by StableDiffusionPipeline.save_pretrained, or a hub id"
+    local = local_directory(pretrained, "pipeline", hint)
+    if local is not None:
         missing = [c for c in COMPONENTS if not (local / c).is_dir()]
         if missing:
             raise ValueError(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from peft import LoraConfig
 from torch import Tensor, nn
 
-from ctrl.assets import resolve_path
+from ctrl.assets import local_directory, resolve_path
 from ctrl.errors import SettingError, setting
 from ctrl.policy.base import DiffusionPolicy
 
@@ -28,13 +26,9 @@ def load_pretrained_unet(pretrained: str) -> tuple[UNet2DModel, DDIMScheduler]:
     or unsuitable weights a ValueError (the class whose setting gave ``pretrained`` names it: ``errors.setting``).
     """
     path = resolve_path(pretrained)
-    local = Path(path)
-    if local.exists() or path.startswith(("/", ".")):
-        if not local.is_dir():
-            raise FileNotFoundError(
-                f"no model directory at '{pretrained}'. Give a directory written by diffusers' "
-                "save_pretrained (with unet/ and scheduler/), a hub id, or ctrl:digits-ddpm."
-            )
+    hint = "give a directory written by diffusers' save_pretrained (unet/, scheduler/), a hub id, or ctrl:digits-ddpm"
+    local = local_directory(path, "model", hint)
+    if local is not None:
         subfolder = "unet" if (local / "unet").is_dir() else None
         has_scheduler = (local / "scheduler").is_dir()
     else:  # a hub id: diffusers resolves it (from the local cache when offline)
