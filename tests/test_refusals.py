@@ -209,7 +209,7 @@ def _refusals(tiny_sd, tiny_pretrained, tiny_classifier):
         (
             "JPEG evaluator classes vs policy labels",
             lambda: _module(tiny_pretrained, tiny_classifier, evaluator=JpegSizeEvaluator([1.0, 2.0])),
-            r"^JpegSizeEvaluator\.boundaries_kb: makes 3 classes but the policy's reward labels number 10",
+            r"^JpegSizeEvaluator\.boundaries_kb: makes 3 conditions but the policy has 10; give one boundary fewer",
         ),
     ]
 
