@@ -76,6 +76,12 @@ class Algorithm(nn.Module, ABC):
         Subclasses extend it (calling ``super().setup``); without a context, one process is assumed."""
         self.context = context or AlgorithmContext(num_labels=policy.num_labels)
 
+    @property
+    def needs_pretrained(self) -> bool:
+        """Whether a rollout must evaluate the pretrained model: its KL enters the objective (alpha > 0). At
+        alpha = 0 the rollout skips that network call (the module can still log the KL now and then)."""
+        return self.alpha > 0
+
     def gradient_plan(self, num_stochastic: int) -> GradientPlan:
         """Which steps of a training rollout carry gradients (drawn anew for each rollout)."""
         return GradientPlan(steps=num_stochastic) if self.requires_grad_through_sampler else GradientPlan()
@@ -106,6 +112,7 @@ class Minibatch:
         rewards: ``[M]`` rewards of the final samples.
         steps: the step indices (stochastic steps only) this update uses.
         grid: the rollout's step coefficients.
+        pre_means: ``[M, N, ...]`` the rollout's pretrained means at the stored states (None: not sampled).
     """
 
     latents: Tensor
@@ -113,6 +120,7 @@ class Minibatch:
     rewards: Tensor
     steps: list[int]
     grid: StepGrid
+    pre_means: Tensor | None
 
     @property
     def step_scale(self) -> float:
@@ -162,9 +170,21 @@ class MinibatchAlgorithm(Algorithm):
             for idx in chains[torch.randperm(len(chains), device=chains.device)].split(size):
                 yield idx, pick_steps(trajectory.stochastic_steps, self.timestep_fraction)
 
-    def step_means(self, policy, batch: Minibatch, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def step_means(self, policy, batch: Minibatch, x: Tensor, k: int, pretrained: bool = True):
         """The policy's and the pretrained model's means of step k at states ``x`` ``[M, ...]`` of a minibatch's
-        chains (differentiable in the policy; checkpointed as the context says)."""
+        chains (differentiable in the policy; checkpointed as the context says; the pretrained one None
+        when not asked for and the policy can skip it)."""
+        checkpointing = self.context.gradient_checkpointing
         return step_means(
-            policy, x, batch.grid, k, batch.labels, gradient_checkpointing=self.context.gradient_checkpointing
+            policy, x, batch.grid, k, batch.labels, gradient_checkpointing=checkpointing, pretrained=pretrained
         )
+
+    def stored_step_means(self, policy, batch: Minibatch, k: int) -> tuple[Tensor, Tensor | None]:
+        """Step k at the stored states: the policy's mean (one network call) and the rollout's pretrained mean,
+        which cannot have changed since the rollout (None when the rollout skipped it, at alpha = 0)."""
+        mean, mean_pre = self.step_means(policy, batch, batch.latents[:, k], k, pretrained=False)
+        return mean, (mean_pre if batch.pre_means is None else batch.pre_means[:, k])
+
+    def kl_penalty_to_go(self, trajectory: Trajectory) -> Tensor | float:
+        """``alpha * sum_{j>k} KL_j`` ``[B, N]`` (0 at alpha = 0, where the rollout may have no KL)."""
+        return self.alpha * trajectory.kl_to_go() if self.alpha > 0 else 0.0

@@ -164,7 +164,7 @@ class ContinuousTimePG(PPO):
         v = torch.stack(
             [self.values(anchor[:, k], grid, k, latents[:, k], labels) for k in range(n)] + [rewards], 1
         )  # V at x_0 is the reward itself
-        advantages = self._normalise(self._reward_advantage(v) - self.alpha * trajectory.kl_to_go(), labels)
+        advantages = self._normalise(self._reward_advantage(v) - self.kl_penalty_to_go(trajectory), labels)
         return {"advantages": advantages, "returns": rewards[:, None].expand(-1, n), "value_anchor": anchor}
 
     def loss(self, batch: ValueMinibatch, policy, reward):

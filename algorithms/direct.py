@@ -99,13 +99,13 @@ class DirectBackprop(Algorithm):
     def loss(self, trajectory, policy, reward):
         rewards = policy.score(reward, trajectory.samples, trajectory.labels)
         finite = finite_rewards(rewards.detach())
-        kl = trajectory.kl.sum(1)[finite]
-        objective = rewards[finite] - self.alpha * kl
+        kl = None if trajectory.kl is None else trajectory.kl.sum(1)[finite]  # None: sampled at alpha = 0
+        objective = rewards[finite] - (0.0 if kl is None else self.alpha * kl)
         # With no finite reward the loss is a zero that still reaches the graph (NaN * 0 would be NaN).
-        return {
-            "loss": -objective.mean() if finite.any() else trajectory.kl.sum() * 0.0,
+        out = {
+            "loss": -objective.mean() if finite.any() else trajectory.log_probs.sum() * 0.0,
             "reward": rewards[finite].mean().detach(),
-            "kl": kl.mean().detach(),
             "objective": objective.mean().detach(),
             "nonfinite_rewards": (~finite).sum().float(),
         }
+        return out if kl is None else {**out, "kl": kl.mean().detach()}

@@ -118,7 +118,7 @@ class PPO(MinibatchAlgorithm):
     def per_chain(self, trajectory, rewards: Tensor, policy, reward) -> dict[str, Tensor]:
         """What the minibatches carry per chain and step, ``[B, N]`` each: here the advantages, the return
         ``r(x0) - alpha * sum_{j>k} KL_j`` centred per step by the other chains' mean (:meth:`_normalise`)."""
-        returns = rewards[:, None] - self.alpha * trajectory.kl_to_go()
+        returns = rewards[:, None].expand(-1, trajectory.num_steps) - self.kl_penalty_to_go(trajectory)
         return {"advantages": self._normalise(returns, trajectory.labels)}
 
     def _minibatches(self, trajectory, rewards: Tensor, **per_chain: Tensor):
@@ -132,34 +132,36 @@ class PPO(MinibatchAlgorithm):
                 rewards=rewards[idx],
                 grid=trajectory.grid,
                 steps=steps,
+                pre_means=None if trajectory.pre_means is None else trajectory.pre_means[idx],
                 **{name: value[idx] for name, value in per_chain.items()},
             )
 
-    def clipped_step(self, batch, k: int, policy) -> tuple[Tensor, Tensor, Tensor]:
+    def clipped_step(self, batch, k: int, policy) -> tuple[Tensor, Tensor | None, Tensor]:
         """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
-        differentiable in the policy) and the importance ratio ``[M]``."""
+        differentiable in the policy; the KL None when the rollout skipped the pretrained model) and the
+        importance ratio ``[M]``."""
         s = float(batch.grid.sigma[k])
-        mean, mean_pre = self.step_means(policy, batch, batch.latents[:, k], k)
+        mean, mean_pre = self.stored_step_means(policy, batch, k)
         ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
         adv = batch.advantages[:, k]
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
-        return surrogate, gaussian_kl(mean, mean_pre, s), ratio
+        return surrogate, None if mean_pre is None else gaussian_kl(mean, mean_pre, s), ratio
 
     def loss(self, batch: PPOMinibatch, policy, reward):
         total, clipped, kl_total, approx_kl = 0.0, 0.0, 0.0, 0.0
         scale = batch.step_scale
         for k in batch.steps:
             surrogate, kl, ratio = self.clipped_step(batch, k, policy)
-            total = total + surrogate.mean() + self.alpha * kl.mean()
+            total = total + surrogate.mean() + (0.0 if kl is None else self.alpha * kl.mean())
             clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
-            kl_total += float(kl.detach().mean())
+            kl_total = None if kl is None else kl_total + float(kl.detach().mean())
             approx_kl += float((0.5 * ratio.detach().log().square()).mean())
         n = len(batch.steps)
-        return {
+        out = {
             "loss": total * scale,
             "reward": batch.rewards.mean(),
-            "kl": torch.tensor(kl_total * scale),
             "clip_fraction": torch.tensor(clipped / n),
             "approx_policy_kl": torch.tensor(approx_kl / n),
             "advantage_abs": batch.advantages.abs().mean(),
         }
+        return out if kl_total is None else {**out, "kl": torch.tensor(kl_total * scale)}

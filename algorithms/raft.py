@@ -100,6 +100,7 @@ class RAFT(MinibatchAlgorithm):
                 rewards=rewards[idx],
                 steps=steps,
                 grid=trajectory.grid,
+                pre_means=None if trajectory.pre_means is None else trajectory.pre_means[idx],
                 weights=weights[idx] * (len(kept) / len(idx)),
             )
 
@@ -110,7 +111,7 @@ class RAFT(MinibatchAlgorithm):
         for k in batch.steps:
             s = float(batch.grid.sigma[k])
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
-                mean, mean_pre = self.step_means(policy, batch, batch.latents[:, k], k)
+                mean, mean_pre = self.stored_step_means(policy, batch, k)
                 fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
                 kl = gaussian_kl(mean, mean_pre, s)
                 total = total + (batch.weights * fit).sum()

@@ -23,7 +23,7 @@ from ctrl.evaluation import Evaluator
 from ctrl.images import image_grid
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
-from ctrl.sampling import make_grid, sample, seeded_noise
+from ctrl.sampling import chain_kl, make_grid, sample, seeded_noise
 from ctrl.seeds import derived_seed
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
@@ -52,6 +52,9 @@ class ControlModule(L.LightningModule):
         max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
         max_bad_steps: stop the run once this many training steps had a NaN or Inf reward (such samples
             are always dropped and counted; None: never stop).
+        kl_log_interval: when the algorithm's objective has no KL (alpha = 0), rollouts skip the pretrained
+            model; the KL of every this-many-th rollout is still computed (one pass without gradients) and
+            logged as ``train/kl`` (None: never).
         weight_decay: weight decay of the default optimizer (AdamW).
         optimizer: any torch optimizer, the LightningCLI way (``class_path: torch.optim.SGD`` with its
             ``init_args``); it receives the parameter groups with their own learning rates (per part, set in
@@ -76,6 +79,7 @@ class ControlModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_grad_norm: float | None = 1.0,
         max_bad_steps: int | None = 10,
+        kl_log_interval: int | None = 10,
         weight_decay: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -89,6 +93,9 @@ class ControlModule(L.LightningModule):
         self.automatic_optimization = False
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
         self._check_settings(policy, reward, num_steps, eta, steps, max_grad_norm, max_bad_steps)
+        if kl_log_interval is not None and kl_log_interval < 1:
+            raise SettingError(self, "kl_log_interval", f"must be >= 1 (rollouts) or null, got {kl_log_interval}.")
+        self.kl_log_interval = kl_log_interval
         self._num_stochastic = int((make_grid(policy.scheduler, num_steps, eta).sigma > 0).sum())
         self.algorithm_context = AlgorithmContext(
             policy.num_labels, self._num_stochastic, gradient_checkpointing=gradient_checkpointing
@@ -183,7 +190,7 @@ class ControlModule(L.LightningModule):
 
     def _train_on(self, labels: Tensor, seeds: Tensor) -> None:
         optimizer = self.optimizers()
-        plan = self.algorithm.gradient_plan(self._num_stochastic)
+        plan, pretrained = self.algorithm.gradient_plan(self._num_stochastic), self.algorithm.needs_pretrained
         with torch.set_grad_enabled(plan.steps > 0 or plan.kl_steps > 0):
             trajectory = sample(
                 self.policy,
@@ -195,7 +202,11 @@ class ControlModule(L.LightningModule):
                 kl_grad_steps=plan.kl_steps,
                 noise=self._fixed_noise(seeds, self.num_steps),
                 gradient_checkpointing=self.gradient_checkpointing,
+                pretrained=pretrained,
             )
+        stats = {}
+        if not pretrained and self.kl_log_interval and (self._rollouts[0] - 1) % self.kl_log_interval == 0:
+            stats["kl"] = chain_kl(self.policy, trajectory).sum(1).mean()  # the rollout policy's, before updates
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
             out = self.algorithm.loss(batch, self.policy, self.reward)
@@ -209,7 +220,8 @@ class ControlModule(L.LightningModule):
             scheduler.step()
         if out is None:  # no finite reward in this rollout (already reported): nothing to learn from
             return
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
+        stats.update(out)
+        self.log_dict({f"train/{k}": v.detach() for k, v in stats.items()}, prog_bar=True, batch_size=len(labels))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ctrl"] = {

@@ -52,6 +52,9 @@ class Trajectory:
         kl: ``[B, N]``; exact KL of each step of the sampling policy to the pretrained chain.
         ref_log_probs: ``[B, N]``; log p_pre(x_{k-1} | x_k) of the same steps under the pretrained
             chain, so ``sum(ref_log_probs - log_probs)`` is the log density ratio of a whole path.
+        pre_means: ``[B, N, C, H, W]``; the pretrained model's mean of each step at the stored x_k (no
+            gradient), so that an update re-evaluating a stored step needs only the policy's call.
+        kl, ref_log_probs and pre_means are None for a rollout sampled without the pretrained model.
         labels: ``[B]``; the condition (label index) of each chain.
         grid: the step coefficients (timesteps ``[N]`` from noise to data, alphas, sigmas), so that
             an algorithm can re-evaluate any stored step with :func:`step_means`.
@@ -59,10 +62,11 @@ class Trajectory:
 
     latents: Tensor
     log_probs: Tensor
-    kl: Tensor
-    ref_log_probs: Tensor
+    kl: Tensor | None
+    ref_log_probs: Tensor | None
     labels: Tensor
     grid: StepGrid
+    pre_means: Tensor | None = None
 
     @property
     def timesteps(self) -> Tensor:
@@ -84,17 +88,24 @@ class Trajectory:
 
     def select(self, index: Tensor) -> Trajectory:
         """The chains picked by ``index`` (a boolean mask or indices over B)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
         return Trajectory(
             self.latents[index],
             self.log_probs[index],
-            self.kl[index],
-            self.ref_log_probs[index],
+            pick(self.kl),
+            pick(self.ref_log_probs),
             self.labels[index],
             self.grid,
+            pick(self.pre_means),
         )
 
     def kl_to_go(self) -> Tensor:
         """``[B, N]``: the KL of the steps AFTER each step, sum_{j>k} KL_j (what step k's action influences)."""
+        if self.kl is None:
+            raise ValueError("this rollout was sampled without the pretrained model: it has no KL.")
         return self.kl.flip(1).cumsum(1).flip(1) - self.kl
 
 
@@ -206,8 +217,10 @@ def step_means(
     control_scale: float = 1.0,
     gradient_checkpointing: bool = False,
     grad_weight: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``.
+    pretrained: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``
+    (``pretrained=False``: the pretrained mean is not needed, and is None when the policy can skip its call).
 
     The one place where a step's network call happens (sampling and every algorithm's re-evaluation
     of a stored step). Control is switched off on a deterministic step (sigma = 0): it has no
@@ -222,14 +235,32 @@ def step_means(
     if weighted:
         x = _ScaleGrad.apply(x, 1.0 / grad_weight)
     if gradient_checkpointing and torch.is_grad_enabled():
-        eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, use_reentrant=False)
+        eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, pretrained, use_reentrant=False)
     else:
-        eps, eps_pre = policy.eps(x, t, labels, g)
+        eps, eps_pre = policy.eps(x, t, labels, g, pretrained)
     clip = policy.clip_range
-    mean, mean_pre = step_mean(x, eps, a, a_prev, s, clip), step_mean(x, eps_pre, a, a_prev, s, clip)
+    mean = step_mean(x, eps, a, a_prev, s, clip)
+    mean_pre = None if eps_pre is None else step_mean(x, eps_pre, a, a_prev, s, clip)
     if weighted:
-        mean, mean_pre = _ScaleGrad.apply(mean, grad_weight), _ScaleGrad.apply(mean_pre, grad_weight)
+        mean = _ScaleGrad.apply(mean, grad_weight)
+        mean_pre = None if mean_pre is None else _ScaleGrad.apply(mean_pre, grad_weight)
     return mean, mean_pre
+
+
+@torch.no_grad()
+def chain_kl(policy, trajectory: Trajectory) -> Tensor:
+    """``[B, N]``: the exact per-step KL of a stored rollout to the pretrained chain, both means evaluated at the
+    stored states without gradients (the KL of a rollout sampled without the pretrained model)."""
+    kls = []
+    for k in range(trajectory.num_steps):
+        s = float(trajectory.grid.sigma[k])
+        x = trajectory.latents[:, k]
+        if s == 0:
+            kls.append(torch.zeros(len(x), device=x.device))
+            continue
+        mean, mean_pre = step_means(policy, x, trajectory.grid, k, trajectory.labels)
+        kls.append(gaussian_kl(mean, mean_pre, s))
+    return torch.stack(kls, 1)
 
 
 def seeded_noise(seeds: Tensor, num_steps: int, sample_shape: tuple[int, ...]) -> Tensor:
@@ -257,18 +288,22 @@ def _window_start(stochastic: list[int], grad_steps: int, num_steps: int) -> int
     return stochastic[-grad_steps] if grad_steps <= len(stochastic) else 0
 
 
-def _transition(x_next: Tensor, mean: Tensor, mean_pre: Tensor, s: float) -> tuple[Tensor, Tensor, Tensor]:
+def _transition(x_next: Tensor, mean: Tensor, mean_pre: Tensor | None, s: float) -> tuple[Tensor | None, ...]:
     """log-probability of ``x_next`` under the policy's and the pretrained step, and the step's KL, ``[B]`` each
-    (zeros for a deterministic step, s = 0)."""
+    (zeros for a deterministic step, s = 0; None for what needs the pretrained mean when it was not computed)."""
     if s == 0:
         zero = torch.zeros(len(x_next), device=x_next.device)
         return zero, zero, zero
     x_next = x_next.detach()
-    return (
-        gaussian_log_prob(x_next, mean, s),
-        gaussian_log_prob(x_next, mean_pre.detach(), s),
-        gaussian_kl(mean, mean_pre, s),
-    )
+    log_prob = gaussian_log_prob(x_next, mean, s)
+    if mean_pre is None:
+        return log_prob, None, None
+    return log_prob, gaussian_log_prob(x_next, mean_pre.detach(), s), gaussian_kl(mean, mean_pre, s)
+
+
+def _stacked(steps: list[Tensor | None]) -> Tensor | None:
+    """Per-step values ``[B, ...]`` -> ``[B, N, ...]``; None when any step lacks its value."""
+    return None if any(v is None for v in steps) else torch.stack(steps, 1)
 
 
 def sample(
@@ -284,18 +319,17 @@ def sample(
     grad_weights: Tensor | None = None,
     kl_grad_steps: int = 0,
     gradient_checkpointing: bool = False,
+    pretrained: bool = True,
 ) -> Trajectory:
     """Sample ``len(labels)`` chains from ``policy``: a :class:`Trajectory` with log-probabilities and KL per step.
 
     Args:
-        policy: a DiffusionPolicy (``eps(x, t, labels, control_scale) -> (eps, eps_pre)``, ``scheduler``,
-            ``sample_shape``).
+        policy: a :class:`ctrl.policy.DiffusionPolicy` (``eps``, ``scheduler``, ``sample_shape``).
         labels: ``[B]`` label indices (``policy.null_label`` samples the pretrained model).
         num_steps: N, the number of sampling steps.
         eta: DDIM stochasticity; > 0 for log-probabilities and KL.
         control_scale: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
-        noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T and each step's z); drawn from
-            ``generator`` when absent, so a fixed seed gives a fixed chain.
+        noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T, each step's z); else drawn from ``generator``.
         grad_steps: how many of the LAST stochastic steps carry gradients (0: none; the number of
             stochastic steps or more: the whole chain); earlier steps run under no_grad and their output
             is detached (truncated backprop). A deterministic last step (sigma = 0) has no control and
@@ -304,11 +338,13 @@ def sample(
             order) when it is in the window (None: 1).
         kl_grad_steps: the first steps, outside the window, whose KL keeps its direct gradient.
         gradient_checkpointing: recompute each step's network call in the backward pass.
+        pretrained: also evaluate the pretrained model (the KL, ``ref_log_probs``, ``pre_means``); False
+            skips that network call where the policy can, and leaves those fields None.
     """
     grid = make_grid(policy.scheduler, num_steps, eta)
     noise = _chain_noise(noise, generator, (len(labels), num_steps + 1, *policy.sample_shape), labels.device)
     x = noise[:, 0]
-    latents, records = [x], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
+    latents, records, pre_means = [x], [], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
     stochastic = (grid.sigma > 0).nonzero().squeeze(1).tolist()
     first_grad_step = _window_start(stochastic, grad_steps, num_steps)
     weights = dict(zip(stochastic, grad_weights.tolist())) if grad_weights is not None else {}
@@ -320,10 +356,13 @@ def sample(
         with torch.set_grad_enabled(grad_enabled and (in_window or kl_only)):
             if k == first_grad_step or kl_only:
                 x = x.detach()
-            mean, mean_pre = step_means(policy, x, grid, k, labels, control_scale, gradient_checkpointing, weight)
+            mean, mean_pre = step_means(
+                policy, x, grid, k, labels, control_scale, gradient_checkpointing, weight, pretrained
+            )
             x_next = mean + s * noise[:, k + 1] if s > 0 else mean
             records.append(_transition(x_next, mean, mean_pre, s))
+            pre_means.append(None if mean_pre is None else mean_pre.detach())
         x = x_next.detach() if kl_only else x_next
         latents.append(x)
-    log_probs, ref_log_probs, kls = (torch.stack(r, 1) for r in zip(*records))
-    return Trajectory(torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid)
+    log_probs, ref_log_probs, kls = (_stacked(list(r)) for r in zip(*records))
+    return Trajectory(torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid, _stacked(pre_means))

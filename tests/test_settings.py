@@ -119,3 +119,8 @@ def test_the_module_gives_its_context_to_the_plugin():
     assert context is module.algorithm_context and isinstance(context, AlgorithmContext)
     assert (context.num_labels, context.num_stochastic, context.gradient_checkpointing) == (1, 4, True)
     assert torch.equal(context.sum_over_ranks(torch.ones(2)), torch.ones(2))  # one process: identity
+
+
+def test_a_kl_logging_interval_below_one_is_refused():
+    with pytest.raises(ValueError, match=r"^ControlModule\.kl_log_interval: must be >= 1 \(rollouts\) or null, got 0"):
+        ControlModule(AnalyticGaussian(dim=2), GaussianLogLikelihood(y=[1.0, 0.0]), PPO(alpha=0.0), kl_log_interval=0)

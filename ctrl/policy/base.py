@@ -30,11 +30,15 @@ class DiffusionPolicy(nn.Module, ABC):
         return float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
 
     @abstractmethod
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    def eps(
+        self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """Noise predictions ``(eps, eps_pre)``, each ``[B, C, H, W]``.
 
         ``eps = eps_pre + control_scale * (eps_theta - eps_pre)``; 1 is the policy itself, 0 the
         pretrained model. Gradients of ``eps_pre`` flow through ``x`` (never into frozen weights).
+        ``pretrained=False``: the caller does not need ``eps_pre``; a policy that can compute ``eps``
+        without the pretrained network's call skips it and returns None in its place.
         """
 
     def decode(self, x0: Tensor) -> Tensor:

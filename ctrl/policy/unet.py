@@ -202,8 +202,13 @@ class UNetPolicy(DiffusionPolicy):
         kwargs = {"class_labels": labels} if self.label_embedding else {}
         return self.unet(x, t, **kwargs).sample
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
         null = torch.full_like(labels, self.null_label)
+        own = (self.lora_rank > 0 or self.label_embedding) and self.head is None  # eps without eps_pre's call
+        if own and not pretrained and control_scale == 1 and bool((labels != self.null_label).all()):
+            eps = self._unet(x, t, labels, adapters=self.lora_rank > 0)
+            bias = 0.0 if self.step_bias is None else self.step_bias[labels, self._bucket(t).expand_as(labels)]
+            return eps + bias, None
         if self.lora_rank > 0:
             eps_pre = self._unet(x, t, null, adapters=False)
             eps_theta = self._unet(x, t, labels, adapters=True)
