@@ -32,45 +32,29 @@ def _byte_tokenizer(directory: Path) -> dict[str, int]:
     return vocab
 
 
-def make_tiny_sd(directory, seed: int = 0) -> str:
+def make_tiny_sd(
+    directory, seed: int = 0, unet: dict | None = None, vae: dict | None = None, text: dict | None = None
+) -> str:
     """A random tiny Stable Diffusion pipeline saved in diffusers' layout (unet/, vae/, text_encoder/,
     tokenizer/, scheduler/), built offline: UNet2DConditionModel with block_out_channels (4, 8) on 8x8
     latents, a 2-block AutoencoderKL (factor 2, so 16x16 images), a 2-layer CLIPTextModel and a CLIP
-    tokenizer whose vocabulary is the 256 byte symbols (no merges)."""
+    tokenizer whose vocabulary is the 256 byte symbols (no merges). ``unet``, ``vae``, ``text``: settings that
+    replace those of each network (a larger workload for benchmarks/speed.py)."""
     directory = Path(directory)
     torch.manual_seed(seed)
     tiny = dict(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2)  # both networks
-    UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        **tiny,
-    ).save_pretrained(directory / "unet")
-    AutoencoderKL(
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=16,
-        **tiny,
-    ).save_pretrained(directory / "vae")
+    unet_config = dict(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=16, attention_head_dim=2)
+    unet_config.update(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), **tiny)
+    unet_config.update(up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **(unet or {}))
+    UNet2DConditionModel(**unet_config).save_pretrained(directory / "unet")
+    vae_config = dict(latent_channels=4, sample_size=16, **tiny)
+    vae_config.update(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    AutoencoderKL(**{**vae_config, **(vae or {})}).save_pretrained(directory / "vae")
     vocab = _byte_tokenizer(directory / "tokenizer")
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    ).save_pretrained(directory / "text_encoder")
+    text_config = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+    text_config.update(num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"])
+    text_config.update(eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **(text or {}))
+    CLIPTextModel(CLIPTextConfig(**text_config)).save_pretrained(directory / "text_encoder")
     DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
