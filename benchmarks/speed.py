@@ -115,8 +115,11 @@ class Meter(Callback):
         self.calls: list[list[tuple[int, bool]]] = [[]]  # per epoch
 
     def on_fit_start(self, trainer, module):
-        unet = module.policy.unet
-        unet.register_forward_hook(lambda _, args, __: self.calls[-1].append((len(args[0]), torch.is_grad_enabled())))
+        hook = module.policy.unet.register_forward_hook
+        self.hook = hook(lambda _, args, __: self.calls[-1].append((len(args[0]), torch.is_grad_enabled())))
+
+    def on_fit_end(self, trainer, module):
+        self.hook.remove()  # the floor's own calls are not the run's
 
     def on_train_epoch_start(self, trainer, module):
         self.calls.append([])
