@@ -120,6 +120,13 @@ def _resolves_to(class_path: str, owner: type) -> bool:
         return False
 
 
+def non_negative(owner: Any, key: str, value: float) -> float:
+    """``value`` when it is >= 0; else the :class:`SettingError` of ``owner``'s setting ``key``."""
+    if value < 0:
+        raise SettingError(owner, key, f"must be >= 0, got {value}.")
+    return value
+
+
 _NOTICED: set[str] = set()
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ctrl.assets import resolve_path
 from ctrl.conditions import condition_codes, split_condition
-from ctrl.errors import SettingError, setting
+from ctrl.errors import SettingError, non_negative, setting
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.pretrain import load_conditional_unet
 from ctrl.sampling import StepGrid, step_mean
@@ -37,9 +37,7 @@ class ClassifierFreeGuidance(GuidedSampler):
     requires_model = True
 
     def __init__(self, pretrained: str | None = None, scale: float = 2.0):
-        if scale < 0:
-            raise SettingError(self, "scale", f"must be >= 0, got {scale}.")
-        self.pretrained, self.scale = pretrained, scale
+        self.pretrained, self.scale = pretrained, non_negative(self, "scale", scale)
         self.model = None  # (x [N, ...], t, codes [N]) -> eps [N, ...]
         self.sizes: list[int] = []
         self.alphas_cumprod: Tensor | None = None

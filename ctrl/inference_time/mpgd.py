@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ctrl.errors import SettingError
+from ctrl.errors import non_negative
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.sampling import StepGrid
 
@@ -21,9 +21,7 @@ class MPGD(GuidedSampler):
     """
 
     def __init__(self, step_size: float = 0.1):
-        if step_size < 0:
-            raise SettingError(self, "step_size", f"must be >= 0, got {step_size}.")
-        self.step_size = step_size
+        self.step_size = non_negative(self, "step_size", step_size)
 
     def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():

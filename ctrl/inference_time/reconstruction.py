@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ctrl.errors import SettingError
+from ctrl.errors import non_negative
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.sampling import StepGrid
 
@@ -24,9 +24,7 @@ class ReconstructionGuidance(GuidedSampler):
     """
 
     def __init__(self, scale: float = 1.0):
-        if scale < 0:
-            raise SettingError(self, "scale", f"must be >= 0, got {scale}.")
-        self.scale = scale
+        self.scale = non_negative(self, "scale", scale)
 
     def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
