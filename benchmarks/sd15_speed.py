@@ -36,6 +36,13 @@ PLUGINS = {
 }
 
 
+def settings(name: str, num_steps: int) -> dict:
+    """A plugin's settings for a run of ``num_steps`` steps (K = 25 needs that many stochastic steps)."""
+    if name == "DirectBackprop":
+        return {**PLUGINS[name], "backprop_steps": min(PLUGINS[name]["backprop_steps"], num_steps)}
+    return PLUGINS[name]
+
+
 def make_sd15(directory: Path) -> str:
     """SD 1.5's architecture (UNet 320-640-1280-1280, cross-attention 768, VAE 128-256-512-512, CLIP
     ViT-L/14 text tower) with random weights, saved in bf16, and the byte-level test tokenizer (77 tokens)."""
@@ -157,7 +164,7 @@ def main() -> None:
         module = ControlModule(
             policy,
             reward,
-            get_algorithm(name)(**PLUGINS[name]),
+            get_algorithm(name)(**settings(name, args.steps)),
             num_steps=args.steps,
             gradient_checkpointing=True,
             eval_pretrained=False,
