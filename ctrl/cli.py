@@ -28,12 +28,12 @@ USER_ERRORS = (
 
 def console(args: list[str] | None = None) -> None:
     """Entry point of the ``ctrl`` console script on ``args`` (``sys.argv[1:]`` when None)."""
-    args = sys.argv[1:] if args is None else list(args)
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        if args[:1] == ["benchmark"]:
-            benchmark.main(args[1:])
+        if argv[:1] == ["benchmark"]:
+            benchmark.main(argv[1:])
         else:
-            commands.main(args)
+            commands.main(args)  # None: Lightning reads sys.argv itself (and warns when given both)
     except USER_ERRORS as err:
         if os.environ.get("CTRL_DEBUG"):
             raise
