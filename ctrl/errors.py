@@ -137,12 +137,13 @@ def notice(message: str) -> None:
         print(f"ctrl: notice: {message}", file=sys.stderr, flush=True)
 
 
-def renamed_setting(owner: str, old: str, old_value: Any, new: str, new_value: Any) -> Any:
+def renamed_setting(owner: str, old: str, old_value: Any, new: str, new_value: Any, default: Any = None) -> Any:
     """The value of setting ``new`` of ``owner``, also accepted under its old name ``old`` for one release
-    (with a notice naming the new key); both given is refused. None stands for "not given"."""
+    (with a notice naming the new key); both given is refused. None (the old name) and ``default`` (the new
+    one) stand for "not given"."""
     if old_value is None:
         return new_value
-    if new_value is not None:
+    if new_value != default:
         raise SettingError(owner, old, f"is the old name of {new}; give only {new}.")
     name = getattr(owner, "__name__", owner)
     notice(f"{old} is renamed {new} ({name}); write {new}: the old name works until ctrl 0.3.")

@@ -86,15 +86,11 @@ class ControlModule(L.LightningModule):
         guidance: float | None = None,
     ):
         super().__init__()
-        if guidance is not None:  # the default 1.0 stands for "not given"
-            given = None if control_scale == 1.0 else control_scale
-            control_scale = renamed_setting(type(self), "guidance", guidance, "control_scale", given)
+        control_scale = renamed_setting(type(self), "guidance", guidance, "control_scale", control_scale, 1.0)
         # An algorithm may take several optimizer steps per rollout (PPO's inner epochs).
         self.automatic_optimization = False
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
-        self._check_settings(policy, reward, num_steps, eta, steps, max_grad_norm, max_bad_steps)
-        if kl_log_interval is not None and kl_log_interval < 1:
-            raise SettingError(self, "kl_log_interval", f"must be >= 1 (rollouts) or null, got {kl_log_interval}.")
+        self._check_settings(policy, reward, num_steps, eta, steps, max_grad_norm, max_bad_steps, kl_log_interval)
         self.kl_log_interval = kl_log_interval
         self._num_stochastic = int((make_grid(policy.scheduler, num_steps, eta).sigma > 0).sum())
         self.algorithm_context = AlgorithmContext(
@@ -119,7 +115,9 @@ class ControlModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_stage = "val"
 
-    def _check_settings(self, policy, reward, num_steps, eta, eval_steps, max_grad_norm, max_bad_steps) -> None:
+    def _check_settings(
+        self, policy, reward, num_steps, eta, eval_steps, max_grad_norm, max_bad_steps, kl_log_interval
+    ) -> None:
         if not 0 < eta <= 1:
             raise SettingError(
                 self,
@@ -145,6 +143,8 @@ class ControlModule(L.LightningModule):
             raise SettingError(self, "max_grad_norm", f"must be > 0 or null, got {max_grad_norm}.")
         if max_bad_steps is not None and max_bad_steps < 1:
             raise SettingError(self, "max_bad_steps", f"must be >= 1 or null (never stop), got {max_bad_steps}.")
+        if kl_log_interval is not None and kl_log_interval < 1:
+            raise SettingError(self, "kl_log_interval", f"must be >= 1 (rollouts) or null, got {kl_log_interval}.")
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

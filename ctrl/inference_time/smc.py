@@ -33,9 +33,8 @@ class SMC(GuidedSampler):
     ):
         if lam is not None and lam <= 0:
             raise SettingError(self, "lam", f"must be > 0, got {lam} (it is 1 / alpha; write alpha instead).")
-        if lam is not None:
-            given = None if alpha == 1.0 else alpha  # the default stands for "not given"
-            alpha = 1.0 / renamed_setting(type(self), "lam", lam, "alpha (= 1 / lam)", given and 1.0 / given)
+        old = None if lam is None else 1.0 / lam
+        alpha = renamed_setting(type(self), "lam", old, "alpha (= 1 / lam)", alpha, 1.0)
         if num_particles < 1:
             raise SettingError(self, "num_particles", f"must be >= 1, got {num_particles}.")
         if alpha <= 0:
