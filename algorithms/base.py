@@ -97,9 +97,31 @@ class Algorithm(nn.Module, ABC):
     def loss(self, batch: Any, policy, reward: Reward) -> dict[str, Tensor]:
         """``{"loss": scalar, ...statistics}`` for one item of :meth:`updates`."""
 
+    def backward_loss(
+        self, batch: Any, policy, reward: Reward, backward: Callable[[Tensor], None]
+    ) -> dict[str, Tensor]:
+        """Backpropagate the loss of one item of :meth:`updates` through ``backward`` (the module's
+        ``manual_backward``) and return :meth:`loss`'s statistics, the loss detached.
+
+        The default makes the whole loss, then backpropagates it. A plugin whose loss is a sum of parts
+        (one per step) overrides it to backpropagate each part as soon as it is made, so that one part's
+        graph is alive at a time: the same gradient, a fraction of the memory. Every part must reach every
+        trainable parameter (under DDP each backward is reduced over ranks, and a parameter left out of one
+        would stall the reduction).
+        """
+        out = self.loss(batch, policy, reward)
+        backward(out["loss"])
+        return {**out, "loss": out["loss"].detach()}
+
     def param_groups(self) -> list[dict]:
         """Extra trainable parameters (e.g. a value network) as optimizer groups with their own lr."""
         return []
+
+
+def add_to(sums: dict[str, Tensor], **values: Tensor) -> None:
+    """Add each detached value to its running sum in ``sums`` (an update's statistics, summed over steps)."""
+    for key, value in values.items():
+        sums[key] = sums[key] + value.detach() if key in sums else value.detach()
 
 
 @dataclass
@@ -161,6 +183,25 @@ class MinibatchAlgorithm(Algorithm):
             minibatch_size,
             timestep_fraction,
         )
+
+    @abstractmethod
+    def step_terms(self, batch: Minibatch, policy, reward: Reward, stats: dict[str, Tensor]) -> Iterator[Tensor]:
+        """The loss of one minibatch as its parts, one scalar per step of ``batch.steps`` (scaled so that they
+        sum to the minibatch's loss); once the last part is made, ``stats`` holds the update's statistics."""
+
+    def loss(self, batch: Minibatch, policy, reward: Reward) -> dict[str, Tensor]:
+        stats: dict[str, Tensor] = {}
+        total = sum(self.step_terms(batch, policy, reward, stats))
+        return {"loss": total, **stats}
+
+    def backward_loss(self, batch: Minibatch, policy, reward: Reward, backward) -> dict[str, Tensor]:
+        """One step's graph at a time: each part of :meth:`step_terms` is backpropagated as soon as it is made."""
+        stats: dict[str, Tensor] = {}
+        total = 0.0
+        for term in self.step_terms(batch, policy, reward, stats):
+            backward(term)
+            total = total + term.detach()
+        return {"loss": torch.as_tensor(total), **stats}
 
     def minibatches(self, chains: Tensor, trajectory: Trajectory) -> Iterator[tuple[Tensor, list[int]]]:
         """``(indices, steps)`` per optimizer step: ``chains`` ``[K]`` (indices into the rollout) in a new random

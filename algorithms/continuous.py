@@ -167,12 +167,14 @@ class ContinuousTimePG(PPO):
         advantages = self._normalise(self._reward_advantage(v) - self.kl_penalty_to_go(trajectory), labels)
         return {"advantages": advantages, "returns": rewards[:, None].expand(-1, n), "value_anchor": anchor}
 
-    def loss(self, batch: ValueMinibatch, policy, reward):
-        """PPO's loss on the temporal-difference advantages plus ``value_coef`` times V's regression of r(x0)."""
-        out = super().loss(batch, policy, reward)
-        value_loss = 0.0
-        for k in batch.steps:
+    def step_terms(self, batch: ValueMinibatch, policy, reward, stats):
+        """PPO's parts on the temporal-difference advantages, each plus ``value_coef`` times V's regression of
+        r(x0) at the same step (so that every part reaches both the policy and V)."""
+        n, value_loss = len(batch.steps), 0.0
+        for i, term in enumerate(super().step_terms(batch, policy, reward, stats)):
+            k = batch.steps[i]
             v = self.values(batch.value_anchor[:, k], batch.grid, k, batch.latents[:, k], batch.labels)
-            value_loss = value_loss + (v - batch.returns[:, k]).square().mean()
-        n = len(batch.steps)
-        return {**out, "loss": out["loss"] + self.value_coef * value_loss / n, "value_loss": (value_loss / n).detach()}
+            step_value_loss = (v - batch.returns[:, k]).square().mean()
+            value_loss = value_loss + step_value_loss.detach()
+            yield term + self.value_coef * step_value_loss / n
+        stats["value_loss"] = value_loss / n

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm
+from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm, add_to
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
 from ctrl.sampling import gaussian_kl, gaussian_log_prob
@@ -147,21 +147,23 @@ class PPO(MinibatchAlgorithm):
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
         return surrogate, None if mean_pre is None else gaussian_kl(mean, mean_pre, s), ratio
 
-    def loss(self, batch: PPOMinibatch, policy, reward):
-        total, clipped, kl_total, approx_kl = 0.0, 0.0, 0.0, 0.0
-        scale = batch.step_scale
+    def step_loss(self, batch: PPOMinibatch, k: int, policy, sums: dict[str, float]) -> Tensor:
+        """Step k's part of the loss (before the step-subset scale): the clipped surrogate's mean plus
+        ``alpha`` times the step's KL; adds the step's statistics to ``sums``."""
+        surrogate, kl, ratio = self.clipped_step(batch, k, policy)
+        ratio = ratio.detach()
+        add_to(sums, clip_fraction=((ratio - 1).abs() > self.clip_range).float().mean())
+        add_to(sums, approx_policy_kl=(0.5 * ratio.log().square()).mean())
+        if kl is None:
+            return surrogate.mean()
+        add_to(sums, kl=kl.detach().mean())
+        return surrogate.mean() + self.alpha * kl.mean()
+
+    def step_terms(self, batch: PPOMinibatch, policy, reward, stats):
+        scale, sums = batch.step_scale, {}
         for k in batch.steps:
-            surrogate, kl, ratio = self.clipped_step(batch, k, policy)
-            total = total + surrogate.mean() + (0.0 if kl is None else self.alpha * kl.mean())
-            clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
-            kl_total = None if kl is None else kl_total + float(kl.detach().mean())
-            approx_kl += float((0.5 * ratio.detach().log().square()).mean())
+            yield self.step_loss(batch, k, policy, sums) * scale
         n = len(batch.steps)
-        out = {
-            "loss": total * scale,
-            "reward": batch.rewards.mean(),
-            "clip_fraction": torch.tensor(clipped / n),
-            "approx_policy_kl": torch.tensor(approx_kl / n),
-            "advantage_abs": batch.advantages.abs().mean(),
-        }
-        return out if kl_total is None else {**out, "kl": torch.tensor(kl_total * scale)}
+        stats.update(reward=batch.rewards.mean(), advantage_abs=batch.advantages.abs().mean())
+        # the KL is a sum over the chain's steps (estimated from the subset); the rest are means per step
+        stats.update({key: v * scale if key == "kl" else v / n for key, v in sums.items()})

@@ -104,17 +104,15 @@ class RAFT(MinibatchAlgorithm):
                 weights=weights[idx] * (len(kept) / len(idx)),
             )
 
-    def loss(self, batch: RAFTMinibatch, policy, reward):
-        total, kl_total = 0.0, 0.0
-        scale = batch.step_scale
+    def step_terms(self, batch: RAFTMinibatch, policy, reward, stats):
+        scale, kl_total = batch.step_scale, 0.0
         x0 = batch.latents[:, -1]
         for k in batch.steps:
             s = float(batch.grid.sigma[k])
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
                 mean, mean_pre = self.stored_step_means(policy, batch, k)
-                fit = -gaussian_log_prob(batch.latents[:, k + 1], mean, s)
                 kl = gaussian_kl(mean, mean_pre, s)
-                total = total + (batch.weights * fit).sum()
+                term = (batch.weights * -gaussian_log_prob(batch.latents[:, k + 1], mean, s)).sum()
             else:  # denoising: x_t from the kept x0 by the forward process, target mean from the true noise
                 a, a_prev = float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])
                 noise = torch.randn_like(x0)
@@ -122,11 +120,7 @@ class RAFT(MinibatchAlgorithm):
                 mean, mean_pre = self.step_means(policy, batch, x_t, k)
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
-                total = total + (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
-            kl_total += float(kl.detach().mean())
-        return {
-            "loss": total * scale,
-            "reward": batch.rewards.mean(),
-            "kl": torch.tensor(kl_total * scale),
-            "kept": torch.tensor(float(len(batch.weights))),
-        }
+                term = (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
+            kl_total = kl_total + kl.detach().mean()
+            yield term * scale
+        stats.update(reward=batch.rewards.mean(), kl=kl_total * scale, kept=torch.tensor(float(len(batch.weights))))

@@ -209,9 +209,8 @@ class ControlModule(L.LightningModule):
             stats["kl"] = chain_kl(self.policy, trajectory).sum(1).mean()  # the rollout policy's, before updates
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
-            out = self.algorithm.loss(batch, self.policy, self.reward)
             optimizer.zero_grad()
-            self.manual_backward(out["loss"])
+            out = self.algorithm.backward_loss(batch, self.policy, self.reward, self.manual_backward)
             if self.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()

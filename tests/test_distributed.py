@@ -17,6 +17,8 @@ ALGORITHMS = {
         "class_path": "PPO",
         "init_args": {"alpha": 0.2, "clip_range": 0.05, "advantages": "standardize", "per_condition": True},
     },
+    # backpropagated step by step, each step's part reaching both the policy and the value network
+    "ContinuousTimePG": {"class_path": "ContinuousTimePG", "init_args": {"alpha": 0.2, "clip_range": 0.05}},
 }
 
 
