@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm, add_to
+from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm, add_to
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
 from ctrl.sampling import gaussian_kl, gaussian_log_prob
@@ -43,7 +43,7 @@ class PPOMinibatch(Minibatch):
 class PPO(MinibatchAlgorithm):
     """Args:
     alpha, inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
-        (:class:`ctrl.algorithms.base.MinibatchAlgorithm`).
+        (:class:`ctrl.algorithms.minibatch.MinibatchAlgorithm`).
     clip_range: PPO's epsilon (> 0): ratios are clipped to [1 - eps, 1 + eps].
     advantages: "center" (subtract the per-step mean of the other chains) or "standardize" (also divide by
         the std).

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.base import Minibatch, MinibatchAlgorithm
+from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
 from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean
@@ -45,7 +45,7 @@ class RAFT(MinibatchAlgorithm):
     keep_fraction: fraction kept by "top", in (0, 1].
     per_condition: rank within each label.
     inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
-        (:class:`ctrl.algorithms.base.MinibatchAlgorithm`), over the kept chains.
+        (:class:`ctrl.algorithms.minibatch.MinibatchAlgorithm`), over the kept chains.
     """
 
     def __init__(

@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ctrl.assets import local_directory
 from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError, setting
+from ctrl.policy.adapters import AdapterSwitch
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.prompts import load_prompts
 
@@ -214,6 +215,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
             )
         self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
         self.unet.add_adapter(self.lora_config)
+        self._adapters = AdapterSwitch(self.unet)
         for name, p in self.unet.named_parameters():  # trainable weights in float32 under bf16/fp16 bases
             if "lora_" in name:
                 p.data = p.data.float()
@@ -245,7 +247,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         """Classifier-free-guided eps ``[B, C, h, w]`` of the UNet with or without the adapters."""
         if self.lora_rank > 0:
             # Set inside the call so that checkpoint's recomputation sees the same adapter state.
-            self.unet.enable_adapters() if adapters else self.unet.disable_adapters()
+            self._adapters.set(adapters)
         cond = self.prompt_embeds[prompts]
         b, dtype = x.shape[0], self.unet.dtype
         if self.guidance_scale == 1:
@@ -273,7 +275,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         finally:
             if self.lora_rank > 0:
                 # peft also switches requires_grad off while adapters are disabled: always leave them on
-                self.unet.enable_adapters()
+                self._adapters.set(True)
         if not active.any() or control_scale == 0:
             return eps_pre, eps_pre
         eps_theta = self._guided_unet(x, t, prompts, classes, adapters=True)
@@ -318,7 +320,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.lora_rank > 0:
-            self.unet.enable_adapters()
+            self._adapters.set(True)
             state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
             layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             metadata = self.lora_config.to_dict()

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ctrl.assets import local_directory, resolve_path
 from ctrl.errors import SettingError, setting
+from ctrl.policy.adapters import AdapterSwitch
 from ctrl.policy.base import DiffusionPolicy
 
 
@@ -182,6 +183,7 @@ class UNetPolicy(DiffusionPolicy):
                 "to_out.0, conv1, conv2.",
             )
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True))
+        self._adapters = AdapterSwitch(self.unet)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -198,7 +200,7 @@ class UNetPolicy(DiffusionPolicy):
     def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, adapters: bool) -> Tensor:
         if self.lora_rank > 0:
             # Set inside the call so that checkpoint's recomputation sees the same adapter state.
-            self.unet.enable_adapters() if adapters else self.unet.disable_adapters()
+            self._adapters.set(adapters)
         kwargs = {"class_labels": labels} if self.label_embedding else {}
         return self.unet(x, t, **kwargs).sample
 
