@@ -249,7 +249,8 @@ class StableDiffusionPolicy(DiffusionPolicy):
             # Set inside the call so that checkpoint's recomputation sees the same adapter state.
             self._adapters.set(adapters)
         cond = self.prompt_embeds[prompts]
-        b, dtype = x.shape[0], self.unet.dtype
+        # the first layer's dtype: diffusers' `unet.dtype` walks every parameter on each call
+        b, dtype = x.shape[0], self.unet.conv_in.weight.dtype
         if self.guidance_scale == 1:
             states, xs, cls = cond, x, classes
         else:  # one call for both branches; the unconditional one has the empty prompt and the null class
