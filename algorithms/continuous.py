@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ctrl.algorithms.minibatch import add_to
 from ctrl.algorithms.ppo import PPO, PPOMinibatch
 from ctrl.errors import SettingError
 from ctrl.sampling import StepGrid, predict_x0
@@ -170,11 +171,11 @@ class ContinuousTimePG(PPO):
     def step_terms(self, batch: ValueMinibatch, policy, reward, stats):
         """PPO's parts on the temporal-difference advantages, each plus ``value_coef`` times V's regression of
         r(x0) at the same step (so that every part reaches both the policy and V)."""
-        n, value_loss = len(batch.steps), 0.0
+        n, sums = len(batch.steps), {}
         for i, term in enumerate(super().step_terms(batch, policy, reward, stats)):
             k = batch.steps[i]
             v = self.values(batch.value_anchor[:, k], batch.grid, k, batch.latents[:, k], batch.labels)
             step_value_loss = (v - batch.returns[:, k]).square().mean()
-            value_loss = value_loss + step_value_loss.detach()
+            add_to(sums, value_loss=step_value_loss)
             yield term + self.value_coef * step_value_loss / n
-        stats["value_loss"] = value_loss / n
+        stats["value_loss"] = sums["value_loss"] / n

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm
+from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm, add_to
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
 from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean
@@ -105,7 +105,7 @@ class RAFT(MinibatchAlgorithm):
             )
 
     def step_terms(self, batch: RAFTMinibatch, policy, reward, stats):
-        scale, kl_total = batch.step_scale, 0.0
+        scale, sums = batch.step_scale, {}
         x0 = batch.latents[:, -1]
         for k in batch.steps:
             s = float(batch.grid.sigma[k])
@@ -121,6 +121,6 @@ class RAFT(MinibatchAlgorithm):
                 target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
                 kl = gaussian_kl(mean, mean_pre, s)
                 term = (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
-            kl_total = kl_total + kl.detach().mean()
+            add_to(sums, kl=kl.mean())
             yield term * scale
-        stats.update(reward=batch.rewards.mean(), kl=kl_total * scale, kept=torch.tensor(float(len(batch.weights))))
+        stats.update(reward=batch.rewards.mean(), kl=sums["kl"] * scale, kept=torch.tensor(float(len(batch.weights))))
