@@ -1,3 +1,5 @@
 """ctrl: add control to pretrained diffusion models with reinforcement learning."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("ctrl")  # pyproject.toml's, as installed

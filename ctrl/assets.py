@@ -1,9 +1,15 @@
 """What ships inside the package: weights (``ctrl/weights``) and prompt lists (``ctrl/prompts``), named
-``ctrl:<name>`` in configs."""
+``ctrl:<name>`` in configs; and the configs themselves (the repository's ``configs/``, installed as the data
+package ``ctrl.configs``), which :func:`copy_configs` copies out."""
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 BUILTIN_PREFIX = "ctrl:"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -42,3 +48,40 @@ def shipped(folder: Path = WEIGHTS_DIR, suffix: str = "") -> list[str]:
         if p.name.endswith(suffix) and not p.name.startswith(("_", "."))
     ]
     return sorted(f"{BUILTIN_PREFIX}{n}" for n in names)
+
+
+def shipped_configs() -> dict[str, Traversable]:
+    """The shipped configs (YAML files and the SLURM script) by their path inside the configs folder."""
+
+    def walk(folder, prefix: str):
+        for entry in folder.iterdir():
+            if entry.name.startswith(("_", ".")):  # the package's __init__.py, __pycache__
+                continue
+            if entry.is_dir():
+                yield from walk(entry, f"{prefix}{entry.name}/")
+            else:
+                yield f"{prefix}{entry.name}", entry
+
+    return dict(sorted(walk(importlib.resources.files("ctrl.configs"), "")))
+
+
+def copy_configs(folder: str | Path = "configs") -> list[Path]:
+    """Copy the shipped configs into ``folder`` (``folder/digits/control.yaml``, ...) and return the files written.
+
+    Nothing is copied when any of them exists already: a FileExistsError names it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"'{folder}' is a file: give `ctrl configs DIR` a folder to copy the configs into.")
+    files = {folder / name: source for name, source in shipped_configs().items()}
+    present = [str(path) for path in files if path.exists()]
+    if present:
+        more = f" (and {len(present) - 1} more of the shipped configs)" if len(present) > 1 else ""
+        raise FileExistsError(
+            f"'{present[0]}'{more} exists already and `ctrl configs` never overwrites: give a new folder "
+            "(`ctrl configs DIR`) or move those files away."
+        )
+    for path, source in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(source.read_bytes())
+    return list(files)

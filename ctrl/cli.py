@@ -1,5 +1,6 @@
-"""The ``ctrl`` console command: ``ctrl benchmark ...`` (:mod:`ctrl.benchmark`) or a Lightning subcommand
-(``fit``, ``validate``, ``test``, ``predict``, ``--print_config``; :mod:`ctrl.commands`).
+"""The ``ctrl`` console command: a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``,
+``--print_config``; :mod:`ctrl.commands`), ``ctrl benchmark ...`` (:mod:`ctrl.benchmark`) or ``ctrl configs [DIR]``
+(the shipped configs into ``DIR``, default ``./configs``; :func:`ctrl.assets.copy_configs`).
 
 A user's mistake (a bad path, setting or label) ends in one line naming the setting, not a stack trace;
 set CTRL_DEBUG=1 to see the trace.
@@ -12,13 +13,15 @@ import sys
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from ctrl import benchmark, commands
+from ctrl import __version__, benchmark, commands
+from ctrl.assets import copy_configs
 from ctrl.module import RunStopped
-from ctrl.parser import condense_parser_error
+from ctrl.parser import CtrlArgumentParser, condense_parser_error
 
 USER_ERRORS = (
     ValueError,
     FileNotFoundError,
+    FileExistsError,
     NotADirectoryError,
     PermissionError,
     RunStopped,
@@ -26,14 +29,55 @@ USER_ERRORS = (
 )
 
 
+DESCRIPTION = "ctrl: add control to pretrained diffusion models with reinforcement learning."
+
+
+def configs_parser() -> CtrlArgumentParser:
+    """The parser of ``ctrl configs [DIR]``."""
+    parser = CtrlArgumentParser(prog="ctrl configs", description=HELP["configs"])
+    parser.add_argument("dir", nargs="?", default="configs", help="the folder to copy them into")
+    return parser
+
+
+def configs(args: list[str]) -> None:
+    """``ctrl configs [DIR]``: copy the shipped configs into DIR."""
+    folder = configs_parser().parse_args(args).dir
+    written = copy_configs(folder)
+    print(f"copied {len(written)} files into {folder}/")
+
+
+#: ctrl's own subcommands beside Lightning's: :func:`console` runs them before Lightning's parser sees the
+#: command line, which lists them (with their parsers, for ``--help``) in ``ctrl --help``
+HELP = {
+    "benchmark": "Every method of a task side by side: a markdown table, a CSV and a figure.",
+    "configs": "Copy the shipped configs (YAML files, the SLURM script) into a folder, default ./configs.",
+}
+PARSERS = {"benchmark": benchmark.build_parser, "configs": configs_parser}
+RUNNERS = {"benchmark": benchmark.main, "configs": configs}
+
+
+class ConsoleCLI(commands.CtrlCLI):
+    """The ``ctrl`` command: titled for ctrl, with ``--version``, and ctrl's own subcommands listed."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("parser_kwargs", {"prog": "ctrl", "description": DESCRIPTION, "version": __version__})
+        super().__init__(*args, **kwargs)
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            for name, build in PARSERS.items():
+                self.parser._subcommands_action.add_subcommand(name, build(), help=HELP[name])
+
+
 def console(args: list[str] | None = None) -> None:
     """Entry point of the ``ctrl`` console script on ``args`` (``sys.argv[1:]`` when None)."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv[:1] == ["benchmark"]:
-            benchmark.main(argv[1:])
+        if argv[:1] and argv[0] in RUNNERS:
+            RUNNERS[argv[0]](argv[1:])
         else:
-            commands.main(args)  # None: Lightning reads sys.argv itself (and warns when given both)
+            ConsoleCLI(args=args)  # None: Lightning reads sys.argv itself (and warns when given both)
     except USER_ERRORS as err:
         if os.environ.get("CTRL_DEBUG"):
             raise

@@ -1,12 +1,20 @@
-"""The `ctrl` command end to end on a tiny setting: fit, validate, predict, and swapping by short name."""
+"""The `ctrl` command end to end on a tiny setting: fit, validate, predict, and swapping by short name; its help,
+version and `ctrl configs`."""
 
 from __future__ import annotations
+
+import re
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from conftest import tiny_control_args
 from PIL import Image
 
+from ctrl.cli import console
 from ctrl.commands import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_args(tmp_path, pretrained, classifier, *extra):
@@ -89,3 +97,36 @@ def test_wrong_type_for_an_algorithm_setting_is_not_called_an_unknown_algorithm(
         main([*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.algorithm.alpha", "abc"], run=False)
     err = capsys.readouterr().err
     assert "alpha" in err and "not an available algorithm" not in err
+
+
+def test_help_is_ctrls_and_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as stop:
+        console(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage: ctrl ") and "Lightning Trainer" not in out
+    listed = re.findall(r"^    (\w+) ", out, re.M)
+    assert listed == ["fit", "validate", "test", "predict", "benchmark", "configs"]
+
+
+def test_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as stop:
+        console(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.split() == ["ctrl", version("ctrl")]
+
+
+def test_configs_copies_every_shipped_config_and_never_overwrites(tmp_path, capsys):
+    shipped = sorted([*CONFIGS.rglob("*.yaml"), *CONFIGS.rglob("*.sbatch")])
+    console(["configs", str(tmp_path / "new")])
+    copied = sorted(p for p in (tmp_path / "new").rglob("*") if p.is_file())
+    assert [p.relative_to(tmp_path / "new") for p in copied] == [p.relative_to(CONFIGS) for p in shipped]
+    assert all(c.read_bytes() == s.read_bytes() for c, s in zip(copied, shipped))
+
+    mine = tmp_path / "mine" / "digits" / "control.yaml"  # a folder holding one edited config
+    mine.parent.mkdir(parents=True)
+    mine.write_text("edited")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        console(["configs", str(tmp_path / "mine")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("ctrl: error: ") and str(mine) in err
+    assert [p for p in (tmp_path / "mine").rglob("*") if p.is_file()] == [mine] and mine.read_text() == "edited"
