@@ -79,7 +79,7 @@ def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) ->
         if k in ("accuracy", "macro_f1", "frechet")
         or (k.endswith(("_accuracy", "_macro_f1")) and k != "min_class_accuracy")
     }
-    out["reward"] = float(module.reward(images, reward_labels).mean())
+    out["reward"] = float(module.policy.score_images(module.reward, images, labels).mean())
     if kl is not None:
         out["kl"] = float(kl)
     return out
@@ -287,11 +287,17 @@ def write_outputs(results: list[dict], panels, out: Path, per_row: int) -> None:
     print(f"wrote {out / 'table.md'}, {out / 'results.csv'} and {out / 'samples.png'}")
 
 
-def parse(args: list[str] | None = None) -> dict:
-    """The arguments of :func:`run_benchmark` from ``--config`` (and overrides), methods instantiated."""
+def build_parser() -> CtrlArgumentParser:
+    """The parser of ``ctrl benchmark``: ``--config`` and every argument of :func:`run_benchmark`."""
     parser = CtrlArgumentParser(prog="ctrl benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(run_benchmark)
+    return parser
+
+
+def parse(args: list[str] | None = None) -> dict:
+    """The arguments of :func:`run_benchmark` from ``--config`` (and overrides), methods instantiated."""
+    parser = build_parser()
     config = parser.parse_args(args)
     with located_in(config):
         init = parser.instantiate_classes(config)

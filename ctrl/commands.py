@@ -54,6 +54,12 @@ class CtrlCLI(LightningCLI):
         with located_in(self.config.get(str(self.config.get("subcommand")), self.config)):
             super().instantiate_classes()
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a :class:`SettingError` raised while running (a reward refusing what its function returned) is
+        worded with its setting's path too."""
+        with located_in(self.config.get(subcommand, self.config)):
+            super()._run_subcommand(subcommand)
+
     def instantiate_trainer(self, **kwargs):
         self._check_devices(self._get(self.config_init, "trainer", {}))
         trainer = super().instantiate_trainer(**kwargs)

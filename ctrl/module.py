@@ -283,8 +283,8 @@ class ControlModule(L.LightningModule):
         for name, (gamma, n) in runs.items():
             traj = self.generate(labels, seeds, gamma, n)
             images, reward_labels = self.policy.decode(traj.samples), self.policy.reward_labels(labels)
-            out = self._eval_outputs.setdefault(name, [])
-            out.append((images, reward_labels, self.reward(images, reward_labels), traj.kl.sum(1), seeds))
+            rewards = self.policy.score_images(self.reward, images, labels)
+            self._eval_outputs.setdefault(name, []).append((images, reward_labels, rewards, traj.kl.sum(1), seeds))
 
     def _gathered(self, outs: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         """This epoch's evaluation outputs of all ranks, on the CPU, each sample once: DistributedSampler pads

@@ -10,7 +10,17 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from ctrl.rewards.images import AestheticMLP
 
@@ -86,6 +96,27 @@ def make_tiny_aesthetic(directory, seed: int = 0) -> tuple[str, str]:
     mlp = AestheticMLP(8)
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(directory / "mlp.safetensors"))
     return str(directory / "clip"), str(directory / "mlp.safetensors")
+
+
+def make_tiny_clip(directory, seed: int = 0, logit_scale: float = 2.6592) -> str:
+    """A random tiny CLIPModel with both towers (16x16 images, a 2-layer text tower on the byte-level tokenizer,
+    8-d projection; ``logit_scale`` the log of the score's scale, CLIP's initial value by default) and its
+    CLIPProcessor (16-pixel crops, CLIP's mean and std), saved in one directory, as CLIPScore and PickScore load
+    them."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    vocab = _byte_tokenizer(directory)
+    tokens = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, **tokens)
+    text.update(num_attention_heads=2, max_position_embeddings=16, pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    vision.update(image_size=16, patch_size=4)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=8, logit_scale_init_value=logit_scale)
+    CLIPModel(config).save_pretrained(directory)
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    tokenizer = CLIPTokenizer.from_pretrained(directory)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
+    return str(directory)
 
 
 # The closed-form checks' second Gaussian world (tests/test_gaussian.py, benchmarks/closed_form.py): another

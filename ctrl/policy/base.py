@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
 
+from ctrl.rewards.base import call_reward
+
 
 class DiffusionPolicy(nn.Module, ABC):
     """A pretrained noise predictor eps_pre(x_t, t) and a trainable controlled one eps_theta(x_t, t, y).
@@ -51,15 +53,25 @@ class DiffusionPolicy(nn.Module, ABC):
         conditions are (prompt, class) pairs gives the class."""
         return labels
 
+    def reward_prompts(self, labels: Tensor) -> list[str] | None:
+        """The text of each condition ``[B]`` that a prompt-reading reward scores against: None here (these
+        conditions have no text); a text-to-image policy gives each chain's prompt."""
+        return None
+
     @property
     def num_reward_labels(self) -> int:
         """Size of the label set the reward scores (what a classifier reward must have)."""
         return self.num_labels
 
     def score(self, reward, x0: Tensor, labels: Tensor) -> Tensor:
-        """``r(decode(x0), reward_labels(labels))``, ``[B]``: the one way every algorithm and evaluation
-        calls a reward on samples of this policy."""
-        return reward(self.decode(x0), self.reward_labels(labels))
+        """The reward ``[B]`` of samples ``x0`` of conditions ``labels`` ``[B]``: the one way every algorithm and
+        evaluation calls a reward on samples of this policy (:meth:`score_images` of the decoded samples)."""
+        return self.score_images(reward, self.decode(x0), labels)
+
+    def score_images(self, reward, images: Tensor, labels: Tensor) -> Tensor:
+        """The reward ``[B]`` of already decoded samples: ``r(images, reward_labels(labels))``, with
+        ``reward_prompts(labels)`` for a reward that reads prompts (:func:`ctrl.rewards.base.call_reward`)."""
+        return call_reward(reward, images, self.reward_labels(labels), self.reward_prompts(labels))
 
     @abstractmethod
     def param_groups(self) -> list[dict]:

@@ -237,6 +237,11 @@ class StableDiffusionPolicy(DiffusionPolicy):
     def reward_labels(self, labels: Tensor | int) -> Tensor | int:
         return labels % self.num_classes if self.num_classes > 0 else labels
 
+    def reward_prompts(self, labels: Tensor) -> list[str]:
+        """Each chain's prompt (the null label, which samples the pretrained model, has the first, as in ``eps``)."""
+        index = torch.where(labels == self.null_label, 0, self.prompt_index(labels))
+        return [self.prompts[i] for i in index.tolist()]
+
     def condition_name(self, c: int) -> str:
         """A readable name of condition ``c``: its prompt, and its class when there are classes."""
         prompt = self.prompts[self.prompt_index(c)]

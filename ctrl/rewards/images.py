@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import CLIPVisionModelWithProjection
@@ -14,6 +13,7 @@ from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError
 from ctrl.images import jpeg_kilobytes
 from ctrl.rewards.base import Reward
+from ctrl.rewards.clip import CLIPImagePreprocess
 
 
 class JpegCompressibility(Reward):
@@ -112,28 +112,12 @@ class AestheticScore(Reward):
                 "mlp_path",
                 f"'{mlp_path}' is not an aesthetic MLP for {dim}-d CLIP embeddings ({str(err).splitlines()[0]}).",
             ) from None
+        size = self.clip.config.image_size
+        self.preprocess = CLIPImagePreprocess(size, (size, size), self.MEAN, self.STD)
         self.requires_grad_(False)
-        self.size = self.clip.config.image_size
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         return super().train(False)  # a frozen judge
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """CLIP's preprocessing in torch (differentiable): resize the short side, centre crop, normalise."""
-        h, w = images.shape[-2:]
-        scale = self.size / min(h, w)
-        x = F.interpolate(
-            images.float(),
-            size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
-            mode="bicubic",
-            align_corners=False,
-            antialias=True,
-        )
-        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-        x = x[..., top : top + self.size, left : left + self.size]
-        return ((x.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
 
     def forward(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
         embeds = self.clip(pixel_values=self.preprocess(x0).to(self.clip.dtype)).image_embeds.float()

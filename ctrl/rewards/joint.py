@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ctrl.conditions import split_condition
 from ctrl.errors import SettingError
-from ctrl.rewards.base import Reward
+from ctrl.rewards.base import Reward, call_reward
 
 
 class JointLabels(Reward):
@@ -32,9 +32,9 @@ class JointLabels(Reward):
             self.num_labels *= n
         self.differentiable = all(r.differentiable for r in rewards)
 
-    def parts(self, x0: Tensor, labels: Tensor) -> list[Tensor]:
-        """Each reward's term ``[B]``."""
-        return [r(x0, y) for r, y in zip(self.rewards, split_condition(labels, self.sizes))]
+    def parts(self, x0: Tensor, labels: Tensor, prompts: list[str] | None = None) -> list[Tensor]:
+        """Each reward's term ``[B]`` (``prompts`` go on to the rewards that read them)."""
+        return [call_reward(r, x0, y, prompts) for r, y in zip(self.rewards, split_condition(labels, self.sizes))]
 
-    def forward(self, x0: Tensor, labels: Tensor) -> Tensor:
-        return sum(self.parts(x0, labels))
+    def forward(self, x0: Tensor, labels: Tensor, prompts: list[str] | None = None) -> Tensor:
+        return sum(self.parts(x0, labels, prompts))
