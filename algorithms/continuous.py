@@ -170,12 +170,13 @@ class ContinuousTimePG(PPO):
 
     def step_terms(self, batch: ValueMinibatch, policy, reward, stats):
         """PPO's parts on the temporal-difference advantages, each plus ``value_coef`` times V's regression of
-        r(x0) at the same step (so that every part reaches both the policy and V)."""
+        r(x0) at the same steps (so that every part reaches both the policy and V)."""
         n, sums = len(batch.steps), {}
-        for i, term in enumerate(super().step_terms(batch, policy, reward, stats)):
-            k = batch.steps[i]
-            v = self.values(batch.value_anchor[:, k], batch.grid, k, batch.latents[:, k], batch.labels)
-            step_value_loss = (v - batch.returns[:, k]).square().mean()
-            add_to(sums, value_loss=step_value_loss)
-            yield term + self.value_coef * step_value_loss / n
+        for steps, term in zip(self.step_groups(batch), super().step_terms(batch, policy, reward, stats)):
+            value_loss = 0.0
+            for k in steps:
+                v = self.values(batch.value_anchor[:, k], batch.grid, k, batch.latents[:, k], batch.labels)
+                value_loss = value_loss + (v - batch.returns[:, k]).square().mean()
+            add_to(sums, value_loss=value_loss)
+            yield term + self.value_coef * value_loss / n
         stats["value_loss"] = sums["value_loss"] / n

@@ -17,6 +17,12 @@ from ctrl.rewards.base import Reward
 from ctrl.sampling import StepGrid, Trajectory, step_means
 
 
+def at_steps(values: Tensor, steps: list[int]) -> Tensor:
+    """``[M, S, ...]`` per chain and step -> ``[G*M, ...]`` at the G ``steps``, step-major (the blocks that
+    :func:`ctrl.sampling.step_means` evaluates in one call)."""
+    return values[:, steps].transpose(0, 1).flatten(0, 1)
+
+
 def add_to(sums: dict[str, Tensor], **values: Tensor) -> None:
     """Add each detached value to its running sum in ``sums`` (an update's statistics, summed over steps)."""
     for key, value in values.items():
@@ -59,6 +65,9 @@ class MinibatchAlgorithm(Algorithm):
         minibatch_size: chains per optimizer step (None: all of them).
         timestep_fraction: fraction of the stochastic steps used per update, in (0, 1] (DDPO's
             ``timestep_fraction``); the loss is rescaled to stay unbiased.
+        steps_per_call: stored steps re-evaluated in one network call (>= 1), and so backpropagated
+            together. The gradient is the same; more costs less time per step (a larger batch) and holds
+            that many steps' graphs at once.
     """
 
     def __init__(
@@ -67,8 +76,12 @@ class MinibatchAlgorithm(Algorithm):
         inner_epochs: int = 1,
         minibatch_size: int | None = None,
         timestep_fraction: float = 1.0,
+        steps_per_call: int = 1,
     ):
         super().__init__(alpha)
+        if steps_per_call < 1:
+            raise SettingError(self, "steps_per_call", f"must be >= 1, got {steps_per_call}.")
+        self.steps_per_call = steps_per_call
         if inner_epochs < 1:
             raise SettingError(self, "inner_epochs", f"must be >= 1, got {inner_epochs}.")
         if minibatch_size is not None and minibatch_size < 1:
@@ -85,8 +98,13 @@ class MinibatchAlgorithm(Algorithm):
 
     @abstractmethod
     def step_terms(self, batch: Minibatch, policy, reward: Reward, stats: dict[str, Tensor]) -> Iterator[Tensor]:
-        """The loss of one minibatch as its parts, one scalar per step of ``batch.steps`` (scaled so that they
-        sum to the minibatch's loss); once the last part is made, ``stats`` holds the update's statistics."""
+        """The loss of one minibatch as its parts, one scalar per group of :meth:`step_groups` (scaled so that
+        they sum to the minibatch's loss); once the last part is made, ``stats`` holds the update's statistics."""
+
+    def step_groups(self, batch: Minibatch) -> list[list[int]]:
+        """``batch.steps`` in groups of ``steps_per_call``: the steps of one network call and one backward."""
+        n = self.steps_per_call
+        return [batch.steps[i : i + n] for i in range(0, len(batch.steps), n)]
 
     def loss(self, batch: Minibatch, policy, reward: Reward) -> dict[str, Tensor]:
         stats: dict[str, Tensor] = {}
@@ -110,20 +128,25 @@ class MinibatchAlgorithm(Algorithm):
             for idx in chains[torch.randperm(len(chains), device=chains.device)].split(size):
                 yield idx, pick_steps(trajectory.stochastic_steps, self.timestep_fraction)
 
-    def step_means(self, policy, batch: Minibatch, x: Tensor, k: int, pretrained: bool = True):
+    def step_means(self, policy, batch: Minibatch, x: Tensor, k: int | list[int], pretrained: bool = True):
         """The policy's and the pretrained model's means of step k at states ``x`` ``[M, ...]`` of a minibatch's
-        chains (differentiable in the policy; checkpointed as the context says; the pretrained one None
-        when not asked for and the policy can skip it)."""
+        chains, or of G steps ``k`` at ``x`` ``[G*M, ...]`` (:func:`at_steps`) in one network call
+        (differentiable in the policy; checkpointed as the context says; the pretrained one None when not
+        asked for and the policy can skip it)."""
+        if isinstance(k, list) and len(k) == 1:  # one step: the call the sampler made for it
+            k = k[0]
+        labels = batch.labels.repeat(len(k)) if isinstance(k, list) else batch.labels
         checkpointing = self.context.gradient_checkpointing
         return step_means(
-            policy, x, batch.grid, k, batch.labels, gradient_checkpointing=checkpointing, pretrained=pretrained
+            policy, x, batch.grid, k, labels, gradient_checkpointing=checkpointing, pretrained=pretrained
         )
 
-    def stored_step_means(self, policy, batch: Minibatch, k: int) -> tuple[Tensor, Tensor | None]:
-        """Step k at the stored states: the policy's mean (one network call) and the rollout's pretrained mean,
-        which cannot have changed since the rollout (None when the rollout skipped it, at alpha = 0)."""
-        mean, mean_pre = self.step_means(policy, batch, batch.latents[:, k], k, pretrained=False)
-        return mean, (mean_pre if batch.pre_means is None else batch.pre_means[:, k])
+    def stored_step_means(self, policy, batch: Minibatch, steps: list[int]) -> tuple[Tensor, Tensor | None]:
+        """G ``steps`` at the stored states, ``[G*M, ...]`` each (:func:`at_steps`): the policy's means (one
+        network call) and the rollout's pretrained means, which cannot have changed since the rollout (None
+        when the rollout skipped them, at alpha = 0)."""
+        mean, mean_pre = self.step_means(policy, batch, at_steps(batch.latents, steps), steps, pretrained=False)
+        return mean, (mean_pre if batch.pre_means is None else at_steps(batch.pre_means, steps))
 
     def kl_penalty_to_go(self, trajectory: Trajectory) -> Tensor | float:
         """``alpha * sum_{j>k} KL_j`` ``[B, N]`` (0 at alpha = 0, where the rollout may have no KL)."""

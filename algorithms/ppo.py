@@ -42,7 +42,7 @@ class PPOMinibatch(Minibatch):
 
 class PPO(MinibatchAlgorithm):
     """Args:
-    alpha, inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
+    alpha, inner_epochs, minibatch_size, timestep_fraction, steps_per_call: as every minibatch algorithm
         (:class:`ctrl.algorithms.minibatch.MinibatchAlgorithm`).
     clip_range: PPO's epsilon (> 0): ratios are clipped to [1 - eps, 1 + eps].
     advantages: "center" (subtract the per-step mean of the other chains) or "standardize" (also divide by
@@ -61,11 +61,12 @@ class PPO(MinibatchAlgorithm):
         inner_epochs: int = 1,
         minibatch_size: int | None = None,
         timestep_fraction: float = 1.0,
+        steps_per_call: int = 1,
         advantages: Literal["center", "standardize"] = "center",
         per_condition: bool = False,
         advantage_clip: float | None = None,
     ):
-        super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction)
+        super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction, steps_per_call)
         if clip_range <= 0:
             raise SettingError(self, "clip_range", f"must be > 0, got {clip_range}.")
         if advantage_clip is not None and advantage_clip <= 0:
@@ -136,33 +137,40 @@ class PPO(MinibatchAlgorithm):
                 **{name: value[idx] for name, value in per_chain.items()},
             )
 
-    def clipped_step(self, batch, k: int, policy) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Step k of a stored minibatch: PPO's clipped surrogate ``[M]``, the step's exact KL ``[M]`` (both
-        differentiable in the policy; the KL None when the rollout skipped the pretrained model) and the
-        importance ratio ``[M]``."""
-        s = float(batch.grid.sigma[k])
-        mean, mean_pre = self.stored_step_means(policy, batch, k)
-        ratio = (gaussian_log_prob(batch.latents[:, k + 1], mean, s) - batch.old_log_probs[:, k]).exp()
-        adv = batch.advantages[:, k]
+    def clipped_steps(self, batch, steps: list[int], policy) -> tuple[Tensor, Tensor | None, Tensor]:
+        """G ``steps`` of a stored minibatch in one network call: PPO's clipped surrogate ``[G, M]``, the steps'
+        exact KL ``[G, M]`` (both differentiable in the policy; the KL None when the rollout skipped the
+        pretrained model) and the importance ratio ``[G, M]``."""
+        mean, mean_pre = self.stored_step_means(policy, batch, steps)
+        means, pres = mean.chunk(len(steps)), (None if mean_pre is None else mean_pre.chunk(len(steps)))
+        log_probs, kls = [], []
+        for j, k in enumerate(steps):
+            s = float(batch.grid.sigma[k])
+            log_probs.append(gaussian_log_prob(batch.latents[:, k + 1], means[j], s))
+            if pres is not None:
+                kls.append(gaussian_kl(means[j], pres[j], s))
+        ratio = (torch.stack(log_probs) - batch.old_log_probs[:, steps].T).exp()
+        adv = batch.advantages[:, steps].T
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
-        return surrogate, None if mean_pre is None else gaussian_kl(mean, mean_pre, s), ratio
+        return surrogate, torch.stack(kls) if kls else None, ratio
 
-    def step_loss(self, batch: PPOMinibatch, k: int, policy, sums: dict[str, float]) -> Tensor:
-        """Step k's part of the loss (before the step-subset scale): the clipped surrogate's mean plus
-        ``alpha`` times the step's KL; adds the step's statistics to ``sums``."""
-        surrogate, kl, ratio = self.clipped_step(batch, k, policy)
+    def step_loss(self, batch: PPOMinibatch, steps: list[int], policy, sums: dict[str, Tensor]) -> Tensor:
+        """The part of the loss of a group of steps (before the step-subset scale): summed over the steps, the
+        clipped surrogate's mean over chains plus ``alpha`` times the step's mean KL; adds the steps'
+        statistics (summed over steps) to ``sums``."""
+        surrogate, kl, ratio = self.clipped_steps(batch, steps, policy)
         ratio = ratio.detach()
-        add_to(sums, clip_fraction=((ratio - 1).abs() > self.clip_range).float().mean())
-        add_to(sums, approx_policy_kl=(0.5 * ratio.log().square()).mean())
+        add_to(sums, clip_fraction=((ratio - 1).abs() > self.clip_range).float().mean(1).sum())
+        add_to(sums, approx_policy_kl=(0.5 * ratio.log().square()).mean(1).sum())
         if kl is None:
-            return surrogate.mean()
-        add_to(sums, kl=kl.detach().mean())
-        return surrogate.mean() + self.alpha * kl.mean()
+            return surrogate.mean(1).sum()
+        add_to(sums, kl=kl.detach().mean(1).sum())
+        return surrogate.mean(1).sum() + self.alpha * kl.mean(1).sum()
 
     def step_terms(self, batch: PPOMinibatch, policy, reward, stats):
         scale, sums = batch.step_scale, {}
-        for k in batch.steps:
-            yield self.step_loss(batch, k, policy, sums) * scale
+        for steps in self.step_groups(batch):
+            yield self.step_loss(batch, steps, policy, sums) * scale
         n = len(batch.steps)
         stats.update(reward=batch.rewards.mean(), advantage_abs=batch.advantages.abs().mean())
         # the KL is a sum over the chain's steps (estimated from the subset); the rest are means per step

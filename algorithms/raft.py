@@ -44,7 +44,7 @@ class RAFT(MinibatchAlgorithm):
     selection: "top" (keep the best fraction) or "tilted" (importance weights; see module docstring).
     keep_fraction: fraction kept by "top", in (0, 1].
     per_condition: rank within each label.
-    inner_epochs, minibatch_size, timestep_fraction: as every minibatch algorithm
+    inner_epochs, minibatch_size, timestep_fraction, steps_per_call: as every minibatch algorithm
         (:class:`ctrl.algorithms.minibatch.MinibatchAlgorithm`), over the kept chains.
     """
 
@@ -57,8 +57,9 @@ class RAFT(MinibatchAlgorithm):
         inner_epochs: int = 1,
         minibatch_size: int | None = None,
         timestep_fraction: float = 1.0,
+        steps_per_call: int = 1,
     ):
-        super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction)
+        super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction, steps_per_call)
         if selection == "tilted" and alpha == 0:
             raise SettingError(self, "alpha", "must be > 0 with selection 'tilted' (its weights are exp(r / alpha)).")
         if not 0 < keep_fraction <= 1:
@@ -107,20 +108,25 @@ class RAFT(MinibatchAlgorithm):
     def step_terms(self, batch: RAFTMinibatch, policy, reward, stats):
         scale, sums = batch.step_scale, {}
         x0 = batch.latents[:, -1]
-        for k in batch.steps:
-            s = float(batch.grid.sigma[k])
+        for steps in self.step_groups(batch):
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
-                mean, mean_pre = self.stored_step_means(policy, batch, k)
-                kl = gaussian_kl(mean, mean_pre, s)
-                term = (batch.weights * -gaussian_log_prob(batch.latents[:, k + 1], mean, s)).sum()
+                means, pres = (m.chunk(len(steps)) for m in self.stored_step_means(policy, batch, steps))
             else:  # denoising: x_t from the kept x0 by the forward process, target mean from the true noise
-                a, a_prev = float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])
-                noise = torch.randn_like(x0)
-                x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
-                mean, mean_pre = self.step_means(policy, batch, x_t, k)
-                target = step_mean(x_t, noise, a, a_prev, s, policy.clip_range)
-                kl = gaussian_kl(mean, mean_pre, s)
-                term = (batch.weights * (gaussian_kl(mean, target, s) + self.alpha * kl)).sum()
-            add_to(sums, kl=kl.mean())
+                coefs = [(float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])) for k in steps]
+                noises = [torch.randn_like(x0) for _ in steps]
+                x_ts = [math.sqrt(a) * x0 + math.sqrt(1 - a) * noise for (a, _), noise in zip(coefs, noises)]
+                means, pres = (m.chunk(len(steps)) for m in self.step_means(policy, batch, torch.cat(x_ts), steps))
+            term = 0.0
+            for j, k in enumerate(steps):
+                s = float(batch.grid.sigma[k])
+                kl = gaussian_kl(means[j], pres[j], s)
+                if self.selection == "tilted":
+                    fit = -gaussian_log_prob(batch.latents[:, k + 1], means[j], s)
+                else:
+                    a, a_prev = coefs[j]
+                    target = step_mean(x_ts[j], noises[j], a, a_prev, s, policy.clip_range)
+                    fit = gaussian_kl(means[j], target, s) + self.alpha * kl
+                term = term + (batch.weights * fit).sum()
+                add_to(sums, kl=kl.mean())
             yield term * scale
         stats.update(reward=batch.rewards.mean(), kl=sums["kl"] * scale, kept=torch.tensor(float(len(batch.weights))))

@@ -212,7 +212,7 @@ def step_means(
     policy,
     x: Tensor,
     grid: StepGrid,
-    k: int,
+    k: int | list[int],
     labels: Tensor,
     control_scale: float = 1.0,
     gradient_checkpointing: bool = False,
@@ -222,12 +222,19 @@ def step_means(
     """Means of step k from x (= x_k) under the policy and under the pretrained model, each like ``x``
     (``pretrained=False``: the pretrained mean is not needed, and is None when the policy can skip its call).
 
+    ``k`` a list of G stochastic steps: ``x`` and ``labels`` hold G equal blocks of samples, block j at step
+    ``k[j]``, and all of them go through ONE network call (with a timestep per sample; a larger batch costs
+    less per sample than many small ones). Each block's mean uses its own step's coefficients, exactly as
+    a call for that step alone would.
+
     The one place where a step's network call happens (sampling and every algorithm's re-evaluation
     of a stored step). Control is switched off on a deterministic step (sigma = 0): it has no
     density and an infinite KL. ``grad_weight`` w multiplies the gradient that reaches the
     parameters through this call and nothing else: the input's gradient is scaled by 1/w and the
     outputs' by w, so a gradient passing through to x is unchanged.
     """
+    if isinstance(k, list):
+        return _blocks_means(policy, x, grid, k, labels, control_scale, gradient_checkpointing, pretrained)
     a, a_prev, s = float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])
     t = grid.timesteps[k].to(x.device)
     g = control_scale if s > 0 else 0.0
@@ -245,6 +252,28 @@ def step_means(
         mean = _ScaleGrad.apply(mean, grad_weight)
         mean_pre = None if mean_pre is None else _ScaleGrad.apply(mean_pre, grad_weight)
     return mean, mean_pre
+
+
+def _blocks_means(
+    policy, x: Tensor, grid: StepGrid, ks: list[int], labels: Tensor, control_scale, checkpointing, pretrained
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`step_means` of G steps ``ks`` over G equal blocks of ``x`` in one network call."""
+    if any(float(grid.sigma[k]) == 0 for k in ks):
+        raise ValueError(f"steps evaluated together must all be stochastic (sigma > 0), got {ks}")
+    if len(x) % len(ks):
+        raise ValueError(f"{len(x)} samples do not split into {len(ks)} equal blocks of steps")
+    t = grid.timesteps[ks].repeat_interleave(len(x) // len(ks)).to(x.device)
+    if checkpointing and torch.is_grad_enabled():
+        eps, eps_pre = checkpoint(policy.eps, x, t, labels, control_scale, pretrained, use_reentrant=False)
+    else:
+        eps, eps_pre = policy.eps(x, t, labels, control_scale, pretrained)
+
+    def means(e: Tensor) -> Tensor:
+        coefs = ((float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])) for k in ks)
+        blocks = zip(x.chunk(len(ks)), e.chunk(len(ks)), coefs)
+        return torch.cat([step_mean(xb, eb, *c, policy.clip_range) for xb, eb, c in blocks])
+
+    return means(eps), None if eps_pre is None else means(eps_pre)
 
 
 @torch.no_grad()

@@ -99,3 +99,30 @@ def test_stepwise_backward_gives_the_whole_loss_gradient_with_one_step_alive(nam
     assert set(stats) == set(out)
     # one step's graph at a time: the peak is about a step's share of the whole loss's
     assert stepwise.peak < 1.5 * whole.peak / len(batch.steps), (stepwise.peak, whole.peak)
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_steps_evaluated_together_give_the_same_update(name, tiny_pretrained):
+    """``steps_per_call`` G: the stored steps go through the network G at a time (one call, one backward per
+    group); the gradient and statistics are those of one step per call, and G steps' graphs are alive."""
+    policy, algorithm, batch = _batch(name, tiny_pretrained)
+    results = {}
+    for per_call in (1, 3):
+        algorithm.steps_per_call = per_call
+        torch.manual_seed(2)
+        parts = []
+
+        def backward(term, parts=parts):
+            parts.append(term)
+            term.backward()
+
+        with SavedBytes() as saved:
+            stats = algorithm.backward_loss(batch, policy, reward, backward)
+        results[per_call] = _gradients(policy, algorithm), stats, len(parts), saved.peak
+    (expected, out, n_one, peak_one), (got, stats, n_three, peak_three) = results[1], results[3]
+    assert (n_one, n_three) == (STEPS - 1, 3)  # 7 steps: groups of 3, 3 and 1
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5 * float(e.abs().max()), rtol=1e-4)
+    for key in out:
+        torch.testing.assert_close(stats[key], out[key], atol=1e-6, rtol=1e-5)
+    assert 2 * peak_one < peak_three <= 3.5 * peak_one, (peak_one, peak_three)

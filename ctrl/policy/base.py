@@ -35,7 +35,8 @@ class DiffusionPolicy(nn.Module, ABC):
     def eps(
         self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Noise predictions ``(eps, eps_pre)``, each ``[B, C, H, W]``.
+        """Noise predictions ``(eps, eps_pre)``, each ``[B, C, H, W]``, at timestep ``t``: ``[]`` for the whole
+        batch or ``[B]``, one per sample.
 
         ``eps = eps_pre + control_scale * (eps_theta - eps_pre)``; 1 is the policy itself, 0 the
         pretrained model. Gradients of ``eps_pre`` flow through ``x`` (never into frozen weights).

@@ -76,7 +76,7 @@ class AnalyticGaussian(DiffusionPolicy):
         self.bias = nn.Parameter(torch.zeros(num_buckets, dim))
 
     def eps_pretrained(self, x: Tensor, t: Tensor) -> Tensor:
-        a = self.alphas_cumprod[t.long()]
+        a = self.alphas_cumprod[t.long()].reshape(-1, 1)  # [1 or B, 1]
         return (1 - a).sqrt() * (x - a.sqrt() * self.mean) / (a * self.std**2 + 1 - a)
 
     @torch.no_grad()
@@ -106,7 +106,10 @@ class AnalyticGaussian(DiffusionPolicy):
     def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
         eps_pre = self.eps_pretrained(x, t)  # closed form and the correction's base: always computed
         k = (t.long() * self.num_buckets // self.scheduler.config.num_train_timesteps).clamp(0, self.num_buckets - 1)
-        correction = x @ self.weight[k].T + self.bias[k]
+        if k.dim() == 0:
+            correction = x @ self.weight[k].T + self.bias[k]
+        else:  # a bucket per sample
+            correction = (self.weight[k] @ x.unsqueeze(-1)).squeeze(-1) + self.bias[k]
         active = (labels != self.null_label).to(x.dtype).view(-1, 1)
         return eps_pre + (control_scale * active) * correction, eps_pre
 

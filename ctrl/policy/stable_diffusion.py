@@ -260,7 +260,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
             states, xs, cls = cond, x, classes
         else:  # one call for both branches; the unconditional one has the empty prompt and the null class
             states = torch.cat([self.empty_embeds.expand(b, -1, -1), cond])
-            xs = torch.cat([x, x])
+            xs, t = torch.cat([x, x]), (torch.cat([t, t]) if t.dim() else t)
             cls = None if classes is None else torch.cat([torch.full_like(classes, self.num_classes), classes])
         kwargs = {} if cls is None else {"class_labels": cls}
         eps = self.unet(xs.to(dtype), t, encoder_hidden_states=states, **kwargs).sample.float()

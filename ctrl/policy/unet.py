@@ -194,7 +194,7 @@ class UNetPolicy(DiffusionPolicy):
         return (
             (t.long() * self.num_buckets // self.scheduler.config.num_train_timesteps)
             .clamp(0, self.num_buckets - 1)
-            .view(1)
+            .reshape(-1)
         )
 
     def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, adapters: bool) -> Tensor:
@@ -215,7 +215,8 @@ class UNetPolicy(DiffusionPolicy):
             eps_pre = self._unet(x, t, null, adapters=False)
             eps_theta = self._unet(x, t, labels, adapters=True)
         elif self.label_embedding:  # one batched call for both branches
-            eps_theta, eps_pre = self._unet(torch.cat([x, x]), t, torch.cat([labels, null]), False).chunk(2)
+            t2 = torch.cat([t, t]) if t.dim() else t
+            eps_theta, eps_pre = self._unet(torch.cat([x, x]), t2, torch.cat([labels, null]), False).chunk(2)
         else:
             eps_pre = self._unet(x, t, None, False)
             eps_theta = eps_pre
