@@ -1,8 +1,10 @@
-"""Callbacks: resumable checkpoints, `ctrl predict` samples as a PNG grid, LoRA export for diffusers."""
+"""Callbacks: resumable checkpoints, `ctrl predict` samples as a PNG grid, LoRA export for diffusers (during and
+at the end of a run)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 
 from ctrl.errors import SettingError
 from ctrl.images import grid_image
+from ctrl.policy.adapters import LORA_WEIGHTS
 
 # Lightning warns at every step-triggered save under manual optimisation that the checkpoint holds the
 # state after the optimizer step: for resuming, that is exactly the state wanted.
@@ -112,18 +115,44 @@ class PredictionGrid(BasePredictionWriter):
         )
 
 
+def export_atomically(policy, directory: str | Path) -> list[str]:
+    """``policy.export(directory)`` such that a kill at any moment leaves no half-written file there: the export is
+    written into a temporary folder beside ``directory``, then renamed into place (the whole folder when it is new,
+    else file by file, the LoRA last). Returns the names of the files written."""
+    directory = Path(directory)
+    partial = directory.parent / f".{directory.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed export left
+    policy.export(partial)
+    names = sorted((p.name for p in partial.iterdir()), key=lambda name: (name == LORA_WEIGHTS, name))
+    if not directory.exists():
+        os.replace(partial, directory)
+        return names
+    for name in names:
+        os.replace(partial / name, directory / name)
+    partial.rmdir()
+    return names
+
+
 class ExportLora(Callback):
-    """At the end of ``ctrl fit``, writes the policy's trained adapter where diffusers loads it:
-    ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(directory)`` (and the class
-    embedding, if any, beside it; :meth:`ctrl.policy.StableDiffusionPolicy.export`).
+    """Writes the policy's trained adapter where diffusers loads it,
+    ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(directory)`` (and the class embedding, if any,
+    beside it; :meth:`ctrl.policy.StableDiffusionPolicy.export`): at the end of ``ctrl fit`` into ``directory``, and
+    with ``every_n_steps`` also during it, into ``directory/step_<optimizer step>``. Each export is written under a
+    temporary name and renamed (:func:`export_atomically`), so a killed run leaves no half-written LoRA.
 
     Args:
         directory: the folder to write (created; files in it are replaced); default
             ``<trainer.default_root_dir>/lora``.
+        every_n_steps: also export every this many optimizer steps (at the end of the first rollout at or past each
+            multiple; PPO takes several steps per rollout); None: only at the end.
     """
 
-    def __init__(self, directory: str | None = None):
+    def __init__(self, directory: str | None = None, every_n_steps: int | None = None):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise SettingError(self, "every_n_steps", f"must be >= 1 (or None: only at the end), got {every_n_steps}.")
         self.directory = Path(directory) if directory else None
+        self.every_n_steps = every_n_steps
+        self._exported_step = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.directory is None:
@@ -136,16 +165,27 @@ class ExportLora(Callback):
                 "ctrl.policy.StableDiffusionPolicy or remove the callback.",
             )
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._exported_step = trainer.global_step  # a resumed run exports from where it is, not again
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        if every and step // every > self._exported_step // every:
+            self._exported_step = step
+            self._export(trainer, pl_module, self.directory / f"step_{step}")
+
     def on_fit_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            try:
-                pl_module.policy.export(self.directory)
-            except OSError as err:
-                raise SettingError(
-                    self,
-                    "directory",
-                    f"cannot write '{self.directory}' ({err.strerror}); choose a writable folder (in "
-                    "trainer.callbacks).",
-                ) from None
-            written = ", ".join(sorted(p.name for p in self.directory.iterdir()))
-            pl_module.print(f"wrote {written} to {self.directory} (diffusers: pipe.load_lora_weights)")
+        self._export(trainer, pl_module, self.directory)
+
+    def _export(self, trainer, pl_module, directory: Path) -> None:
+        if not trainer.is_global_zero:
+            return
+        try:
+            written = export_atomically(pl_module.policy, directory)
+        except OSError as err:
+            raise SettingError(
+                self,
+                "directory",
+                f"cannot write '{directory}' ({err.strerror}); choose a writable folder (in trainer.callbacks).",
+            ) from None
+        pl_module.print(f"wrote {', '.join(written)} to {directory} (diffusers: pipe.load_lora_weights)")

@@ -1,6 +1,7 @@
 """The ``ctrl`` console command: a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``,
-``--print_config``; :mod:`ctrl.commands`), ``ctrl benchmark ...`` (:mod:`ctrl.benchmark`) or ``ctrl configs [DIR]``
-(the shipped configs into ``DIR``, default ``./configs``; :func:`ctrl.assets.copy_configs`).
+``--print_config``; :mod:`ctrl.commands`), ``ctrl benchmark ...`` (:mod:`ctrl.benchmark`), ``ctrl configs [DIR]``
+(the shipped configs into ``DIR``, default ``./configs``; :func:`ctrl.assets.copy_configs`) or ``ctrl export ...``
+(a checkpoint's LoRA for diffusers; :func:`ctrl.commands.export`).
 
 A user's mistake (a bad path, setting or label) ends in one line naming the setting, not a stack trace;
 set CTRL_DEBUG=1 to see the trace.
@@ -51,9 +52,18 @@ def configs(args: list[str]) -> None:
 HELP = {
     "benchmark": "Every method of a task side by side: a markdown table, a CSV and a figure.",
     "configs": "Copy the shipped configs (YAML files, the SLURM script) into a folder, default ./configs.",
+    "export": "Write a checkpoint's LoRA in diffusers' format: --config FIT.yaml --ckpt_path RUN.ckpt [--out DIR].",
 }
-PARSERS = {"benchmark": benchmark.build_parser, "configs": configs_parser}
-RUNNERS = {"benchmark": benchmark.main, "configs": configs}
+
+
+def export_parser() -> CtrlArgumentParser:
+    """What ``ctrl --help`` lists for ``ctrl export``; the command parses with :class:`ctrl.commands.ExportCLI`
+    (``ctrl export --help``: every setting of the fit config beside --ckpt_path and --out)."""
+    return CtrlArgumentParser(prog="ctrl export", description=HELP["export"])
+
+
+PARSERS = {"benchmark": benchmark.build_parser, "configs": configs_parser, "export": export_parser}
+RUNNERS = {"benchmark": benchmark.main, "configs": configs, "export": commands.export}
 
 
 class ConsoleCLI(commands.CtrlCLI):

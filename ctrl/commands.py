@@ -1,4 +1,5 @@
-"""``ctrl fit | validate | test | predict``: Lightning's CLI over ctrl's modules, as a function.
+"""``ctrl fit | validate | test | predict``: Lightning's CLI over ctrl's modules, as a function; and ``ctrl export``
+(:class:`ExportCLI`: a checkpoint's LoRA in diffusers' format, from the config that trained it).
 
 Every run is a YAML config (configs/); any value can be overridden on the command line, e.g.
 ``ctrl fit --config configs/digits/control.yaml --model.algorithm DirectBackprop``. :func:`main` runs one
@@ -7,18 +8,35 @@ Every run is a YAML config (configs/); any value can be overridden on the comman
 
 from __future__ import annotations
 
+import importlib
 import os
 import zipfile
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from ctrl.callbacks import ResumableCheckpoint
+from ctrl.callbacks import ResumableCheckpoint, export_atomically
 from ctrl.errors import located_in
 from ctrl.parser import CtrlArgumentParser
+from ctrl.policy.base import DiffusionPolicy
 from ctrl.registry import load_plugins
+
+
+def check_checkpoint(path: str, alternative: str = "") -> None:
+    """Refuse a ``--ckpt_path`` that is not there or not a checkpoint, in one line."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path: no checkpoint at '{path}'; give the path of a .ckpt file "
+            f"(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt){' ' + alternative if alternative else ''}."
+        )
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"--ckpt_path: '{path}' is not a readable checkpoint (truncated, or not written by "
+            "torch.save); use an intact one, e.g. the run's checkpoints/last.ckpt."
+        )
 
 
 class CtrlCLI(LightningCLI):
@@ -89,16 +107,7 @@ class CtrlCLI(LightningCLI):
         # Lightning reads the checkpoint here, before anything else: a missing or damaged file is refused first.
         path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
         if path is not None and path not in ("last", "best", "hpc"):
-            if not Path(path).is_file():
-                raise FileNotFoundError(
-                    f"--ckpt_path: no checkpoint at '{path}'; give the path of a .ckpt file "
-                    "(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt) or 'last'."
-                )
-            if not zipfile.is_zipfile(path):
-                raise ValueError(
-                    f"--ckpt_path: '{path}' is not a readable checkpoint (truncated, or not written by "
-                    "torch.save); use an intact one, e.g. the run's checkpoints/last.ckpt."
-                )
+            check_checkpoint(path, "or 'last'")
         super()._parse_ckpt_path()
 
     def _check_run_settings(self) -> None:
@@ -142,6 +151,92 @@ class CtrlCLI(LightningCLI):
                 candidates += Path(callback.dirpath).glob("last*.ckpt")
         if candidates:
             config["ckpt_path"] = str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+class ExportCLI(CtrlCLI):
+    """``ctrl export --config FIT.yaml --ckpt_path RUN.ckpt [--out DIR]``: the parser of ``ctrl fit`` (the config
+    that trained the checkpoint, with any overrides) plus ``--ckpt_path`` and ``--out``. It builds only the config's
+    policy (no reward, data or trainer: their weights need not be on this machine), loads the checkpoint's weights
+    into it and writes its diffusers export (:meth:`export`)."""
+
+    def __init__(self, args: list[str] | None = None):
+        description = "Write a checkpoint's LoRA in diffusers' format (pipe.load_lora_weights), from its fit config."
+        super().__init__(args=args, run=False, parser_kwargs={"prog": "ctrl export", "description": description})
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None, help="the checkpoint to export (a run's checkpoints/*.ckpt)"
+        )
+        parser.add_argument(
+            "--out",
+            type=str | None,
+            default=None,
+            help="the folder to write (default: beside the checkpoint, <its name>_lora, e.g. checkpoints/last_lora)",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        path = self.config.get("ckpt_path")
+        if path is None:
+            raise ValueError("--ckpt_path: give the checkpoint to export, e.g. runs/<run>/checkpoints/last.ckpt.")
+        check_checkpoint(path)
+
+    def instantiate_classes(self) -> None:
+        """Build the config's policy alone, as :attr:`policy`; a policy without an export is refused first."""
+        spec = self.config.get("model.init_args.policy")
+        if spec is None:
+            raise ValueError(
+                f"model: {self.config.get('model.class_path')} has no policy to export; give the config of a "
+                "ctrl.module.ControlModule run (e.g. configs/sd15/*.yaml)."
+            )
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(DiffusionPolicy, "policy")
+        config = parser.parse_object({"policy": spec.as_dict()})
+        if not _exports(config.policy.class_path):
+            raise ValueError(
+                f"model.policy: {config.policy.class_path} has no diffusers export; ctrl export writes the LoRA "
+                "(and class embedding) of ctrl.policy.StableDiffusionPolicy."
+            )
+        with located_in(self.config):
+            self.policy = parser.instantiate_classes(config).policy
+
+    def export(self) -> tuple[Path, list[str]]:
+        """Load the checkpoint's policy weights and write the export: ``(folder, names of the files written)``."""
+        path = self.config.ckpt_path
+        state = torch.load(path, weights_only=True, map_location="cpu").get("state_dict", {})
+        state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        own = self.policy.state_dict()
+        trained = {id(p) for group in self.policy.param_groups() for p in group["params"]}
+        missing = sorted(n for n, p in self.policy.named_parameters() if id(p) in trained and n not in state)
+        other = sorted(k for k, v in state.items() if k not in own or own[k].shape != v.shape)
+        if missing or other:
+            example = f"lacks '{missing[0]}'" if missing else f"has '{other[0]}'"
+            raise ValueError(
+                f"--ckpt_path: '{path}' does not hold this config's policy weights ({example}, among "
+                f"{len(missing) + len(other)}): it was written with another model.policy config; export it with the "
+                "config that wrote it."
+            )
+        self.policy.load_state_dict(state, strict=False)  # checkpoints hold the trainable weights only
+        out = Path(self.config.out or Path(path).with_name(f"{Path(path).stem}_lora"))
+        try:
+            return out, export_atomically(self.policy, out)
+        except OSError as err:
+            raise ValueError(f"--out: cannot write '{out}' ({err.strerror or err}); give a writable folder.") from None
+
+
+def _exports(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return hasattr(getattr(importlib.import_module(module), name), "export")
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def export(args: list[str] | None = None) -> Path:
+    """``ctrl export``: write the LoRA of ``--ckpt_path`` for diffusers; returns the folder written."""
+    out, written = ExportCLI(args).export()
+    print(f"wrote {', '.join(written)} to {out} (diffusers: pipe.load_lora_weights)")
+    return out
 
 
 def main(args: list[str] | None = None, run: bool = True) -> CtrlCLI:

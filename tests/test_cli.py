@@ -105,7 +105,7 @@ def test_help_is_ctrls_and_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     assert stop.value.code == 0 and out.startswith("usage: ctrl ") and "Lightning Trainer" not in out
     listed = re.findall(r"^    (\w+) ", out, re.M)
-    assert listed == ["fit", "validate", "test", "predict", "benchmark", "configs"]
+    assert listed == ["fit", "validate", "test", "predict", "benchmark", "configs", "export"]
 
 
 def test_version_is_the_installed_packages(capsys):

@@ -142,6 +142,18 @@ def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     pipe.load_lora_weights(tmp_path / "lora")
     theirs = images()
 
+    # the UNet itself: diffusers' with the loaded LoRA and the policy's with its adapters on
+    x, t = torch.randn(2, *policy.sample_shape, generator=torch.Generator().manual_seed(1)), torch.tensor(700)
+    with torch.no_grad():
+        policy.eps(x, t, torch.tensor([0, 1]))  # leaves the adapters on
+        own = policy.unet(x, t, encoder_hidden_states=policy.prompt_embeds).sample
+        loaded = pipe.unet(x, t, encoder_hidden_states=policy.prompt_embeds).sample
+        pipe.disable_lora()
+        plain = pipe.unet(x, t, encoder_hidden_states=policy.prompt_embeds).sample
+        pipe.enable_lora()
+    torch.testing.assert_close(loaded, own, atol=1e-6, rtol=0)
+    assert (loaded - plain).abs().max() > 1e-3
+
     labels = torch.tensor([1])  # condition 1: the second prompt
     noise = seeded_noise(torch.tensor([seed]), steps, policy.sample_shape)
     with torch.no_grad():

@@ -15,8 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -24,13 +24,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ctrl.assets import local_directory
 from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError, setting
-from ctrl.policy.adapters import AdapterSwitch
+from ctrl.policy.adapters import AdapterSwitch, lora_mismatch, read_diffusers_lora
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.prompts import load_prompts
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 #: LoRA targets of diffusers' text-to-image LoRA script (attention projections of the UNet).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+#: the class embedding's file beside the LoRA in an export
+CLASS_EMBEDDING = "class_embedding.safetensors"
 
 
 def _load(cls, path: str, component: str, **kwargs):
@@ -105,7 +107,11 @@ class StableDiffusionPolicy(DiffusionPolicy):
             embedding train in float32.
         variant: weights variant to load (e.g. "fp16"), None for the default files.
         lora_rank, lora_alpha, lora_target_modules: peft LoraConfig of the UNet adapter
-            (lora_rank 0: no LoRA; lora_alpha defaults to the rank).
+            (lora_rank 0: no LoRA; lora_alpha defaults to the rank, or to init_lora's alpha).
+        init_lora: a diffusers LoRA folder to start the adapter from (what ``ctrl export`` and ExportLora write,
+            or any UNet LoRA ``StableDiffusionPipeline.load_lora_weights`` reads) instead of zero; it must have
+            rank ``lora_rank`` and exactly this UNet's ``lora_target_modules`` layers. Its
+            ``class_embedding.safetensors``, if there, starts the class embedding (num_classes > 0).
         lora_lr, embedding_lr: learning rates of the adapter and of the class embedding.
         decode_checkpointing: recompute the VAE decoder in the backward pass (reward backprop through
             the decoder otherwise holds all its activations).
@@ -126,6 +132,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         lora_lr: float = 3e-4,
         embedding_lr: float = 1e-2,
         decode_checkpointing: bool = True,
+        init_lora: str | None = None,
     ):
         super().__init__()
         self._check_settings(dtype, num_classes, lora_rank, guidance_scale)
@@ -159,8 +166,11 @@ class StableDiffusionPolicy(DiffusionPolicy):
             self.unet.class_embedding = nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
             nn.init.zeros_(self.unet.class_embedding.weight)
         self.lora_rank = lora_rank
+        start, alpha = self._read_init_lora(init_lora, lora_rank, lora_alpha) if init_lora else (None, None)
         if lora_rank > 0:
-            self._add_lora(lora_rank, lora_alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS)
+            self._add_lora(lora_rank, lora_alpha or alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS)
+        if start is not None:
+            self._load_init_lora(init_lora, start)
         if num_classes > 0:
             self.unet.class_embedding.requires_grad_(True)  # peft freezes all but the adapters
 
@@ -219,6 +229,76 @@ class StableDiffusionPolicy(DiffusionPolicy):
         for name, p in self.unet.named_parameters():  # trainable weights in float32 under bf16/fp16 bases
             if "lora_" in name:
                 p.data = p.data.float()
+
+    def _read_init_lora(self, directory: str, rank: int, alpha: float | None) -> tuple[dict[str, Tensor], float]:
+        """The UNet layers of the LoRA folder ``init_lora`` and its alpha, refused unless they have this policy's
+        rank and alpha (the adapter is then added with them)."""
+        if rank == 0:
+            raise SettingError(
+                self, "init_lora", f"'{directory}' is a LoRA but lora_rank is 0; set lora_rank to its rank."
+            )
+        with setting(self, "init_lora", directory):
+            layers, alphas, others = read_diffusers_lora(directory)
+        if others or not layers:
+            what = (
+                f"layers for other parts of the pipeline than the UNet (e.g. '{others[0]}')" if others else "no layers"
+            )
+            raise SettingError(
+                self,
+                "init_lora",
+                f"'{directory}' holds {what}; ctrl trains a LoRA on the UNet only: give one of those.",
+            )
+        ranks = sorted({v.shape[0] for k, v in layers.items() if "lora_A" in k})
+        if ranks != [rank]:
+            raise SettingError(
+                self,
+                "init_lora",
+                f"'{directory}' holds a LoRA of rank {', '.join(map(str, ranks))} but lora_rank is {rank}; set "
+                f"lora_rank: {ranks[0]} to start from it.",
+            )
+        if len(alphas) > 1:
+            raise SettingError(
+                self, "init_lora", f"'{directory}' has one lora_alpha per layer; ctrl's adapter has one for all."
+            )
+        if alpha is not None and float(alpha) not in alphas:
+            raise SettingError(
+                self,
+                "init_lora",
+                f"'{directory}' was saved with lora_alpha {next(iter(alphas)):g} but lora_alpha is {alpha:g}; set "
+                "lora_alpha to the LoRA's, or leave it unset to take it.",
+            )
+        return layers, next(iter(alphas))
+
+    def _load_init_lora(self, directory: str, layers: dict[str, Tensor]) -> None:
+        """Copy ``layers`` (peft names, as :func:`read_diffusers_lora` gives them) into the adapter, refused unless
+        they are exactly its layers; and the class embedding beside them, if any."""
+        mismatch = lora_mismatch(get_peft_model_state_dict(self.unet), layers)
+        if mismatch:
+            raise SettingError(
+                self,
+                "init_lora",
+                f"'{directory}' does not fit this UNet's LoRA ({mismatch}): it was trained on another base model "
+                f"or with other lora_target_modules than {sorted(self.lora_config.target_modules)}.",
+            )
+        set_peft_model_state_dict(self.unet, layers, adapter_name="default")
+        path = Path(directory) / CLASS_EMBEDDING
+        if self.num_classes > 0 and path.is_file():
+            try:
+                weight = load_file(str(path))["weight"]
+            except Exception as err:  # safetensors' own error, or no "weight" in the file
+                raise SettingError(
+                    self, "init_lora", f"'{path}' is not a readable class embedding ({err!r})."
+                ) from None
+            own_weight = self.unet.class_embedding.weight
+            if weight.shape != own_weight.shape:
+                raise SettingError(
+                    self,
+                    "init_lora",
+                    f"'{path}' is a class embedding of shape {list(weight.shape)} but this policy's is "
+                    f"{list(own_weight.shape)} (num_classes {self.num_classes} and the null class).",
+                )
+            with torch.no_grad():
+                own_weight.copy_(weight)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -337,6 +417,6 @@ class StableDiffusionPolicy(DiffusionPolicy):
         if self.num_classes > 0:
             save_file(
                 {"weight": self.unet.class_embedding.weight.detach().cpu().contiguous()},
-                str(directory / "class_embedding.safetensors"),
+                str(directory / CLASS_EMBEDDING),
             )
         return directory
