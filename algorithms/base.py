@@ -25,7 +25,8 @@ class AlgorithmContext:
 
     Attributes:
         num_labels: the policy's labels (a null label comes after them; None: not known yet).
-        num_stochastic: the steps with noise (sigma > 0) of a training rollout (None: not known yet).
+        num_stochastic: the steps of a training rollout that the control acts on (None: not known yet): those
+            with noise (sigma > 0), or every step of a deterministic chain (eta = 0).
         sum_over_ranks: sums a tensor over all processes (identity on one process): rollout statistics
             (advantage baselines) of the global batch.
         gradient_checkpointing: recompute each re-evaluated step's network call in the backward pass.
@@ -55,7 +56,8 @@ class Algorithm(nn.Module, ABC):
         alpha: the KL weight (>= 0): the target is ``p_pre(x) exp(r(x) / alpha) / Z``.
 
     Class attributes:
-        requires_grad_through_sampler: rollouts carry gradients through the chain (direct backprop).
+        requires_grad_through_sampler: rollouts carry gradients through the chain (direct backprop); only such
+            an algorithm trains a deterministic chain (eta = 0, at alpha 0: it has no density, no KL).
         requires_log_prob: the loss needs per-step log-probabilities (eta > 0).
     """
 

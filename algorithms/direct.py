@@ -8,7 +8,12 @@ smaller alpha sharpens the label (the target is p_pre(x) p(y|x)^(1/alpha)).
 Truncation covers the related methods: ``backprop_steps=K`` backpropagates through the last K
 stochastic steps only (DRaFT-K; ``K=1`` is AlignProp's last-step variant; a deterministic last step
 has no control and is not counted), ``random_truncation=True`` draws K uniformly from 1..K each
-rollout (AlignProp's randomised truncation).
+rollout (AlignProp's randomised truncation). ``ctrl.algorithms.AlignProp`` and ``ctrl.algorithms.DRaFT``
+are this class with those papers' defaults.
+
+With ``model.eta`` 0 the chain is deterministic DDIM, the one AlignProp and DRaFT backpropagate through:
+the control acts on every step, the last included, and K counts every step. It has no density, so its
+KL is undefined: alpha must be 0 there (the module refuses anything else).
 
 What each variant optimises:
   - the whole chain (no truncation): the KL-regularised objective exactly;
@@ -63,7 +68,7 @@ class DirectBackprop(Algorithm):
         super().setup(policy, reward, context)
         if not getattr(reward, "differentiable", False):
             raise ValueError(
-                f"DirectBackprop needs a differentiable reward, but {type(reward).__name__} is not "
+                f"{type(self).__name__} needs a differentiable reward, but {type(reward).__name__} is not "
                 "(its gradient carries no signal); use a score-function algorithm such as PPO, "
                 "or a differentiable reward."
             )
@@ -72,9 +77,9 @@ class DirectBackprop(Algorithm):
             raise SettingError(
                 self,
                 "backprop_steps",
-                f"is {self.backprop_steps}, more than the {n} stochastic steps "
-                "of a training rollout (num_steps; a deterministic last step is not counted): set it "
-                f"to at most {n}, or null for the whole chain.",
+                f"is {self.backprop_steps}, more than the {n} stochastic steps of a training rollout (num_steps; a "
+                "deterministic last step is not counted, and with eta 0 every step is): set it to at most "
+                f"{n}, or null for the whole chain.",
                 value=self.backprop_steps,
             )
 
@@ -101,9 +106,13 @@ class DirectBackprop(Algorithm):
         finite = finite_rewards(rewards.detach())
         kl = None if trajectory.kl is None else trajectory.kl.sum(1)[finite]  # None: sampled at alpha = 0
         objective = rewards[finite] - (0.0 if kl is None else self.alpha * kl)
-        # With no finite reward the loss is a zero that still reaches the graph (NaN * 0 would be NaN).
+        if finite.any():
+            loss = -objective.mean()
+        else:  # a zero that reaches every trained weight (a backward under DDP still meets the other ranks'
+            # reduction), made from the weights: a NaN sample times 0 would be NaN
+            loss = sum(p.sum() for group in policy.param_groups() for p in group["params"]) * 0.0
         out = {
-            "loss": -objective.mean() if finite.any() else trajectory.log_probs.sum() * 0.0,
+            "loss": loss,
             "reward": rewards[finite].mean().detach(),
             "objective": objective.mean().detach(),
             "nonfinite_rewards": (~finite).sum().float(),

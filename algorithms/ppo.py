@@ -49,6 +49,10 @@ class PPO(MinibatchAlgorithm):
         the std).
     per_condition: compute the baselines per label instead of over the whole batch.
     advantage_clip: clip advantages to +-this (None: no clipping).
+    ratio_per_dimension: the importance ratio from log-probabilities averaged over the sample's dimensions
+        (DDPO's convention, the scale of its clip range 1e-4) instead of summed. The policy-gradient part then
+        weighs 1/d against the KL part, which moves the optimum away from the tilted target at alpha > 0:
+        for alpha 0, as DDPO.
     """
 
     requires_log_prob = True
@@ -65,6 +69,7 @@ class PPO(MinibatchAlgorithm):
         advantages: Literal["center", "standardize"] = "center",
         per_condition: bool = False,
         advantage_clip: float | None = None,
+        ratio_per_dimension: bool = False,
     ):
         super().__init__(alpha, inner_epochs, minibatch_size, timestep_fraction, steps_per_call)
         if clip_range <= 0:
@@ -73,6 +78,7 @@ class PPO(MinibatchAlgorithm):
             raise SettingError(self, "advantage_clip", f"must be > 0 or null, got {advantage_clip}.")
         self.clip_range, self.advantage_mode = clip_range, advantages
         self.per_condition, self.advantage_clip = per_condition, advantage_clip
+        self.ratio_per_dimension = ratio_per_dimension
 
     def _normalise(self, returns: Tensor, labels: Tensor) -> Tensor:
         """``[B, N]`` returns -> advantages ``[B, N]``: at each step, a chain's return minus the mean return of the
@@ -149,7 +155,10 @@ class PPO(MinibatchAlgorithm):
             log_probs.append(gaussian_log_prob(batch.latents[:, k + 1], means[j], s))
             if pres is not None:
                 kls.append(gaussian_kl(means[j], pres[j], s))
-        ratio = (torch.stack(log_probs) - batch.old_log_probs[:, steps].T).exp()
+        log_ratio = torch.stack(log_probs) - batch.old_log_probs[:, steps].T
+        if self.ratio_per_dimension:
+            log_ratio = log_ratio / batch.latents[0, 0].numel()
+        ratio = log_ratio.exp()
         adv = batch.advantages[:, steps].T
         surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
         return surrogate, torch.stack(kls) if kls else None, ratio

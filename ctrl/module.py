@@ -8,6 +8,8 @@ macro-F1, Frechet distance), with the pretrained model's figures (label ignored)
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
 
 import lightning as L
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from ctrl.algorithms.base import Algorithm, AlgorithmContext
 from ctrl.algorithms.rollouts import NonFiniteRewardWarning
-from ctrl.errors import SettingError, renamed_setting
+from ctrl.errors import SettingError, notice, renamed_setting
 from ctrl.evaluation import Evaluator
 from ctrl.images import image_grid
 from ctrl.policy.base import DiffusionPolicy
@@ -27,6 +29,11 @@ from ctrl.sampling import chain_kl, make_grid, sample, seeded_noise
 from ctrl.seeds import derived_seed
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
+
+
+def _qualified(obj) -> str:
+    """``module.QualifiedName`` of ``obj``'s class: what a checkpoint records of the policy and algorithm."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class RunStopped(RuntimeError):
@@ -42,7 +49,10 @@ class ControlModule(L.LightningModule):
         algorithm: the RL plugin, by class name in configs (``algorithm: DirectBackprop``).
         evaluator: the independent judge used by validate/test (None: reward and KL only).
         num_steps: sampling steps of a training rollout.
-        eta: DDIM stochasticity of training rollouts; > 0 (log-probabilities and the KL need noise).
+        eta: DDIM stochasticity of training rollouts, in [0, 1]. Log-probabilities and the KL need noise
+            (eta > 0); eta = 0 is deterministic DDIM (as AlignProp and DRaFT sample), controlled on every step,
+            for an algorithm that backpropagates through the chain (DirectBackprop, AlignProp, DRaFT) at
+            alpha 0: the KL of a deterministic chain is undefined, and evaluation reports no KL.
         eval_num_steps: sampling steps in validate/test/predict (default: num_steps); a list such as
             [25, 50, 100] evaluates at each (the first is the main one, logged as ``val/...``; the
             others as ``val/steps_<n>/...``), to measure robustness to the number of steps.
@@ -50,6 +60,17 @@ class ControlModule(L.LightningModule):
         eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
         gradient_checkpointing: recompute each step's network call in the backward pass.
         max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
+        accumulate: gradient accumulation (>= 1): the gradients of this many consecutive updates (the items
+            of ``algorithm.updates``, each an optimizer step at 1), each scaled by 1 / accumulate, are summed
+            into one optimizer step (clipped as a whole). With one update per rollout (DirectBackprop and its
+            presets; PPO, RAFT, ContinuousTimePG with ``minibatch_size`` null and ``inner_epochs`` 1) that is
+            one step every ``accumulate`` rollouts, the step of one rollout of ``accumulate`` times the chains
+            (statistics of a rollout, such as advantage baselines, stay per rollout). With several updates
+            per rollout (minibatches, inner epochs) it sums that many consecutive minibatches' gradients, as
+            trl's ``train_gradient_accumulation_steps`` does, across rollouts when they do not divide. Under
+            DDP gradients are all-reduced only on the update that steps. ``global_step`` counts optimizer
+            steps; a checkpoint written between them holds the gradients gathered so far and resumes exactly;
+            an incomplete group when training ends is dropped (with a notice).
         max_bad_steps: stop the run once this many training steps had a NaN or Inf reward (such samples
             are always dropped and counted; None: never stop).
         kl_log_interval: when the algorithm's objective has no KL (alpha = 0), rollouts skip the pretrained
@@ -60,7 +81,8 @@ class ControlModule(L.LightningModule):
             ``init_args``); it receives the parameter groups with their own learning rates (per part, set in
             the policy and the algorithm). Default: AdamW with ``weight_decay``.
         lr_scheduler: a torch learning-rate scheduler (e.g. ``torch.optim.lr_scheduler.LinearLR``), stepped
-            once per rollout, so its ``total_iters`` / ``T_max`` count rollouts. Default: constant rates.
+            once per rollout (once every ``accumulate`` rollouts: per rollout of the accumulated batch), so its
+            ``total_iters`` / ``T_max`` count those. Default: constant rates.
         guidance: the old name of ``control_scale`` (works, with a notice; classifier-free guidance is the
             policy's ``guidance_scale``).
     """
@@ -78,6 +100,7 @@ class ControlModule(L.LightningModule):
         eval_pretrained: bool = True,
         gradient_checkpointing: bool = False,
         max_grad_norm: float | None = 1.0,
+        accumulate: int = 1,
         max_bad_steps: int | None = 10,
         kl_log_interval: int | None = 10,
         weight_decay: float = 0.0,
@@ -90,13 +113,15 @@ class ControlModule(L.LightningModule):
         # An algorithm may take several optimizer steps per rollout (PPO's inner epochs).
         self.automatic_optimization = False
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
-        self._check_settings(policy, reward, num_steps, eta, steps, max_grad_norm, max_bad_steps, kl_log_interval)
+        self._check_settings(policy, reward, algorithm, num_steps, eta, steps)
+        self._check_training(max_grad_norm, accumulate, max_bad_steps, kl_log_interval)
         self.kl_log_interval = kl_log_interval
-        self._num_stochastic = int((make_grid(policy.scheduler, num_steps, eta).sigma > 0).sum())
+        self._num_stochastic = len(make_grid(policy.scheduler, num_steps, eta).controlled_steps)
         self.algorithm_context = AlgorithmContext(
             policy.num_labels, self._num_stochastic, gradient_checkpointing=gradient_checkpointing
         )
         algorithm.setup(policy, reward, self.algorithm_context)
+        self._check_learning_rates(policy, algorithm)
         self.policy, self.reward, self.algorithm, self.evaluator = policy, reward, algorithm, evaluator
         self.num_steps, self.eta = num_steps, eta
         self.eval_num_steps, self.extra_eval_num_steps = steps[0], steps[1:]
@@ -104,6 +129,10 @@ class ControlModule(L.LightningModule):
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.max_grad_norm, self.max_bad_steps, self.bad_steps = max_grad_norm, max_bad_steps, 0
+        self.accumulate = accumulate
+        # updates whose gradients wait for the next optimizer step, rollouts since the scheduler's last step
+        self._pending_updates, self._pending_rollouts = 0, 0
+        self._restored_grads: dict[str, Tensor] = {}  # a checkpoint's pending gradients, until training starts
         self._rollouts = (0, 0)  # rollouts this process trained on, chains in the last
         if evaluator is not None:
             evaluator.attach(self)
@@ -115,19 +144,39 @@ class ControlModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_stage = "val"
 
-    def _check_settings(
-        self, policy, reward, num_steps, eta, eval_steps, max_grad_norm, max_bad_steps, kl_log_interval
-    ) -> None:
-        if not 0 < eta <= 1:
+    def _check_settings(self, policy, reward, algorithm, num_steps, eta, eval_steps) -> None:
+        """The sampler's settings against the policy, reward and algorithm (one message each)."""
+        name = type(algorithm).__name__
+        if not 0 <= eta <= 1:
+            raise SettingError(self, "eta", f"must lie in [0, 1] (0: deterministic DDIM, 1: DDPM), got {eta}.")
+        if eta == 0 and not algorithm.requires_grad_through_sampler:
             raise SettingError(
                 self,
                 "eta",
-                f"is {eta}: RL fine-tuning needs a stochastic sampler (log-probabilities and "
-                "the KL to the pretrained chain exist only for eta > 0); set it in (0, 1], e.g. 1.0.",
+                f"is {eta}: {name} does not backpropagate through the chain, and RL fine-tuning by its rollouts "
+                "needs a stochastic sampler (log-probabilities and the KL to the pretrained chain exist only for "
+                "eta > 0); set it in (0, 1], e.g. 1.0. (eta 0, deterministic DDIM, trains with DirectBackprop, "
+                "AlignProp or DRaFT at alpha 0.)",
+            )
+        if eta == 0 and algorithm.alpha > 0:
+            raise SettingError(
+                algorithm,
+                "alpha",
+                f"is {algorithm.alpha} but model.eta is 0: the KL of a deterministic chain to the pretrained one "
+                "is undefined (no step has a density); set alpha 0 (as AlignProp and DRaFT), or eta in (0, 1].",
+                value=algorithm.alpha,
             )
         if num_steps < 2:
             raise SettingError(
                 self, "num_steps", f"must be at least 2 (the last step is deterministic), got {num_steps}."
+            )
+        limit = int(policy.scheduler.config.num_train_timesteps)
+        if num_steps > limit:
+            raise SettingError(
+                self,
+                "num_steps",
+                f"is {num_steps}, more than the {limit} timesteps the pretrained model was trained with (its "
+                f"scheduler's num_train_timesteps); set it to at most {limit}.",
             )
         if reward.num_labels is not None and reward.num_labels != policy.num_reward_labels:
             raise SettingError(
@@ -139,12 +188,44 @@ class ControlModule(L.LightningModule):
             )
         if not eval_steps or min(eval_steps) < 2:
             raise SettingError(self, "eval_num_steps", f"must be at least 2 (each entry), got {eval_steps}.")
+        if max(eval_steps) > limit:
+            raise SettingError(
+                self,
+                "eval_num_steps",
+                f"is {eval_steps}, more than the {limit} timesteps the pretrained model was trained with; give "
+                f"each entry at most {limit}.",
+            )
+
+    def _check_training(self, max_grad_norm, accumulate, max_bad_steps, kl_log_interval) -> None:
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise SettingError(self, "max_grad_norm", f"must be > 0 or null, got {max_grad_norm}.")
+        if accumulate < 1:
+            raise SettingError(
+                self, "accumulate", f"must be >= 1 (updates per optimizer step; 1: no accumulation), got {accumulate}."
+            )
         if max_bad_steps is not None and max_bad_steps < 1:
             raise SettingError(self, "max_bad_steps", f"must be >= 1 or null (never stop), got {max_bad_steps}.")
         if kl_log_interval is not None and kl_log_interval < 1:
             raise SettingError(self, "kl_log_interval", f"must be >= 1 (rollouts) or null, got {kl_log_interval}.")
+
+    @staticmethod
+    def _check_learning_rates(policy, algorithm) -> None:
+        """Every trained part's learning rate must be > 0. The error names the part's own setting: ``<part>_lr``
+        (``head_lr`` for the group named ``head``), or ``lr`` for an owner with one rate."""
+        for owner in (policy, algorithm):
+            settings = inspect.signature(type(owner).__init__).parameters
+            for group in owner.param_groups():
+                lr, part = group.get("lr"), group.get("name", "")
+                if lr is None or lr > 0:
+                    continue
+                key = next((k for k in (f"{part}_lr", "lr") if k in settings), "")
+                raise SettingError(
+                    owner,
+                    key,
+                    f"must be > 0, got {lr} (the learning rate of the '{part}' part); to keep a part as it is, "
+                    "switch it off instead.",
+                    value=lr,
+                )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -205,22 +286,48 @@ class ControlModule(L.LightningModule):
                 pretrained=pretrained,
             )
         stats = {}
-        if not pretrained and self.kl_log_interval and (self._rollouts[0] - 1) % self.kl_log_interval == 0:
+        logs_kl = not pretrained and self.eta > 0 and self.kl_log_interval  # a deterministic chain has no KL
+        if logs_kl and (self._rollouts[0] - 1) % self.kl_log_interval == 0:
             stats["kl"] = chain_kl(self.policy, trajectory).sum(1).mean()  # the rollout policy's, before updates
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
-            optimizer.zero_grad()
-            out = self.algorithm.backward_loss(batch, self.policy, self.reward, self.manual_backward)
-            if self.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
+            out = self._accumulate(optimizer, batch)
+        self._pending_rollouts += 1
         scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        if self._pending_rollouts == self.accumulate:
+            self._pending_rollouts = 0
+            if scheduler is not None:
+                scheduler.step()
         if out is None:  # no finite reward in this rollout (already reported): nothing to learn from
             return
         stats.update(out)
         self.log_dict({f"train/{k}": v.detach() for k, v in stats.items()}, prog_bar=True, batch_size=len(labels))
+
+    def _accumulate(self, optimizer, batch) -> dict[str, Tensor]:
+        """Backpropagate one update's loss, scaled by 1 / accumulate, into the gradients gathered since the last
+        optimizer step; step once ``accumulate`` updates are in. Returns the update's statistics."""
+        self._pending_updates += 1
+        steps = self._pending_updates == self.accumulate
+        backward = self.manual_backward if self.accumulate == 1 else self._scaled_backward
+        # Under DDP the gradients stay on each rank (no all-reduce) until the update that steps.
+        with contextlib.nullcontext() if steps else optimizer.toggle_model(sync_grad=False):
+            out = self.algorithm.backward_loss(batch, self.policy, self.reward, backward)
+        if steps:
+            if self.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad()
+            self._pending_updates = 0
+        return out
+
+    def _scaled_backward(self, loss: Tensor) -> None:
+        self.manual_backward(loss / self.accumulate)
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before validating during fit: those of an unfinished accumulation group
+        # must survive it.
+        if self._pending_updates == 0:
+            super().on_validation_model_zero_grad()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ctrl"] = {
@@ -228,11 +335,30 @@ class ControlModule(L.LightningModule):
             "baselines": self.baselines,
             "last_metrics": self.last_metrics,
             "last_stage": self.last_stage,
+            "classes": {"policy": _qualified(self.policy), "algorithm": _qualified(self.algorithm)},
+            "accumulation": self._accumulation_state(),
         }
         frozen = {n for n, _ in self.named_parameters()} - self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
+    def _accumulation_state(self) -> dict:
+        """The counters of an unfinished accumulation group and its gradients so far (trainable parameters only).
+        Under DDP each rank holds its own until the step's all-reduce: the checkpoint keeps their mean, which
+        every rank resumes with (the step's all-reduce averages, so it gives the same update)."""
+        state = {"updates": self._pending_updates, "rollouts": self._pending_rollouts, "grads": {}}
+        if self._pending_updates == 0:
+            return state
+        names = self.trainable_names()
+        multi = self._trainer is not None and self._trainer.world_size > 1
+        for name, p in self.named_parameters():
+            if name in names and p.grad is not None:
+                grad = p.grad.detach().clone()
+                state["grads"][name] = self._trainer.strategy.reduce(grad, reduce_op="mean") if multi else grad
+        return state
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ctrl", {})
+        self._check_classes(state.get("classes"))
         # strict_loading is off because frozen weights are not saved; trainable ones must all be there.
         missing = sorted(n for n in self.trainable_names() if n not in checkpoint["state_dict"])
         if missing:
@@ -241,11 +367,47 @@ class ControlModule(L.LightningModule):
                 f"'{missing[0]}'): it was written with another policy or algorithm config; resume "
                 "with the config that wrote it."
             )
-        state = checkpoint.get("ctrl", {})
         self.bad_steps = state.get("bad_steps", 0)
         old = {"val": state["baseline"]} if state.get("baseline") else {}  # written before the test seeds had theirs
         self.baselines, self.last_metrics = state.get("baselines", old), state.get("last_metrics", {})
         self.last_stage = state.get("last_stage", "val")
+        accumulation = state.get("accumulation", {})
+        self._pending_updates, self._pending_rollouts = accumulation.get("updates", 0), accumulation.get("rollouts", 0)
+        self._restored_grads = accumulation.get("grads", {})
+
+    def on_train_start(self) -> None:
+        # Lightning zeroes the gradients as a stage starts, after the checkpoint was read: the gradients of an
+        # unfinished accumulation group go back in here.
+        grads, self._restored_grads = self._restored_grads, {}
+        for name, p in self.named_parameters():
+            if name in grads:
+                p.grad = grads[name].to(p.device, p.dtype)
+
+    def _check_classes(self, saved: dict | None) -> None:
+        """Refuse a checkpoint of another policy class, or (to resume training) of another algorithm class. A
+        checkpoint written before the classes were recorded passes (the check of its weights still applies)."""
+        if not saved:
+            return
+        trainer = self._trainer
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        path = f"'{trainer.ckpt_path}'" if trainer is not None and trainer.ckpt_path else "the checkpoint"
+        # Evaluating or sampling needs the policy's weights only; resuming training needs the algorithm too.
+        for part, checked in (("policy", True), ("algorithm", fitting)):
+            ours = _qualified(getattr(self, part))
+            if checked and saved.get(part, ours) != ours:
+                theirs = saved[part].rpartition(".")[2]
+                hint = (
+                    " Starting another algorithm from a checkpoint's weights is a separate setting, not supported "
+                    "yet: start a new run."
+                    if part == "algorithm"
+                    else ""
+                )
+                raise SettingError(
+                    "--ckpt_path",
+                    "",
+                    f"{path} was written by a run with model.{part} {theirs} ({saved[part]}), but this config's is "
+                    f"{ours.rpartition('.')[2]}; resume with the config that wrote it.{hint}",
+                )
 
     def trainable_names(self) -> set[str]:
         """Names of the parameters the optimizer trains (the policy's and the algorithm's groups). Not
@@ -302,7 +464,7 @@ class ControlModule(L.LightningModule):
         results = {}
         for name, outs in self._eval_outputs.items():
             samples, labels, rewards, kl = self._gathered(outs)
-            metrics = {"reward": rewards.mean(), "kl": kl.mean()}
+            metrics = {"reward": rewards.mean(), "kl": kl.mean()} if self.eta > 0 else {"reward": rewards.mean()}
             if self.evaluator is not None:
                 metrics.update(self.evaluator.evaluate(samples, labels))
             confusion = metrics.pop("confusion", None)
@@ -354,6 +516,13 @@ class ControlModule(L.LightningModule):
         return "\n".join(lines)
 
     def on_train_end(self):
+        if self._pending_updates and self.global_rank == 0:
+            n = self._pending_updates
+            notice(
+                f"the gradients of the last {n} update{'s' if n > 1 else ''} were not applied: training ended inside "
+                f"a group of model.accumulate={self.accumulate} updates (a checkpoint written now keeps them; a run "
+                "resumed from it that trains longer applies them)."
+            )
         if self.trainer.world_size > 1:  # every rank reports (the logs of a multi-node job show each one)
             print(
                 f"ctrl: rank {self.global_rank} of {self.trainer.world_size} trained {self._rollouts[0]} rollouts "

@@ -16,6 +16,10 @@ image size). The per-step KL to the pretrained chain is exact for two Gaussians 
 
 The last step of a grid that ends at ``a_prev = 1`` is deterministic (``sigma = 0``): it has no
 density, so the policy's control is switched off there (log-prob and KL of that step are 0).
+
+``eta = 0`` is deterministic DDIM, the chain AlignProp and DRaFT backpropagate through: no step has a
+density (no log-probability, no KL), and the control acts on every step, the last included
+(:attr:`StepGrid.deterministic`). Only a pathwise gradient (DirectBackprop at alpha 0) can train it.
 """
 
 from __future__ import annotations
@@ -111,12 +115,27 @@ class Trajectory:
 
 @dataclass
 class StepGrid:
-    """Coefficients of an N-step grid, each ``[N]`` (float64 would be wasted: float32 throughout)."""
+    """Coefficients of an N-step grid, each ``[N]`` (float64 would be wasted: float32 throughout).
+
+    ``deterministic``: the grid of eta = 0, where the control acts on every step; otherwise it acts on the
+    steps with noise only (:meth:`controlled`).
+    """
 
     timesteps: Tensor
     alpha_prod: Tensor
     alpha_prod_prev: Tensor
     sigma: Tensor
+    deterministic: bool = False
+
+    def controlled(self, k: int) -> bool:
+        """Whether the policy's control acts on step k: a step with noise (sigma > 0), or any step of a
+        deterministic chain. A deterministic step of a stochastic chain has no density and an infinite KL."""
+        return self.deterministic or float(self.sigma[k]) > 0
+
+    @property
+    def controlled_steps(self) -> list[int]:
+        """Indices of the steps the control acts on (those a gradient window counts), in sampling order."""
+        return [k for k in range(len(self.sigma)) if self.controlled(k)]
 
 
 @dataclass(frozen=True)
@@ -124,9 +143,10 @@ class GradientPlan:
     """Which steps of a training rollout carry gradients (what an algorithm asks of :func:`sample`).
 
     Attributes:
-        steps: K, how many of the LAST stochastic steps are differentiated through (the window; a
-            deterministic step after them rides along, it has no control). 0: none.
-        weights: ``[S]`` multiplier of the parameter gradient of each stochastic step in the window, in
+        steps: K, how many of the LAST controlled steps (:meth:`StepGrid.controlled`: the stochastic ones, or
+            every step of a deterministic chain) are differentiated through (the window; a deterministic
+            step after them rides along, it has no control). 0: none.
+        weights: ``[S]`` multiplier of the parameter gradient of each controlled step in the window, in
             sampling order (None: 1). Random truncation uses 1 / P(step in the window), so that the
             expected gradient is the whole chain's.
         kl_steps: the first ``kl_steps`` steps, when outside the window, still give their KL's direct
@@ -158,7 +178,7 @@ def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
     alpha_prod_prev = torch.where(prev >= 0, acp[prev.clamp(min=0)], torch.full_like(alpha_prod, final))
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod) * (1 - alpha_prod / alpha_prod_prev)
     sigma = eta * variance.clamp(min=0).sqrt()
-    return StepGrid(timesteps, alpha_prod, alpha_prod_prev, sigma)
+    return StepGrid(timesteps, alpha_prod, alpha_prod_prev, sigma, deterministic=eta == 0)
 
 
 def predict_x0(x: Tensor, eps: Tensor, alpha_prod: float, clip_range: float | None = None) -> Tensor:
@@ -228,8 +248,9 @@ def step_means(
     a call for that step alone would.
 
     The one place where a step's network call happens (sampling and every algorithm's re-evaluation
-    of a stored step). Control is switched off on a deterministic step (sigma = 0): it has no
-    density and an infinite KL. ``grad_weight`` w multiplies the gradient that reaches the
+    of a stored step). Control is switched off on a deterministic step (sigma = 0) of a stochastic chain:
+    it has no density and an infinite KL (:meth:`StepGrid.controlled`; a deterministic chain, eta = 0, is
+    controlled on every step). ``grad_weight`` w multiplies the gradient that reaches the
     parameters through this call and nothing else: the input's gradient is scaled by 1/w and the
     outputs' by w, so a gradient passing through to x is unchanged.
     """
@@ -237,21 +258,28 @@ def step_means(
         return _blocks_means(policy, x, grid, k, labels, control_scale, gradient_checkpointing, pretrained)
     a, a_prev, s = float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])
     t = grid.timesteps[k].to(x.device)
-    g = control_scale if s > 0 else 0.0
+    g = control_scale if grid.controlled(k) else 0.0
     weighted = grad_weight != 1.0 and torch.is_grad_enabled()
     if weighted:
         x = _ScaleGrad.apply(x, 1.0 / grad_weight)
     if gradient_checkpointing and torch.is_grad_enabled():
-        eps, eps_pre = checkpoint(policy.eps, x, t, labels, g, pretrained, use_reentrant=False)
+        mean, mean_pre = checkpoint(_means, policy, x, t, labels, g, pretrained, (a, a_prev, s), use_reentrant=False)
     else:
-        eps, eps_pre = policy.eps(x, t, labels, g, pretrained)
-    clip = policy.clip_range
-    mean = step_mean(x, eps, a, a_prev, s, clip)
-    mean_pre = None if eps_pre is None else step_mean(x, eps_pre, a, a_prev, s, clip)
+        mean, mean_pre = _means(policy, x, t, labels, g, pretrained, (a, a_prev, s))
     if weighted:
         mean = _ScaleGrad.apply(mean, grad_weight)
         mean_pre = None if mean_pre is None else _ScaleGrad.apply(mean_pre, grad_weight)
     return mean, mean_pre
+
+
+def _means(
+    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, coefs
+) -> tuple[Tensor, Tensor | None]:
+    """One step's network call and its means (what a checkpoint recomputes: inside it, nothing of the step
+    but its input outlives the forward pass)."""
+    eps, eps_pre = policy.eps(x, t, labels, g, pretrained)
+    mean = step_mean(x, eps, *coefs, policy.clip_range)
+    return mean, None if eps_pre is None else step_mean(x, eps_pre, *coefs, policy.clip_range)
 
 
 def _blocks_means(
@@ -310,11 +338,11 @@ def _chain_noise(noise: Tensor | None, generator, shape: tuple[int, ...], device
     return noise
 
 
-def _window_start(stochastic: list[int], grad_steps: int, num_steps: int) -> int:
-    """The first step that carries gradients when the last ``grad_steps`` of the ``stochastic`` steps do."""
+def _window_start(controlled: list[int], grad_steps: int, num_steps: int) -> int:
+    """The first step that carries gradients when the last ``grad_steps`` of the ``controlled`` steps do."""
     if grad_steps <= 0:
         return num_steps
-    return stochastic[-grad_steps] if grad_steps <= len(stochastic) else 0
+    return controlled[-grad_steps] if grad_steps <= len(controlled) else 0
 
 
 def _transition(x_next: Tensor, mean: Tensor, mean_pre: Tensor | None, s: float) -> tuple[Tensor | None, ...]:
@@ -324,7 +352,7 @@ def _transition(x_next: Tensor, mean: Tensor, mean_pre: Tensor | None, s: float)
         zero = torch.zeros(len(x_next), device=x_next.device)
         return zero, zero, zero
     x_next = x_next.detach()
-    log_prob = gaussian_log_prob(x_next, mean, s)
+    log_prob = gaussian_log_prob(x_next, mean.detach(), s)
     if mean_pre is None:
         return log_prob, None, None
     return log_prob, gaussian_log_prob(x_next, mean_pre.detach(), s), gaussian_kl(mean, mean_pre, s)
@@ -356,14 +384,14 @@ def sample(
         policy: a :class:`ctrl.policy.DiffusionPolicy` (``eps``, ``scheduler``, ``sample_shape``).
         labels: ``[B]`` label indices (``policy.null_label`` samples the pretrained model).
         num_steps: N, the number of sampling steps.
-        eta: DDIM stochasticity; > 0 for log-probabilities and KL.
+        eta: DDIM stochasticity; > 0 for log-probabilities and KL (0: deterministic DDIM, every step controlled).
         control_scale: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
         noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T, each step's z); else drawn from ``generator``.
-        grad_steps: how many of the LAST stochastic steps carry gradients (0: none; the number of
-            stochastic steps or more: the whole chain); earlier steps run under no_grad and their output
-            is detached (truncated backprop). A deterministic last step (sigma = 0) has no control and
-            is not counted. Fields of :class:`GradientPlan`, as are the next two.
-        grad_weights: ``[S]`` multiplier of the parameter gradient of each stochastic step (in sampling
+        grad_steps: how many of the LAST controlled steps carry gradients (0: none; the number of
+            controlled steps or more: the whole chain); earlier steps run under no_grad and their output
+            is detached (truncated backprop). A deterministic last step (sigma = 0) of a stochastic chain has
+            no control and is not counted. Fields of :class:`GradientPlan`, as are the next two.
+        grad_weights: ``[S]`` multiplier of the parameter gradient of each controlled step (in sampling
             order) when it is in the window (None: 1).
         kl_grad_steps: the first steps, outside the window, whose KL keeps its direct gradient.
         gradient_checkpointing: recompute each step's network call in the backward pass.
@@ -374,9 +402,9 @@ def sample(
     noise = _chain_noise(noise, generator, (len(labels), num_steps + 1, *policy.sample_shape), labels.device)
     x = noise[:, 0]
     latents, records, pre_means = [x], [], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
-    stochastic = (grid.sigma > 0).nonzero().squeeze(1).tolist()
-    first_grad_step = _window_start(stochastic, grad_steps, num_steps)
-    weights = dict(zip(stochastic, grad_weights.tolist())) if grad_weights is not None else {}
+    controlled = grid.controlled_steps
+    first_grad_step = _window_start(controlled, grad_steps, num_steps)
+    weights = dict(zip(controlled, grad_weights.tolist())) if grad_weights is not None else {}
     grad_enabled = torch.is_grad_enabled()
     for k in range(num_steps):
         s = float(grid.sigma[k])

@@ -84,3 +84,23 @@ def test_direct_backprop_without_finite_reward_has_zero_finite_loss():
     with pytest.warns(RuntimeWarning, match="NaN or Inf for 4 of 4 samples"):
         out = algorithm.loss(traj, policy, AlwaysNaN(y=[0.0, 0.0]))
     assert float(out["loss"]) == 0.0
+
+
+def test_ratio_per_dimension_divides_the_policy_gradient_by_the_dimension():
+    """DDPO's convention (``ratio_per_dimension``): the importance ratio of log-probabilities averaged over the
+    sample's d dimensions. At the rollout's own policy (ratio 1) the surrogate's gradient is the summed one's / d."""
+    policy, reward, labels = AnalyticGaussian(dim=3), GaussianLogLikelihood(y=[1.0, 0.0, -1.0]), torch.zeros(8).long()
+    with torch.no_grad():
+        policy.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        traj = sample(policy, labels, 5, 1.0, generator=torch.Generator().manual_seed(1), pretrained=False)
+    grads = []
+    for per_dimension in (False, True):
+        algorithm = PPO(alpha=0.0, ratio_per_dimension=per_dimension)
+        algorithm.setup(policy, reward)
+        policy.zero_grad()
+        torch.manual_seed(0)
+        for batch in algorithm.updates(traj, policy, reward):
+            algorithm.loss(batch, policy, reward)["loss"].backward()
+        grads.append(policy.bias.grad.clone())
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1] * 3, grads[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrl.algorithms import DirectBackprop
+from ctrl.algorithms import PPO, RAFT, ContinuousTimePG, DirectBackprop
 from ctrl.module import ControlModule
 from ctrl.policy import AnalyticGaussian
 from ctrl.rewards import GaussianLogLikelihood
@@ -22,7 +22,7 @@ def _world(seed: int = 0):
     return policy, GaussianLogLikelihood(y=[2.0, 1.0])
 
 
-def _gradient(algorithm: DirectBackprop, plan, policy, reward, noise) -> tuple[torch.Tensor, torch.Tensor]:
+def _gradient(algorithm: DirectBackprop, plan, policy, reward, noise, eta: float = 1.0) -> tuple[torch.Tensor, ...]:
     """Gradients of the loss with respect to the correction's (weight, bias) for one rollout and plan."""
     labels = torch.zeros(len(noise), dtype=torch.long)
     policy.zero_grad()
@@ -31,11 +31,12 @@ def _gradient(algorithm: DirectBackprop, plan, policy, reward, noise) -> tuple[t
             policy,
             labels,
             STEPS,
-            1.0,
+            eta,
             noise=noise,
             grad_steps=plan.steps,
             grad_weights=plan.weights,
             kl_grad_steps=plan.kl_steps,
+            pretrained=algorithm.needs_pretrained,
         )
         algorithm.loss(traj, policy, reward)["loss"].backward()
     return policy.weight.grad.clone(), policy.bias.grad.clone()
@@ -106,3 +107,65 @@ def test_backprop_steps_beyond_the_stochastic_steps_is_refused():
     with pytest.raises(ValueError, match=r"^DirectBackprop.backprop_steps: is 10, more than the 9 stochastic steps"):
         ControlModule(policy, reward, DirectBackprop(alpha=1.0, backprop_steps=10), num_steps=10)
     ControlModule(policy, reward, DirectBackprop(alpha=1.0, backprop_steps=9), num_steps=10)
+
+
+def _deterministic_world():
+    """The Gaussian world in float64 with a control away from zero, DirectBackprop at alpha 0, eta 0."""
+    policy, reward = _world()
+    policy, reward = policy.double(), reward.double()
+    module = ControlModule(policy, reward, DirectBackprop(alpha=0.0), num_steps=STEPS, eta=0.0)
+    return module, _noise(16).double()
+
+
+def _deterministic_objective(policy, reward, noise) -> float:
+    """E[r(x0)] over the chains of the deterministic DDIM chain from the noise's x_T (its only draw)."""
+    labels = torch.zeros(len(noise), dtype=torch.long)
+    with torch.no_grad():
+        return float(reward(sample(policy, labels, STEPS, 0.0, noise=noise, pretrained=False).samples).mean())
+
+
+def test_deterministic_chain_gradient_matches_finite_differences():
+    """eta 0 (deterministic DDIM, as AlignProp and DRaFT sample): the control acts on every step, the last one
+    included, and DirectBackprop's gradient is that of the deterministic chain's objective: central differences
+    in float64 on the first step's and the last step's parameters agree with it."""
+    module, noise = _deterministic_world()
+    policy, reward, algorithm = module.policy, module.reward, module.algorithm
+    assert module.algorithm_context.num_stochastic == STEPS  # every step is controlled
+    weight, bias = _gradient(algorithm, algorithm.gradient_plan(STEPS), policy, reward, noise, eta=0.0)
+    first, last, h = _bucket(policy, 0), _bucket(policy, STEPS - 1), 1e-5
+    for tensor, grad, index in ((policy.bias, bias, (first, 1)), (policy.weight, weight, (last, 0, 1))):
+        with torch.no_grad():
+            tensor[index] += h
+            up = _deterministic_objective(policy, reward, noise)
+            tensor[index] -= 2 * h
+            down = _deterministic_objective(policy, reward, noise)
+            tensor[index] += h
+        assert abs(grad[index]) > 1e-3
+        assert float(-grad[index]) == pytest.approx((up - down) / (2 * h), rel=1e-5)  # the loss is -objective
+
+
+def test_deterministic_chain_k_counts_every_step():
+    """DRaFT-1 on the deterministic chain trains the last step, the one a stochastic chain leaves uncontrolled."""
+    module, noise = _deterministic_world()
+    algorithm = DirectBackprop(alpha=0.0, backprop_steps=1)
+    weight, bias = _gradient(algorithm, algorithm.gradient_plan(STEPS), module.policy, module.reward, noise, eta=0.0)
+    trained = {b for b in range(module.policy.num_buckets) if bias[b].abs().sum() > 0 or weight[b].abs().sum() > 0}
+    assert trained == {_bucket(module.policy, STEPS - 1)}
+
+
+@pytest.mark.parametrize(
+    "algorithm, message",
+    [
+        (
+            lambda: DirectBackprop(alpha=0.1),
+            r"^DirectBackprop\.alpha: is 0\.1 but model\.eta is 0: the KL of a deterministic chain .* is undefined",
+        ),
+        (lambda: PPO(alpha=0.0), r"^ControlModule\.eta: is 0\.0: PPO does not backpropagate .*set it in \(0, 1\]"),
+        (lambda: RAFT(alpha=0.0), r"^ControlModule\.eta: is 0\.0: RAFT does not backpropagate"),
+        (lambda: ContinuousTimePG(alpha=0.0), r"^ControlModule\.eta: is 0\.0: ContinuousTimePG does not"),
+    ],
+)
+def test_deterministic_chain_refusals(algorithm, message):
+    policy, reward = _world()
+    with pytest.raises(ValueError, match=message):
+        ControlModule(policy, reward, algorithm(), num_steps=STEPS, eta=0.0)

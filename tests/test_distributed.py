@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import assert_same, final_state, run_args
 
 ALGORITHMS = {
@@ -19,7 +20,11 @@ ALGORITHMS = {
     },
     # backpropagated step by step, each step's part reaching both the policy and the value network
     "ContinuousTimePG": {"class_path": "ContinuousTimePG", "init_args": {"alpha": 0.2, "clip_range": 0.05}},
+    # gradients kept on each rank until every second rollout; the third leaves them pending in the checkpoint
+    "DirectBackprop accumulated": {"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}},
 }
+#: more settings of a case
+EXTRA = {"DirectBackprop accumulated": ["--model.accumulate", "2"]}
 
 
 def _fit(root, devices: int, extra: list[str]) -> subprocess.CompletedProcess:
@@ -48,7 +53,7 @@ def _fit(root, devices: int, extra: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifier):
     def args(root):
-        algorithm = ["--model.algorithm", json.dumps(ALGORITHMS[name])]
+        algorithm = ["--model.algorithm", json.dumps(ALGORITHMS[name]), *EXTRA.get(name, [])]
         sizes = "--data.batches_per_epoch 3 --data.eval_per_label 3 --data.batch_size 8".split()
         # two labels, 4 chains each per batch: per-label baselines over both ranks' chains
         prior = ["--data.prior", json.dumps([0.5, 0.5] + [0.0] * 8)]
@@ -63,6 +68,12 @@ def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifie
     assert weights["policy.step_bias"].abs().max() > 1e-3  # training moved the control
     assert_same(weights, weights_ddp, atol=1e-5)
     assert_same(state["optimizer"], state_ddp["optimizer"], atol=1e-5)
+    # gradients still waiting for a step: one process's, and the mean of the two ranks' that the checkpoint keeps
+    pending, pending_ddp = state["accumulation"], state_ddp["accumulation"]
+    assert (pending["updates"], pending["rollouts"]) == (pending_ddp["updates"], pending_ddp["rollouts"])
+    assert pending["grads"].keys() == pending_ddp["grads"].keys() and bool(pending["grads"]) == (name in EXTRA)
+    for key, grad in pending["grads"].items():
+        torch.testing.assert_close(grad, pending_ddp["grads"][key], rtol=1e-5, atol=1e-5)
     # The metrics are over all 30 samples, gathered from both ranks. The Frechet distance of 30 samples in
     # 20 dimensions goes through the square root of a near-singular matrix, which turns float rounding of
     # 1e-6 in the samples into ~1e-3: it gets a looser tolerance than the rest.

@@ -46,9 +46,14 @@ def _module(tiny_pretrained, tiny_classifier, **kw):
     return ControlModule(policy, reward, kw.pop("algorithm", DirectBackprop()), **kw)
 
 
-def test_eta_zero_is_refused(tiny_pretrained, tiny_classifier):
-    with pytest.raises(ValueError, match=r"^ControlModule\.eta: .*0\.0.*stochastic sampler.*set it in \(0, 1\]"):
+def test_eta_out_of_range_or_zero_with_a_kl_is_refused(tiny_pretrained, tiny_classifier):
+    with pytest.raises(ValueError, match=r"^ControlModule\.eta: must lie in \[0, 1\] .*got 1\.5"):
+        _module(tiny_pretrained, tiny_classifier, eta=1.5)
+    with pytest.raises(
+        ValueError, match=r"^DirectBackprop\.alpha: is 0\.1 but model\.eta is 0: the KL of a deterministic chain"
+    ):
         _module(tiny_pretrained, tiny_classifier, eta=0.0)
+    _module(tiny_pretrained, tiny_classifier, eta=0.0, algorithm=DirectBackprop(alpha=0.0))  # AlignProp's chain
 
 
 def test_classifier_label_count_must_match_policy(tiny_pretrained, tmp_path):
@@ -134,7 +139,7 @@ def test_command_line_error_is_one_message_without_traceback(tmp_path):
             "--config",
             str(config),
             "--model.eta",
-            "0",
+            "1.5",
             "--trainer.default_root_dir",
             str(tmp_path),
         ],
@@ -239,6 +244,36 @@ def test_new_settings_are_refused_with_one_message(case, tiny_sd, tiny_pretraine
         call()
 
 
+@pytest.mark.parametrize("stage", ["fit", "test"])
+def test_checkpoint_of_another_algorithm_or_policy_class(stage, tiny_pretrained, tiny_classifier):
+    """A checkpoint records its policy and algorithm classes. Resuming training with another algorithm is refused
+    (evaluating its policy is not: that needs the weights only); another policy is refused at every stage."""
+    from types import SimpleNamespace
+
+    module = _module(tiny_pretrained, tiny_classifier)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["ctrl"]["classes"] == {
+        "policy": "ctrl.policy.unet.UNetPolicy",
+        "algorithm": "ctrl.algorithms.direct.DirectBackprop",
+    }
+    module.trainer = SimpleNamespace(state=SimpleNamespace(fn=stage), ckpt_path="runs/a/last.ckpt", world_size=1)
+    checkpoint["ctrl"]["classes"]["algorithm"] = "ctrl.algorithms.ppo.PPO"
+    if stage == "fit":
+        with pytest.raises(
+            ValueError,
+            match=r"^--ckpt_path: 'runs/a/last\.ckpt' was written by a run with model\.algorithm PPO "
+            r"\(ctrl\.algorithms\.ppo\.PPO\), but this config's is DirectBackprop; resume with the config that "
+            r"wrote it\. Starting another algorithm from a checkpoint's weights is a separate setting",
+        ):
+            module.on_load_checkpoint(checkpoint)
+    else:
+        module.on_load_checkpoint(checkpoint)
+    checkpoint["ctrl"]["classes"]["policy"] = "ctrl.policy.gaussian.AnalyticGaussian"
+    with pytest.raises(ValueError, match=r"^--ckpt_path: .* model\.policy AnalyticGaussian .* is UNetPolicy"):
+        module.on_load_checkpoint(checkpoint)
+
+
 def test_checkpoint_without_the_trainable_weights_is_refused(tiny_pretrained, tiny_classifier):
     module = _module(tiny_pretrained, tiny_classifier)
     with pytest.raises(
@@ -305,6 +340,15 @@ def _files(tmp_path):
         )
         return str(tmp_path / "bad.yaml")
 
+    def ppo_checkpoint():
+        """A checkpoint of a PPO run of control.yaml's policy (what is refused is read before any weight)."""
+        import lightning
+
+        classes = {"policy": "ctrl.policy.unet.UNetPolicy", "algorithm": "ctrl.algorithms.ppo.PPO"}
+        version = {"pytorch-lightning_version": lightning.__version__}
+        torch.save({**version, "state_dict": {}, "ctrl": {"classes": classes}}, tmp_path / "ppo.ckpt")
+        return str(tmp_path / "ppo.ckpt")
+
     def file_as_folder():
         (tmp_path / "a-file").write_text("")
         return str(tmp_path / "a-file" / "run")
@@ -333,7 +377,8 @@ TABLE = [
     (
         "unknown algorithm",
         ["--model.algorithm", "PPOO"],
-        r"model.algorithm 'PPOO' is not an available algorithm; available: ContinuousTimePG, DirectBackprop, PPO",
+        r"model.algorithm 'PPOO' is not an available algorithm; available: AlignProp, ContinuousTimePG, DDPO, DRaFT, "
+        r"DirectBackprop, PPO, RAFT",
     ),
     (
         "negative KL weight",
@@ -348,7 +393,41 @@ TABLE = [
     (
         "eta = 0 with a log-prob algorithm",
         ["--model.algorithm", "PPO", "--model.eta", "0"],
-        r"model\.eta: .*0\.0.*RL fine-tuning needs a stochastic sampler.*set it in \(0, 1\]",
+        r"model\.eta: is 0\.0: PPO does not backpropagate through the chain.*needs a stochastic sampler.*"
+        r"set it in \(0, 1\]",
+    ),
+    (
+        "eta = 0 with a KL weight",
+        ["--model.eta", "0"],
+        r"model\.algorithm\.alpha: is 0\.2 but model\.eta is 0: the KL of a deterministic chain to the pretrained "
+        r"one is undefined \(no step has a density\); set alpha 0",
+    ),
+    (
+        "accumulate < 1",
+        ["--model.accumulate", "0"],
+        r"model\.accumulate: must be >= 1 \(updates per optimizer step; 1: no accumulation\), got 0",
+    ),
+    (
+        "negative learning rate",
+        ["--model.policy.init_args.head_lr", "-1"],
+        r"model\.policy\.head_lr: must be > 0, got -1\.0 \(the learning rate of the 'head' part\)",
+    ),
+    (
+        "zero learning rate",
+        ["--model.policy.bias_lr", "0"],
+        r"model\.policy\.bias_lr: must be > 0, got 0\.0 \(the learning rate of the 'bias' part\)",
+    ),
+    (
+        "more steps than the pretrained model's timesteps",
+        ["--model.num_steps", "5000"],
+        r"model\.num_steps: is 5000, more than the 1000 timesteps the pretrained model was trained with .*"
+        r"set it to at most 1000",
+    ),
+    (
+        "checkpoint of another algorithm",
+        ["--ckpt_path", "{ppo_checkpoint}"],
+        r"--ckpt_path: '.*ppo\.ckpt' was written by a run with model\.algorithm PPO \(ctrl\.algorithms\.ppo\.PPO\), "
+        r"but this config's is DirectBackprop; resume with the config that wrote it",
     ),
     (
         "classifier and policy label counts differ",

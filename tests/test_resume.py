@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import assert_same, final_state, run_args
 
 # Runs the CLI's trainer with a callback that SIGKILLs the process after a chosen training batch
@@ -32,10 +33,12 @@ cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if ckpt_pat
 print("METRICS=" + __import__("json").dumps(cli.model.last_metrics))
 """
 
-# (algorithm, optimizer steps per rollout): PPO and RAFT draw minibatch orders and timestep subsets,
-# ContinuousTimePG adds a value network with its own learning rate.
+# (algorithm, optimizer steps between checkpoints, more settings): a checkpoint every two rollouts. PPO and RAFT
+# draw minibatch orders and timestep subsets, ContinuousTimePG adds a value network with its own learning rate.
+# With accumulation (4 minibatches a rollout, 5 per optimizer step) the last checkpoint before the kill, after
+# rollout 3 (12 updates: 2 steps), holds 2 minibatches' gradients: the run resumes between two optimizer steps.
 PLUGINS = {
-    "DirectBackprop": ({"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}}, 1),
+    "DirectBackprop": ({"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}}, 2, []),
     "PPO": (
         {
             "class_path": "PPO",
@@ -47,7 +50,8 @@ PLUGINS = {
                 "timestep_fraction": 0.5,
             },
         },
-        4,
+        8,
+        [],
     ),
     "RAFT": (
         {
@@ -60,11 +64,18 @@ PLUGINS = {
                 "timestep_fraction": 0.5,
             },
         },
-        4,
+        8,
+        [],
     ),
     "ContinuousTimePG": (
         {"class_path": "ContinuousTimePG", "init_args": {"alpha": 0.2, "clip_range": 0.05, "minibatch_size": 2}},
-        2,
+        4,
+        [],
+    ),
+    "PPO accumulated": (
+        {"class_path": "PPO", "init_args": {"alpha": 0.2, "clip_range": 0.05, "minibatch_size": 1}},
+        1,
+        ["--model.accumulate", "5"],
     ),
 }
 
@@ -82,7 +93,7 @@ def _run(root, args, kill_after: int = 0, ckpt_path: str = "none") -> tuple[int,
 
 @pytest.mark.parametrize("name", PLUGINS)
 def test_kill_and_resume_is_exact(name, tmp_path, tiny_pretrained, tiny_classifier):
-    algorithm, steps_per_rollout = PLUGINS[name]
+    algorithm, checkpoint_every, extra = PLUGINS[name]
 
     def args(root):
         return run_args(
@@ -91,13 +102,18 @@ def test_kill_and_resume_is_exact(name, tmp_path, tiny_pretrained, tiny_classifi
             tiny_classifier,
             "--model.algorithm",
             json.dumps(algorithm),
-            checkpoint_every=2 * steps_per_rollout,
+            *extra,
+            checkpoint_every=checkpoint_every,
         )
 
     _, metrics = _run(tmp_path / "whole", args(tmp_path / "whole"))
-    # Killed after rollout 3 of 6: the last checkpoint is from rollout 2, so rollout 3 is redone.
+    # Killed after rollout 3 of 6: the last checkpoint is from rollout 2, so rollout 3 is redone (with
+    # accumulation, from rollout 3).
     status, _ = _run(tmp_path / "cut", args(tmp_path / "cut"), kill_after=3)
     assert status == -9
+    if extra:  # the accumulated run resumes between two optimizer steps, two minibatches' gradients pending
+        saved = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert saved["global_step"] == 2 and saved["ctrl"]["accumulation"]["updates"] == 2
     _, resumed_metrics = _run(tmp_path / "cut", args(tmp_path / "cut"), ckpt_path="last")
 
     assert set(metrics) >= {"accuracy", "frechet", "reward", "kl"}
