@@ -1,0 +1,72 @@
+"""benchmarks/vs_trl.py without trl: bad input is refused in one line before anything runs, and the ctrl configs it
+writes parse (every row, extra arguments included) with the settings the comparison depends on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import vs_trl  # noqa: E402
+
+
+def _refusal(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as done:
+        vs_trl.main(argv)
+    message = str(done.value.code)
+    assert message.startswith("vs_trl: ") and "\n" not in message, message
+    return message
+
+
+def test_refusals(tmp_path):
+    assert "--trl-python is required" in _refusal([])
+    assert "no such executable" in _refusal(["--trl-python", str(tmp_path / "python")])
+    # a python without trl (ctrl's venv has none), and one whose trl is another release
+    assert "cannot import trl" in _refusal(["--trl-python", sys.executable])
+    other = tmp_path / "other_python"
+    other.write_text("#!/bin/sh\necho 0.24.0\n")
+    other.chmod(0o755)
+    message = _refusal(["--trl-python", str(other)])
+    assert "--trl-python" in message and "trl 0.24.0, not 0.23.x" in message and "python3 -m venv" in message
+    assert "'Nope' is not a plugin" in _refusal(["--trl-python", sys.executable, "--ctrl-extra", "Nope:--x 1"])
+    assert "give PLUGIN:ARGS" in _refusal(["--trl-python", sys.executable, "--ctrl-extra", "PPO"])
+    assert "--epochs: at least 2" in _refusal(["--trl-python", sys.executable, "--epochs", "1"])
+
+
+def test_configs_parse(tmp_path, capsys, monkeypatch):
+    """``ctrl fit --print_config`` on each written config and its row's arguments (the reward is imported from
+    benchmarks/, as the child runs find it through PYTHONPATH)."""
+    from ctrl.commands import main
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    rows = [{"plugin": plugin, "args": [], "base": True} for plugin in vs_trl.BASE_ROWS]
+    rows += [vs_trl.parse_extra("PPO:--model.algorithm.init_args.steps_per_call 5")]
+    rows += [vs_trl.parse_extra("PPO:--model.algorithm.init_args.alpha 0.1")]
+    vs_trl.write_configs(rows, str(tmp_path / "tiny-sd"), tmp_path / "configs")
+    printed = []
+    for row in rows:
+        with pytest.raises(SystemExit) as done:
+            main(["fit", "--config", row["config"], *row["args"], "--print_config"])
+        assert done.value.code == 0
+        printed.append(yaml.safe_load(capsys.readouterr().out))
+    model = [config["model"]["init_args"] for config in printed]
+    ppo, direct, steps, alpha = (m["algorithm"] for m in model)
+    assert ppo["class_path"] == "ctrl.algorithms.PPO"
+    assert model[0]["reward"]["class_path"] == "ctrl.rewards.JpegCompressibility"
+    expected = {"alpha": 0.0, "clip_range": 1e-4, "minibatch_size": 2, "timestep_fraction": 1.0, "inner_epochs": 1}
+    assert {k: ppo["init_args"][k] for k in expected} == expected
+    assert direct["class_path"] == "ctrl.algorithms.DirectBackprop"
+    assert model[1]["reward"]["class_path"] == "speed.ImageGradient"
+    assert direct["init_args"]["alpha"] == 0.0 and direct["init_args"]["random_truncation"] is True
+    assert model[1]["gradient_checkpointing"] is True and model[0]["gradient_checkpointing"] is False
+    assert steps["init_args"]["steps_per_call"] == 5 and alpha["init_args"]["alpha"] == 0.1
+    for config, m in zip(printed, model):
+        assert (m["num_steps"], m["eta"], m["policy"]["init_args"]["guidance_scale"]) == (50, 1.0, 5.0)
+        assert m["policy"]["init_args"]["lora_rank"] == 4 and config["trainer"]["precision"] == "32-true"
+        assert m["policy"]["init_args"]["lora_target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
+        data = config["data"]["init_args"]
+        assert (data["batch_size"], data["batches_per_epoch"]) == (4, 2)
