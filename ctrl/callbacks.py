@@ -1,18 +1,22 @@
 """Callbacks: resumable checkpoints, `ctrl predict` samples as a PNG grid, LoRA export for diffusers (during and
-at the end of a run)."""
+at the end of a run), captioned sample grids in any logger."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from torch import Tensor
 
-from ctrl.errors import SettingError
-from ctrl.images import grid_image
+from ctrl.errors import SettingError, notice
+from ctrl.images import captioned_grid, grid_count, grid_image, to_cells
 from ctrl.policy.adapters import LORA_WEIGHTS
 
 # Lightning warns at every step-triggered save under manual optimisation that the checkpoint holds the
@@ -189,3 +193,127 @@ class ExportLora(Callback):
                 f"cannot write '{directory}' ({err.strerror}); choose a writable folder (in trainer.callbacks).",
             ) from None
         pl_module.print(f"wrote {', '.join(written)} to {directory} (diffusers: pipe.load_lora_weights)")
+
+
+def spread(labels: Tensor, limit: int) -> Tensor:
+    """Indices of the samples of conditions ``labels`` ``[N]`` that a grid of at most ``limit`` shows: one of each
+    condition in turn (in the order they come), so that few cells still show many conditions; as many as fill a grid
+    exactly (:func:`ctrl.images.grid_count`)."""
+    labels = labels.cpu()
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    first = torch.searchsorted(sorted_labels, sorted_labels)  # where each sample's condition starts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(len(labels)) - first  # the how-manieth sample of its condition
+    turns = torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)
+    return turns[: grid_count(len(labels), limit)]
+
+
+def log_grid(trainer, tag: str, images: Tensor, names: list[str], labels: Tensor, rewards: Tensor, size: int) -> None:
+    """Log samples ``images`` ``[N, C, H, W]`` in [-1, 1] of conditions ``labels`` ``[N]`` (named ``names``) with
+    their ``rewards`` ``[N]`` as one captioned grid under ``tag`` to each of the trainer's loggers, as
+    :class:`LogSamples` describes."""
+    # Lightning logs scalars at its count of rollouts, not at global_step (PPO takes several optimizer steps per
+    # rollout): a grid goes beside the scalars of its rollout or evaluation, its files are named by optimizer step.
+    step, axis = trainer.global_step, trainer.fit_loop.epoch_loop._batches_that_stepped
+    captions = [f"{name}\nreward {r:.4g}" for name, r in zip(names, rewards.tolist())]
+    grid, layout = captioned_grid(images, captions, size)
+    cells = [
+        {"condition": name, "label": int(y), "reward": float(r)}
+        for name, y, r in zip(names, labels.tolist(), rewards.tolist())
+    ]
+    record = {"tag": tag, "step": step, "logger_step": axis, **layout, "samples": cells}
+    artifact = f"images/{tag}/step_{step}"
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, np.asarray(grid), axis, dataformats="HWC")
+        elif isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / artifact
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path.with_suffix(".png"))
+            path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        elif isinstance(logger, WandbLogger):  # a gallery: one image per sample, its caption beside it
+            logger.log_image(key=tag, images=to_cells(images, size), step=axis, caption=captions)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, grid, f"{artifact}.png")
+            logger.experiment.log_dict(logger.run_id, record, f"{artifact}.json")
+        else:
+            notice(
+                f"LogSamples logs no images to {type(logger).__name__} (TensorBoard, CSV, W&B and MLflow loggers "
+                "get them); add one of those loggers to see the samples."
+            )
+
+
+class LogSamples(Callback):
+    """Grids of samples, each captioned with its condition (the policy's ``condition_name``: the label, or the prompt
+    and class) and its reward, in every logger the trainer has: the policy's evaluation samples at the end of each
+    validation and test (tags ``val/samples``, ``test/samples``) and, with ``every_n_steps``, the training rollout
+    (``train/samples``). :class:`ctrl.module.ControlModule` adds one with these defaults when the trainer has none.
+
+    The captions are drawn into the image (:func:`ctrl.images.captioned_grid`), so they show in every logger. Where the
+    grids go: TensorBoard ``add_image``; CSVLogger ``<log_dir>/images/<tag>/step_<N>.png`` with ``step_<N>.json``
+    beside (the grid's layout and each cell's condition, label and reward, row-major); W&B ``log_image``, one image
+    per sample with its caption; MLflow the PNG and JSON as run artifacts ``images/<tag>/step_<N>.*``. N is the
+    optimizer step (``global_step``); on a logger's step axis a grid sits where Lightning put the scalars of the
+    same rollout or evaluation (its count of rollouts before it; the JSON's ``logger_step``). The grid has
+    no empty cell: it shows as many samples as fill it exactly, which may be a few less than ``max_images`` or than
+    there are (:func:`ctrl.images.grid_count`). Samples that are not images (the Gaussian policy's) are not logged.
+
+    Args:
+        every_n_steps: also log the training rollout every this many optimizer steps: the rollout of the first
+            training step at or past each multiple (PPO takes several steps per rollout), as that step sampled it
+            (no sampling pass of its own: at most ``max_images`` of its samples are decoded and scored again; under
+            DDP, rank 0's chains); None: evaluation samples only.
+        max_images: at most this many samples per grid, one of each condition in turn.
+        cell_size: the longer side of a grid cell in pixels, at most: a smaller sample is enlarged by a whole factor
+            (nearest neighbour), a larger one shrunk.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, max_images: int = 16, cell_size: int = 256):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise SettingError(
+                self, "every_n_steps", f"must be >= 1 (or None: evaluation samples only), got {every_n_steps}."
+            )
+        if max_images < 1:
+            raise SettingError(self, "max_images", f"must be >= 1, got {max_images}.")
+        if cell_size < 64:
+            raise SettingError(self, "cell_size", f"must be >= 64 pixels (room for a caption), got {cell_size}.")
+        self.every_n_steps, self.max_images, self.cell_size = every_n_steps, max_images, cell_size
+        self._logged_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._logged_step = trainer.global_step  # a resumed run logs from where it is
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        if not every or step // every <= self._logged_step // every:
+            return
+        self._logged_step = step
+        if not trainer.is_global_zero or not trainer.loggers or pl_module.rollout_samples is None:
+            return
+        labels, x0 = pl_module.rollout_samples
+        shown = spread(labels, self.max_images).to(labels.device)
+        with torch.no_grad():
+            images = pl_module.policy.decode(x0[shown])
+            rewards = pl_module.policy.score_images(pl_module.reward, images, labels[shown])
+        self._log(trainer, pl_module, "train/samples", images, labels[shown], rewards)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._log_evaluation(trainer, pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._log_evaluation(trainer, pl_module)
+
+    def _log_evaluation(self, trainer, pl_module) -> None:
+        samples, pl_module.eval_samples = pl_module.eval_samples, None  # taken: not held through training
+        if samples is None or trainer.sanity_checking or not trainer.is_global_zero or not trainer.loggers:
+            return
+        stage, images, labels, rewards = samples
+        shown = spread(labels, self.max_images)
+        self._log(trainer, pl_module, f"{stage}/samples", images[shown], labels[shown], rewards[shown])
+
+    def _log(self, trainer, pl_module, tag: str, images: Tensor, labels: Tensor, rewards: Tensor) -> None:
+        if images.ndim != 4:
+            return
+        names = [pl_module.policy.condition_name(int(y)) for y in labels.tolist()]
+        log_grid(trainer, tag, images.float().cpu(), names, labels.cpu(), rewards.float().cpu(), self.cell_size)

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from ctrl.algorithms.base import Algorithm, AlgorithmContext
 from ctrl.algorithms.rollouts import NonFiniteRewardWarning
+from ctrl.callbacks import LogSamples
 from ctrl.errors import SettingError, notice, renamed_setting
 from ctrl.evaluation import Evaluator
-from ctrl.images import image_grid
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
 from ctrl.sampling import chain_kl, make_grid, sample, seeded_noise
@@ -143,6 +143,10 @@ class ControlModule(L.LightningModule):
         self.baselines: dict[str, dict[str, float]] = {}  # the pretrained model's figures per stage (val, test)
         self.last_metrics: dict[str, float] = {}
         self.last_stage = "val"
+        # what LogSamples logs: the last training rollout (conditions [B], x0 [B, ...], detached) and the policy's
+        # samples of the last evaluation (stage, images [N, C, H, W], conditions [N], rewards [N]), which it takes
+        self.rollout_samples: tuple[Tensor, Tensor] | None = None
+        self.eval_samples: tuple[str, Tensor, Tensor, Tensor] | None = None
 
     def _check_settings(self, policy, reward, algorithm, num_steps, eta, eval_steps) -> None:
         """The sampler's settings against the policy, reward and algorithm (one message each)."""
@@ -285,6 +289,8 @@ class ControlModule(L.LightningModule):
                 gradient_checkpointing=self.gradient_checkpointing,
                 pretrained=pretrained,
             )
+        # a copy: x0 is a view of all the chain's latents, which it would keep alive into the next rollout
+        self.rollout_samples = (labels, trajectory.samples.detach().clone())
         stats = {}
         logs_kl = not pretrained and self.eta > 0 and self.kl_log_interval  # a deterministic chain has no KL
         if logs_kl and (self._rollouts[0] - 1) % self.kl_log_interval == 0:
@@ -446,7 +452,8 @@ class ControlModule(L.LightningModule):
             traj = self.generate(labels, seeds, gamma, n)
             images, reward_labels = self.policy.decode(traj.samples), self.policy.reward_labels(labels)
             rewards = self.policy.score_images(self.reward, images, labels)
-            self._eval_outputs.setdefault(name, []).append((images, reward_labels, rewards, traj.kl.sum(1), seeds))
+            outputs = (images, reward_labels, rewards, traj.kl.sum(1), labels, seeds)
+            self._eval_outputs.setdefault(name, []).append(outputs)
 
     def _gathered(self, outs: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         """This epoch's evaluation outputs of all ranks, on the CPU, each sample once: DistributedSampler pads
@@ -463,7 +470,7 @@ class ControlModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         results = {}
         for name, outs in self._eval_outputs.items():
-            samples, labels, rewards, kl = self._gathered(outs)
+            samples, labels, rewards, kl, conditions = self._gathered(outs)
             metrics = {"reward": rewards.mean(), "kl": kl.mean()} if self.eta > 0 else {"reward": rewards.mean()}
             if self.evaluator is not None:
                 metrics.update(self.evaluator.evaluate(samples, labels))
@@ -473,23 +480,23 @@ class ControlModule(L.LightningModule):
             # every rank holds the same gathered figures: nothing to reduce
             self.log_dict({prefix + k: v for k, v in results[name].items()})
             if name == "policy":
-                self._log_images(stage, samples, labels, confusion)
+                self.eval_samples = (stage, samples, conditions, rewards)
+                self._log_confusion(stage, confusion)
         self._eval_outputs = {}
         if "pretrained" in results:
             self.baselines[stage] = results["pretrained"]
         self.last_metrics, self.last_stage = results.get("policy", {}), stage
 
     @rank_zero_only
-    def _log_images(self, stage: str, samples: Tensor, labels: Tensor, confusion: Tensor | None) -> None:
+    def _log_confusion(self, stage: str, confusion: Tensor | None) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image") or samples.ndim != 4:
-            return
-        shown = min(self.policy.num_reward_labels, 10)  # a grid row per label, at most 10 rows
-        per_label = [samples[labels == y][:8] for y in range(shown)]
-        rows = [torch.cat([s, s.new_full((8 - len(s), *s.shape[1:]), -1.0)]) for s in per_label]
-        experiment.add_image(f"{stage}/samples_per_label", image_grid(torch.cat(rows), shown), self.global_step)
-        if confusion is not None:
+        if confusion is not None and hasattr(experiment, "add_text"):
             experiment.add_text(f"{stage}/confusion", "    " + str(confusion.tolist()), self.global_step)
+
+    def configure_callbacks(self):
+        # Evaluation samples are logged without a LogSamples in the config too; one there keeps its settings.
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return [] if any(isinstance(c, LogSamples) for c in callbacks) else [LogSamples()]
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -204,3 +205,17 @@ def tiny_sd_args(config: str, root, pipeline: str, reward: list[str], *extra: st
         *reward,
         *extra,
     ]
+
+
+def error_line(argv: list[str], monkeypatch, capsys) -> str:
+    """Runs ``ctrl <argv>`` and returns its one ``ctrl: error:`` line, asserting exit status 2, exactly one
+    such line and no stack trace."""
+    from ctrl.cli import console
+
+    monkeypatch.setattr(sys, "argv", ["ctrl", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_sd_args
+from conftest import error_line, tiny_sd_args
 from safetensors.torch import load_file
 
 from ctrl.callbacks import export_atomically
@@ -149,16 +148,6 @@ def test_init_lora_refuses_what_does_not_fit_in_one_line(case, run, tiny_sd, oth
     assert re.match(f"StableDiffusionPolicy.init_lora: {message}", str(info.value)), str(info.value)
 
 
-def _error_line(argv: list[str], monkeypatch, capsys) -> str:
-    monkeypatch.setattr(sys, "argv", ["ctrl", *argv])
-    with pytest.raises(SystemExit) as stop:
-        console()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
-    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
 def test_through_the_command_the_refusal_names_the_setting_in_the_config(run, tmp_path, monkeypatch, capsys):
     root, args, _ = run
     argv = [
@@ -169,20 +158,20 @@ def test_through_the_command_the_refusal_names_the_setting_in_the_config(run, tm
         "--model.policy.init_lora",
         str(tmp_path / "no"),
     ]
-    line = _error_line(argv, monkeypatch, capsys)
+    line = error_line(argv, monkeypatch, capsys)
     assert re.match(r"ctrl: error: model\.policy\.init_lora: no LoRA directory at '.*no'", line), line
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_ctrl_export_refuses_a_missing_checkpoint_and_a_policy_without_export(run, tmp_path, monkeypatch, capsys):
     root, args, _ = run
-    line = _error_line(["export", *args, "--ckpt_path", str(tmp_path / "gone.ckpt")], monkeypatch, capsys)
+    line = error_line(["export", *args, "--ckpt_path", str(tmp_path / "gone.ckpt")], monkeypatch, capsys)
     assert re.match(r"ctrl: error: --ckpt_path: no checkpoint at '.*gone\.ckpt'", line), line
-    line = _error_line(["export", *args], monkeypatch, capsys)
+    line = error_line(["export", *args], monkeypatch, capsys)
     assert line.startswith("ctrl: error: --ckpt_path: give the checkpoint to export"), line
     digits = Path(__file__).resolve().parents[1] / "configs" / "digits" / "control.yaml"
     argv = ["export", "--config", str(digits), "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]
-    line = _error_line(argv, monkeypatch, capsys)
+    line = error_line(argv, monkeypatch, capsys)
     assert line.startswith("ctrl: error: model.policy: ctrl.policy.UNetPolicy has no diffusers export;"), line
     assert not list(tmp_path.iterdir())
 

@@ -5,16 +5,14 @@ function (trl's ``reward_fn``) is a reward by its import path; bad inputs are on
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
-from conftest import run_args, tiny_sd_args
+from conftest import error_line, run_args, tiny_sd_args
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from ctrl.algorithms import PPO
-from ctrl.cli import console
 from ctrl.commands import main
 from ctrl.errors import SettingError
 from ctrl.module import ControlModule
@@ -181,7 +179,7 @@ def test_a_missing_clip_directory_is_refused_by_its_setting_path_through_ctrl(
 ):
     """Through ``ctrl`` (on the digits config: the weights are refused before the policy is used)."""
     argv = ["fit", *run_args(tmp_path, tiny_pretrained, "unused"), "--model.reward", "ctrl.rewards.CLIPScore"]
-    line = _error_line([*argv, "--model.reward.model", str(tmp_path / "nowhere")], monkeypatch, capsys)
+    line = error_line([*argv, "--model.reward.model", str(tmp_path / "nowhere")], monkeypatch, capsys)
     assert line.startswith("ctrl: error: model.reward.model: no CLIP model directory at '"), line
 
 
@@ -280,16 +278,6 @@ def test_function_reward_pixel_range_must_be_increasing():
         FunctionReward("test_prompt_rewards.brightness", pixel_range=(1.0, 0.0))
 
 
-def _error_line(argv, monkeypatch, capsys) -> str:
-    monkeypatch.setattr(sys, "argv", ["ctrl", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        console()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
-    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
 def test_a_function_reward_from_a_config_trains_stable_diffusion_on_its_prompts(tmp_path, tiny_sd):
     """``model.reward: FunctionReward`` through ``ctrl fit`` on the tiny pipeline: every call gets the prompt of
     each chain (conditions are the prompts themselves here: label c is prompt c), images in ``pixel_range``."""
@@ -311,7 +299,7 @@ def test_a_function_output_refused_at_run_time_names_its_setting_path(tmp_path, 
         "--model.reward.function",
         "test_prompt_rewards.column",
     ]
-    line = _error_line(["fit", *tiny_sd_args("aesthetic_ddpo", tmp_path, tiny_sd, function)], monkeypatch, capsys)
+    line = error_line(["fit", *tiny_sd_args("aesthetic_ddpo", tmp_path, tiny_sd, function)], monkeypatch, capsys)
     assert line.startswith("ctrl: error: model.reward.function: 'test_prompt_rewards.column' returned shape [4, 1]")
 
 

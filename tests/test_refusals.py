@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_classifier, quiet_trainer, run_args
+from conftest import error_line, make_tiny_classifier, quiet_trainer, run_args
 from PIL import Image
 
 from ctrl.algorithms import DirectBackprop
-from ctrl.cli import console
 from ctrl.errors import SettingError
 from ctrl.module import ControlModule
 from ctrl.policy import UNetPolicy, load_pretrained_unet
@@ -479,18 +478,6 @@ TABLE = [
 ]
 
 
-def _the_error_line(argv: list[str], monkeypatch, capsys) -> str:
-    """Runs ``ctrl <argv>`` and returns its one ``ctrl: error:`` line, asserting exit status 2, exactly one
-    such line and no stack trace."""
-    monkeypatch.setattr(sys, "argv", ["ctrl", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        console()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
-    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
 def _digest(*paths) -> str:
     h = hashlib.sha256()
     for path in paths:
@@ -512,7 +499,7 @@ def test_bad_input_is_one_clear_message(
 
     files = _files(tmp_path)
     extra = [files[a[1:-1]]() if a.startswith("{") and a.endswith("}") and a[1:-1] in files else a for a in extra]
-    line = _the_error_line(["fit", *run_args(root, tiny_pretrained, tiny_classifier), *extra], monkeypatch, capsys)
+    line = error_line(["fit", *run_args(root, tiny_pretrained, tiny_classifier), *extra], monkeypatch, capsys)
     assert re.match(f"ctrl: error: (trainer settings: )?{message}", line), line
     assert _digest(saved, tiny_pretrained, tiny_classifier) == before
 
@@ -563,7 +550,7 @@ def test_bad_image_folder_is_one_clear_message(case, folder, message, tmp_path, 
         "init_args": {"root": root, "labels_csv": labels, "image_size": 16, "channels": 1},
     }
     config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "classifier.yaml"
-    line = _the_error_line(
+    line = error_line(
         [
             "fit",
             "--config",
@@ -596,7 +583,7 @@ def test_a_nested_class_is_named_by_its_path_in_the_config(tmp_path, tiny_pretra
     argv = ["fit", "--config", str(CONFIGS / "control.yaml"), "--config", str(CONFIGS / "tasks" / "multitask.yaml")]
     argv += ["--config", str(overlay), "--trainer.default_root_dir", str(root), "--trainer.logger", "false"]
     argv += ["--model.policy.pretrained", tiny_pretrained, "--model.evaluator.image_size", "8"]
-    line = _the_error_line(argv, monkeypatch, capsys)
+    line = error_line(argv, monkeypatch, capsys)
     assert re.match(
         r"ctrl: error: model\.reward\.rewards\[1\]\.path: no classifier file at '/nowhere/ink\.safetensors'", line
     ), line

@@ -59,6 +59,11 @@ class DiffusionPolicy(nn.Module, ABC):
         conditions have no text); a text-to-image policy gives each chain's prompt."""
         return None
 
+    def condition_name(self, c: int) -> str:
+        """A readable name of condition ``c`` (the captions of logged samples): ``label <c>`` here; a text-to-image
+        policy gives its prompt."""
+        return "null label" if c == self.null_label else f"label {c}"
+
     @property
     def num_reward_labels(self) -> int:
         """Size of the label set the reward scores (what a classifier reward must have)."""
