@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import assert_same, final_state, run_args
 
-# Runs the CLI's trainer with a callback that SIGKILLs the process after a chosen training batch
-# (after the checkpoint callbacks of that batch: Lightning runs checkpointing last).
+# Runs the CLI's trainer with a callback that SIGKILLs the process after a chosen training batch: at the start
+# of the next one, so that every callback of that batch (checkpointing included) has run, whatever their order.
 CHILD = """
 import os, signal, sys
 from lightning.pytorch.callbacks import Callback
@@ -21,7 +21,7 @@ from ctrl.commands import main
 class SigkillAfter(Callback):
     def __init__(self, batch):
         self.batch = batch
-    def on_train_batch_end(self, trainer, *args):
+    def on_train_batch_start(self, trainer, *args):
         if trainer.fit_loop.epoch_loop.batch_progress.current.processed == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
 
