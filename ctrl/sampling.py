@@ -262,24 +262,37 @@ def step_means(
     weighted = grad_weight != 1.0 and torch.is_grad_enabled()
     if weighted:
         x = _ScaleGrad.apply(x, 1.0 / grad_weight)
-    if gradient_checkpointing and torch.is_grad_enabled():
-        mean, mean_pre = checkpoint(_means, policy, x, t, labels, g, pretrained, (a, a_prev, s), use_reentrant=False)
-    else:
-        mean, mean_pre = _means(policy, x, t, labels, g, pretrained, (a, a_prev, s))
+    mean, mean_pre = _network_means(policy, x, t, labels, g, pretrained, [(a, a_prev, s)], gradient_checkpointing)
     if weighted:
         mean = _ScaleGrad.apply(mean, grad_weight)
         mean_pre = None if mean_pre is None else _ScaleGrad.apply(mean_pre, grad_weight)
     return mean, mean_pre
 
 
-def _means(
-    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, coefs
+def _network_means(
+    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, coefs: list[tuple], checkpointing: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """One step's network call and its means (what a checkpoint recomputes: inside it, nothing of the step
-    but its input outlives the forward pass)."""
+    """One network call and the means of the steps in it (:func:`_means`), checkpointed when asked."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(_means, policy, x, t, labels, g, pretrained, coefs, use_reentrant=False)
+    return _means(policy, x, t, labels, g, pretrained, coefs)
+
+
+def _means(
+    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, coefs: list[tuple]
+) -> tuple[Tensor, Tensor | None]:
+    """One network call and its means: ``x`` is ``len(coefs)`` equal blocks, each with its step's coefficients
+    ``(alpha_prod, alpha_prod_prev, sigma)`` (what a checkpoint recomputes: inside it, nothing of the steps but
+    their input outlives the forward pass)."""
     eps, eps_pre = policy.eps(x, t, labels, g, pretrained)
-    mean = step_mean(x, eps, *coefs, policy.clip_range)
-    return mean, None if eps_pre is None else step_mean(x, eps_pre, *coefs, policy.clip_range)
+
+    def means(e: Tensor) -> Tensor:
+        if len(coefs) == 1:
+            return step_mean(x, e, *coefs[0], policy.clip_range)
+        blocks = zip(x.chunk(len(coefs)), e.chunk(len(coefs)), coefs)
+        return torch.cat([step_mean(xb, eb, *c, policy.clip_range) for xb, eb, c in blocks])
+
+    return means(eps), None if eps_pre is None else means(eps_pre)
 
 
 def _blocks_means(
@@ -291,17 +304,8 @@ def _blocks_means(
     if len(x) % len(ks):
         raise ValueError(f"{len(x)} samples do not split into {len(ks)} equal blocks of steps")
     t = grid.timesteps[ks].repeat_interleave(len(x) // len(ks)).to(x.device)
-    if checkpointing and torch.is_grad_enabled():
-        eps, eps_pre = checkpoint(policy.eps, x, t, labels, control_scale, pretrained, use_reentrant=False)
-    else:
-        eps, eps_pre = policy.eps(x, t, labels, control_scale, pretrained)
-
-    def means(e: Tensor) -> Tensor:
-        coefs = ((float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])) for k in ks)
-        blocks = zip(x.chunk(len(ks)), e.chunk(len(ks)), coefs)
-        return torch.cat([step_mean(xb, eb, *c, policy.clip_range) for xb, eb, c in blocks])
-
-    return means(eps), None if eps_pre is None else means(eps_pre)
+    coefs = [(float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])) for k in ks]
+    return _network_means(policy, x, t, labels, control_scale, pretrained, coefs, checkpointing)
 
 
 @torch.no_grad()
