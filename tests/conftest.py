@@ -219,3 +219,14 @@ def error_line(argv: list[str], monkeypatch, capsys) -> str:
     lines = [line for line in err.splitlines() if line.startswith("ctrl: error:")]
     assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     return lines[0]
+
+
+def randomize_lora(module, seed: int | None = None) -> None:
+    """Draw every LoRA weight of ``module`` from N(0, 0.3^2), after ``torch.manual_seed(seed)`` when given: a
+    policy that differs from the pretrained model (LoRA's B starts at zero)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import error_line, tiny_sd_args
+from conftest import error_line, randomize_lora, tiny_sd_args
 from safetensors.torch import load_file
 
 from ctrl.callbacks import export_atomically
@@ -208,11 +208,7 @@ def test_init_lora_takes_the_loras_alpha_when_lora_alpha_is_unset(tiny_sd, tmp_p
     """A LoRA saved with alpha != rank (diffusers keeps the alpha in the file's metadata) scales the same after
     init_lora as in the policy that saved it."""
     saved = StableDiffusionPolicy(tiny_sd, prompts=["a cat"], lora_rank=2, lora_alpha=8)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in saved.unet.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
+    randomize_lora(saved.unet, seed=0)
     saved.export(tmp_path / "lora")
     started = StableDiffusionPolicy(tiny_sd, prompts=["a cat"], lora_rank=2, init_lora=str(tmp_path / "lora"))
     assert started.lora_config.lora_alpha == 8

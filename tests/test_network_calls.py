@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_lora
 
 from ctrl.algorithms import PPO, RAFT
 from ctrl.policy import StableDiffusionPolicy, UNetPolicy
@@ -31,10 +32,7 @@ def _rollout(policy, pretrained: bool, labels=None):
 @pytest.fixture
 def sd_policy(tiny_sd):
     policy = StableDiffusionPolicy(tiny_sd, prompts=["a cat", "a dog"], lora_rank=2)
-    with torch.no_grad():
-        for name, p in policy.unet.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)  # a policy that differs from the pretrained model
+    randomize_lora(policy.unet)
     return policy
 
 

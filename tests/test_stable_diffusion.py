@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_sd_args
+from conftest import randomize_lora, tiny_sd_args
 
 from ctrl.cli import console
 from ctrl.commands import main
@@ -123,11 +123,7 @@ def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     eta 1), steps and control scale, the images that ctrl's own sampler gives."""
     prompts, steps, scale, seed = ["a cat", "a red dog"], 4, 3.0, 1234
     policy = StableDiffusionPolicy(tiny_sd, prompts=prompts, guidance_scale=scale, lora_rank=2, lora_alpha=4)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.unet.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
+    randomize_lora(policy.unet, seed=0)
     policy.export(tmp_path / "lora")
 
     pipe = _pipeline(tiny_sd)

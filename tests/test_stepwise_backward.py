@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_lora
 
 from ctrl.algorithms import PPO, RAFT, ContinuousTimePG
 from ctrl.policy import UNetPolicy
@@ -55,10 +56,7 @@ class SavedBytes:
 def _batch(name, tiny_pretrained):
     torch.manual_seed(0)
     policy = UNetPolicy(tiny_pretrained, num_labels=2, label_embedding=False, lora_rank=2)
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.3)  # a policy that differs from the pretrained model
+    randomize_lora(policy)
     algorithm = PLUGINS[name]()
     algorithm.setup(policy, None)
     trajectory = sample(policy, torch.tensor([0, 1, 0, 1]), STEPS, 1.0, generator=torch.Generator().manual_seed(1))
