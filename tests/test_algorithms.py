@@ -18,6 +18,7 @@ from ctrl.sampling import sample
         (lambda: PPO(timestep_fraction=1.5), r"^PPO.timestep_fraction: must lie in \(0, 1\]"),
         (lambda: PPO(alpha=-0.1), r"^PPO.alpha: the KL weight must be >= 0"),
         (lambda: PPO(inner_epochs=0), r"^PPO.inner_epochs: must be >= 1"),
+        (lambda: PPO(steps_per_call=0), r"^PPO.steps_per_call: must be >= 1, got 0\.$"),
         (lambda: RAFT(keep_fraction=0.0), r"^RAFT.keep_fraction: must lie in \(0, 1\]"),
         (lambda: RAFT(selection="tilted", alpha=0.0), r"^RAFT.alpha: must be > 0 with selection 'tilted'"),
         (lambda: RAFT(minibatch_size=0), r"^RAFT.minibatch_size: must be >= 1"),
