@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ctrl.algorithms.minibatch import add_to
 from ctrl.algorithms.ppo import PPO, PPOMinibatch
 from ctrl.errors import SettingError
-from ctrl.sampling import StepGrid, predict_x0
+from ctrl.sampling import StepGrid
 
 
 class ValueNetwork(nn.Module):
@@ -130,11 +130,8 @@ class ContinuousTimePG(PPO):
     def _anchor(self, policy, reward, grid: StepGrid, k: int, x: Tensor, labels: Tensor) -> Tensor:
         """cos(pi t / 2T) r(x0_hat(t, x)), ``[B]``, with x0_hat by Tweedie under ``anchor_model``."""
         t = grid.timesteps[k].to(x.device)
-        a = float(grid.alpha_prod[k])
-        eps, eps_pre = policy.eps(x, t, labels)
-        if self.anchor_model == "pretrained":
-            eps = eps_pre
-        x0_hat = predict_x0(x, eps, a)
+        out, out_pre = policy.predict(x, t, labels)
+        x0_hat = grid.predict_x0(x, out_pre if self.anchor_model == "pretrained" else out, k)
         return torch.cos(self._angle(t)) * policy.score(reward, x0_hat, labels)
 
     def values(self, anchor: Tensor, grid: StepGrid, k: int, x: Tensor, labels: Tensor) -> Tensor:

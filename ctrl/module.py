@@ -25,7 +25,7 @@ from ctrl.errors import SettingError, notice, renamed_setting
 from ctrl.evaluation import Evaluator
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.rewards.base import Reward
-from ctrl.sampling import chain_kl, make_grid, sample, seeded_noise
+from ctrl.sampling import chain_kl, is_flow_scheduler, make_grid, sample, seeded_noise
 from ctrl.seeds import derived_seed
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
@@ -49,14 +49,16 @@ class ControlModule(L.LightningModule):
         algorithm: the RL plugin, by class name in configs (``algorithm: DirectBackprop``).
         evaluator: the independent judge used by validate/test (None: reward and KL only).
         num_steps: sampling steps of a training rollout.
-        eta: DDIM stochasticity of training rollouts, in [0, 1]. Log-probabilities and the KL need noise
-            (eta > 0); eta = 0 is deterministic DDIM (as AlignProp and DRaFT sample), controlled on every step,
+        eta: stochasticity of training rollouts: DDIM's eta in [0, 1] (1: DDPM), or for a flow-matching policy the
+            SDE's noise level >= 0 (:mod:`ctrl.sampling`; Flow-GRPO uses 0.7). Log-probabilities and the KL need
+            noise (eta > 0); eta = 0 is deterministic (DDIM, as AlignProp and DRaFT sample, or the flow's Euler
+            ODE), controlled on every step,
             for an algorithm that backpropagates through the chain (DirectBackprop, AlignProp, DRaFT) at
             alpha 0: the KL of a deterministic chain is undefined, and evaluation reports no KL.
         eval_num_steps: sampling steps in validate/test/predict (default: num_steps); a list such as
             [25, 50, 100] evaluates at each (the first is the main one, logged as ``val/...``; the
             others as ``val/steps_<n>/...``), to measure robustness to the number of steps.
-        control_scale: gamma at evaluation and prediction, ``eps = eps_pre + gamma (eps_theta - eps_pre)``.
+        control_scale: gamma at evaluation and prediction, ``out = out_pre + gamma (out_theta - out_pre)``.
         eval_pretrained: also evaluate the pretrained model (gamma 0: the label is ignored) as the baseline.
         gradient_checkpointing: recompute each step's network call in the backward pass.
         max_grad_norm: clip the gradient norm of each optimizer step to this (None: no clipping).
@@ -151,7 +153,12 @@ class ControlModule(L.LightningModule):
     def _check_settings(self, policy, reward, algorithm, num_steps, eta, eval_steps) -> None:
         """The sampler's settings against the policy, reward and algorithm (one message each)."""
         name = type(algorithm).__name__
-        if not 0 <= eta <= 1:
+        if is_flow_scheduler(policy.scheduler):
+            if eta < 0:
+                raise SettingError(
+                    self, "eta", f"is the flow sampler's noise level and must be >= 0 (0: the Euler ODE), got {eta}."
+                )
+        elif not 0 <= eta <= 1:
             raise SettingError(self, "eta", f"must lie in [0, 1] (0: deterministic DDIM, 1: DDPM), got {eta}.")
         if eta == 0 and not algorithm.requires_grad_through_sampler:
             raise SettingError(

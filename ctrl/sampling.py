@@ -1,7 +1,10 @@
 """The one sampler: a timestep grid, a Gaussian step with its log-probability and KL, a Trajectory.
 
-Every algorithm, every evaluation and `ctrl predict` draw samples through :func:`sample`.
-A step of the chain is ``x_{k-1} = mu(x_k, eps) + sigma_k * z`` (DDIM, Song et al. 2021, eq. 12):
+Every algorithm, every evaluation and `ctrl predict` draw samples through :func:`sample`. A step of the
+chain is ``x_{k-1} = mu(x_k, out) + sigma_k * z``, where ``out`` is the network's prediction and the grid
+(:func:`make_grid`, from the policy's diffusers scheduler) says what it predicts and how a step uses it.
+
+**DDPM/DDIM** (:class:`DDIMGrid`; noise prediction eps; Song et al. 2021, eq. 12):
 
     x0_hat = (x_k - sqrt(1 - a_k) * eps) / sqrt(a_k)                 (clipped if the scheduler clips)
     sigma_k = eta * sqrt((1 - a_prev) / (1 - a_k) * (1 - a_k / a_prev))
@@ -10,16 +13,30 @@ A step of the chain is ``x_{k-1} = mu(x_k, eps) + sigma_k * z`` (DDIM, Song et a
 with ``a = alphas_cumprod``. ``eta = 1`` on the full grid is ancestral DDPM sampling (the DDPM
 posterior variance), so DDPM needs no separate code path.
 
+**Flow matching** (:class:`FlowGrid`; velocity prediction v, rectified flow ``x_t = (1 - t) x_0 + t z``, as
+diffusers' ``FlowMatchEulerDiscreteScheduler`` and Stable Diffusion 3 use it). The Euler step of the ODE
+``dx = v dt`` from t to t' < t is ``x + (t' - t) v``. Adding noise while keeping every marginal p_t needs the
+score, which a velocity model gives: ``grad log p_t(x) = -(x + (1 - t) v) / t``. The reverse-time SDE with
+diffusion ``s_t`` then has drift ``v + s_t^2 / (2t) (x + (1 - t) v)`` (as Flow-GRPO, Liu et al. 2025, samples),
+and its Euler-Maruyama step is
+
+    mu      = x + (t' - t) * (v + s_t^2 / (2t) * (x + (1 - t) v)),     sigma_k = s_t * sqrt(t - t')
+    s_t     = eta * sqrt(t / (1 - t))        (at t = 1, 1 - t is read at the grid's second point, as Flow-GRPO)
+
+``eta`` (>= 0; Flow-GRPO's noise level, 0.7 there) sets how much noise; 0 is the plain Euler ODE.
+
+Both kinds end the same way: the last step (to ``a_prev = 1``, or to t' = 0) is deterministic (``sigma = 0``)
+and lands on the model's estimate of x_0. It has no density, so the policy's control is switched off there
+(log-prob and KL of that step are 0).
+
 Log-probabilities are SUMMED over pixels (an average would make a PPO clip range depend on the
 image size). The per-step KL to the pretrained chain is exact for two Gaussians of equal variance:
 ``||mu_theta - mu_pre||^2 / (2 sigma_k^2)``, also summed over pixels.
 
-The last step of a grid that ends at ``a_prev = 1`` is deterministic (``sigma = 0``): it has no
-density, so the policy's control is switched off there (log-prob and KL of that step are 0).
-
-``eta = 0`` is deterministic DDIM, the chain AlignProp and DRaFT backpropagate through: no step has a
-density (no log-probability, no KL), and the control acts on every step, the last included
-(:attr:`StepGrid.deterministic`). Only a pathwise gradient (DirectBackprop at alpha 0) can train it.
+``eta = 0`` is deterministic sampling (DDIM, or the flow's Euler ODE), the chain AlignProp and DRaFT
+backpropagate through: no step has a density (no log-probability, no KL), and the control acts on every
+step, the last included (:attr:`StepGrid.deterministic`). Only a pathwise gradient (DirectBackprop at
+alpha 0) can train it.
 """
 
 from __future__ import annotations
@@ -34,6 +51,9 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "Trajectory",
     "StepGrid",
+    "DDIMGrid",
+    "FlowGrid",
+    "is_flow_scheduler",
     "GradientPlan",
     "make_grid",
     "predict_x0",
@@ -60,7 +80,7 @@ class Trajectory:
             gradient), so that an update re-evaluating a stored step needs only the policy's call.
         kl, ref_log_probs and pre_means are None for a rollout sampled without the pretrained model.
         labels: ``[B]``; the condition (label index) of each chain.
-        grid: the step coefficients (timesteps ``[N]`` from noise to data, alphas, sigmas), so that
+        grid: the step coefficients (:class:`StepGrid`: timesteps ``[N]`` from noise to data, sigmas), so that
             an algorithm can re-evaluate any stored step with :func:`step_means`.
     """
 
@@ -113,19 +133,19 @@ class Trajectory:
         return self.kl.flip(1).cumsum(1).flip(1) - self.kl
 
 
-@dataclass
 class StepGrid:
-    """Coefficients of an N-step grid, each ``[N]`` (float64 would be wasted: float32 throughout).
+    """Coefficients of an N-step grid from noise to data (float32 throughout): :class:`DDIMGrid` or :class:`FlowGrid`.
 
-    ``deterministic``: the grid of eta = 0, where the control acts on every step; otherwise it acts on the
-    steps with noise only (:meth:`controlled`).
+    Attributes every grid has:
+        timesteps: ``[N]`` the network's timestep input at each step, in sampling order.
+        sigma: ``[N]`` the standard deviation of each step's noise (0: a deterministic step).
+        deterministic: the grid of eta = 0, where the control acts on every step; otherwise it acts on the
+            steps with noise only (:meth:`controlled`).
     """
 
     timesteps: Tensor
-    alpha_prod: Tensor
-    alpha_prod_prev: Tensor
     sigma: Tensor
-    deterministic: bool = False
+    deterministic: bool
 
     def controlled(self, k: int) -> bool:
         """Whether the policy's control acts on step k: a step with noise (sigma > 0), or any step of a
@@ -136,6 +156,56 @@ class StepGrid:
     def controlled_steps(self) -> list[int]:
         """Indices of the steps the control acts on (those a gradient window counts), in sampling order."""
         return [k for k in range(len(self.sigma)) if self.controlled(k)]
+
+    def step_mean(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
+        """Mean of step k from ``x`` (= x_k) given the network's prediction ``out``, both ``[B, ...]``."""
+        raise NotImplementedError
+
+    def predict_x0(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
+        """The model's estimate of x_0 (Tweedie's) from ``x`` at step k and its prediction ``out``, ``[B, ...]``."""
+        raise NotImplementedError
+
+
+@dataclass
+class DDIMGrid(StepGrid):
+    """A DDPM/DDIM grid (eps prediction): ``alpha_prod`` and ``alpha_prod_prev`` ``[N]``, the cumulative alphas at
+    each step and at the one it steps to (module docstring)."""
+
+    timesteps: Tensor
+    alpha_prod: Tensor
+    alpha_prod_prev: Tensor
+    sigma: Tensor
+    deterministic: bool = False
+
+    def step_mean(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
+        a, a_prev, s = float(self.alpha_prod[k]), float(self.alpha_prod_prev[k]), float(self.sigma[k])
+        return step_mean(x, out, a, a_prev, s, clip_range)
+
+    def predict_x0(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
+        return predict_x0(x, out, float(self.alpha_prod[k]), clip_range)
+
+
+@dataclass
+class FlowGrid(StepGrid):
+    """A flow-matching grid (velocity prediction): ``t`` and ``t_prev`` ``[N]``, the noise level of the
+    interpolation ``x_t = (1 - t) x_0 + t z`` at each step and at the one it steps to, and ``noise`` ``[N]``, the
+    SDE's diffusion s_t of each step (0 on a deterministic step; module docstring)."""
+
+    timesteps: Tensor
+    t: Tensor
+    t_prev: Tensor
+    noise: Tensor
+    sigma: Tensor
+    deterministic: bool = False
+
+    def step_mean(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
+        t, dt, s = float(self.t[k]), float(self.t_prev[k] - self.t[k]), float(self.noise[k])
+        c = s * s / (2 * t)
+        return (1 + c * dt) * x + dt * (1 + c * (1 - t)) * out
+
+    def predict_x0(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
+        x0_hat = x - float(self.t[k]) * out
+        return x0_hat if clip_range is None else x0_hat.clamp(-clip_range, clip_range)
 
 
 @dataclass(frozen=True)
@@ -159,13 +229,23 @@ class GradientPlan:
     kl_steps: int = 0
 
 
-def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
-    """The timestep grid of ``scheduler`` (a diffusers DDIM/DDPM scheduler) with N steps.
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether ``scheduler`` is a flow-matching one (velocity prediction; diffusers' ``FlowMatch*`` schedulers)
+    rather than a DDPM/DDIM one (noise prediction, ``alphas_cumprod``)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
 
-    The grid itself (leading/trailing spacing, offsets) is the scheduler's own ``set_timesteps``.
+
+def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
+    """The timestep grid of ``scheduler`` with N steps: a :class:`FlowGrid` for a flow-matching scheduler, else a
+    :class:`DDIMGrid` (a diffusers DDIM/DDPM scheduler).
+
+    The grid itself (leading/trailing spacing, offsets, a flow model's shift) is the scheduler's own
+    ``set_timesteps``. ``eta``: DDIM's in [0, 1]; a flow grid's noise level, >= 0.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if is_flow_scheduler(scheduler):
+        return _flow_grid(scheduler, num_steps, eta)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     scheduler.set_timesteps(num_steps)
@@ -178,7 +258,27 @@ def make_grid(scheduler, num_steps: int, eta: float) -> StepGrid:
     alpha_prod_prev = torch.where(prev >= 0, acp[prev.clamp(min=0)], torch.full_like(alpha_prod, final))
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod) * (1 - alpha_prod / alpha_prod_prev)
     sigma = eta * variance.clamp(min=0).sqrt()
-    return StepGrid(timesteps, alpha_prod, alpha_prod_prev, sigma, deterministic=eta == 0)
+    return DDIMGrid(timesteps, alpha_prod, alpha_prod_prev, sigma, deterministic=eta == 0)
+
+
+def _flow_grid(scheduler, num_steps: int, eta: float) -> FlowGrid:
+    """:func:`make_grid` of a flow-matching scheduler (module docstring)."""
+    if eta < 0:
+        raise ValueError(f"the noise level eta of a flow-matching sampler must be >= 0 (0: the Euler ODE), got {eta}")
+    if scheduler.config.get("use_dynamic_shifting", False):
+        raise ValueError(
+            "this flow-matching scheduler shifts its grid by the image size (use_dynamic_shifting, as Flux's does); "
+            "ctrl's sampler takes schedulers with a fixed shift (Stable Diffusion 3)"
+        )
+    scheduler.set_timesteps(num_steps)
+    sigmas = scheduler.sigmas.float().cpu()
+    t, t_prev = sigmas[:-1], sigmas[1:]
+    # s_t = eta sqrt(t / (1 - t)) is infinite at t = 1: there 1 - t is read at the grid's second point
+    second = t[1] if num_steps > 1 else t[0].new_zeros(())
+    noise = eta * (t / (1 - torch.where(t >= 1, second, t))).sqrt()
+    noise = torch.where(t_prev > 0, noise, torch.zeros_like(noise))  # the last step: the ODE's, onto x0_hat
+    sigma = noise * (t - t_prev).clamp(min=0).sqrt()
+    return FlowGrid(scheduler.timesteps.float().cpu(), t, t_prev, noise, sigma, deterministic=eta == 0)
 
 
 def predict_x0(x: Tensor, eps: Tensor, alpha_prod: float, clip_range: float | None = None) -> Tensor:
@@ -256,13 +356,12 @@ def step_means(
     """
     if isinstance(k, list):
         return _blocks_means(policy, x, grid, k, labels, control_scale, gradient_checkpointing, pretrained)
-    a, a_prev, s = float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])
     t = grid.timesteps[k].to(x.device)
     g = control_scale if grid.controlled(k) else 0.0
     weighted = grad_weight != 1.0 and torch.is_grad_enabled()
     if weighted:
         x = _ScaleGrad.apply(x, 1.0 / grad_weight)
-    mean, mean_pre = _network_means(policy, x, t, labels, g, pretrained, [(a, a_prev, s)], gradient_checkpointing)
+    mean, mean_pre = _network_means(policy, x, t, labels, g, pretrained, grid, [k], gradient_checkpointing)
     if weighted:
         mean = _ScaleGrad.apply(mean, grad_weight)
         mean_pre = None if mean_pre is None else _ScaleGrad.apply(mean_pre, grad_weight)
@@ -270,29 +369,36 @@ def step_means(
 
 
 def _network_means(
-    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, coefs: list[tuple], checkpointing: bool
+    policy,
+    x: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    g: float,
+    pretrained: bool,
+    grid: StepGrid,
+    ks: list[int],
+    checkpointing: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """One network call and the means of the steps in it (:func:`_means`), checkpointed when asked."""
     if checkpointing and torch.is_grad_enabled():
-        return checkpoint(_means, policy, x, t, labels, g, pretrained, coefs, use_reentrant=False)
-    return _means(policy, x, t, labels, g, pretrained, coefs)
+        return checkpoint(_means, policy, x, t, labels, g, pretrained, grid, ks, use_reentrant=False)
+    return _means(policy, x, t, labels, g, pretrained, grid, ks)
 
 
 def _means(
-    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, coefs: list[tuple]
+    policy, x: Tensor, t: Tensor, labels: Tensor, g: float, pretrained: bool, grid: StepGrid, ks: list[int]
 ) -> tuple[Tensor, Tensor | None]:
-    """One network call and its means: ``x`` is ``len(coefs)`` equal blocks, each with its step's coefficients
-    ``(alpha_prod, alpha_prod_prev, sigma)`` (what a checkpoint recomputes: inside it, nothing of the steps but
-    their input outlives the forward pass)."""
-    eps, eps_pre = policy.eps(x, t, labels, g, pretrained)
+    """One network call and its means: ``x`` is ``len(ks)`` equal blocks, block j at step ``ks[j]`` of ``grid``
+    (what a checkpoint recomputes: inside it, nothing of the steps but their input outlives the forward pass)."""
+    out, out_pre = policy.predict(x, t, labels, g, pretrained)
 
-    def means(e: Tensor) -> Tensor:
-        if len(coefs) == 1:
-            return step_mean(x, e, *coefs[0], policy.clip_range)
-        blocks = zip(x.chunk(len(coefs)), e.chunk(len(coefs)), coefs)
-        return torch.cat([step_mean(xb, eb, *c, policy.clip_range) for xb, eb, c in blocks])
+    def means(o: Tensor) -> Tensor:
+        if len(ks) == 1:
+            return grid.step_mean(x, o, ks[0], policy.clip_range)
+        blocks = zip(x.chunk(len(ks)), o.chunk(len(ks)), ks)
+        return torch.cat([grid.step_mean(xb, ob, k, policy.clip_range) for xb, ob, k in blocks])
 
-    return means(eps), None if eps_pre is None else means(eps_pre)
+    return means(out), None if out_pre is None else means(out_pre)
 
 
 def _blocks_means(
@@ -304,8 +410,7 @@ def _blocks_means(
     if len(x) % len(ks):
         raise ValueError(f"{len(x)} samples do not split into {len(ks)} equal blocks of steps")
     t = grid.timesteps[ks].repeat_interleave(len(x) // len(ks)).to(x.device)
-    coefs = [(float(grid.alpha_prod[k]), float(grid.alpha_prod_prev[k]), float(grid.sigma[k])) for k in ks]
-    return _network_means(policy, x, t, labels, control_scale, pretrained, coefs, checkpointing)
+    return _network_means(policy, x, t, labels, control_scale, pretrained, grid, ks, checkpointing)
 
 
 @torch.no_grad()
@@ -388,8 +493,9 @@ def sample(
         policy: a :class:`ctrl.policy.DiffusionPolicy` (``eps``, ``scheduler``, ``sample_shape``).
         labels: ``[B]`` label indices (``policy.null_label`` samples the pretrained model).
         num_steps: N, the number of sampling steps.
-        eta: DDIM stochasticity; > 0 for log-probabilities and KL (0: deterministic DDIM, every step controlled).
-        control_scale: gamma in ``eps = eps_pre + gamma * (eps_theta - eps_pre)``; 1 samples the policy.
+        eta: the chain's stochasticity (DDIM's eta in [0, 1]; a flow grid's noise level >= 0); > 0 for
+            log-probabilities and KL (0: deterministic, every step controlled).
+        control_scale: gamma in ``out = out_pre + gamma * (out_theta - out_pre)``; 1 samples the policy.
         noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T, each step's z); else drawn from ``generator``.
         grad_steps: how many of the LAST controlled steps carry gradients (0: none; the number of
             controlled steps or more: the whole chain); earlier steps run under no_grad and their output

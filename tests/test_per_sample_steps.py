@@ -32,9 +32,9 @@ def test_eps_with_a_timestep_per_sample_matches_one_call_per_timestep(tiny_pretr
         labels = torch.tensor([0, 1, 1, 0])
         t = torch.tensor([900, 500, 500, 100])
         with torch.no_grad():
-            eps, eps_pre = policy.eps(x, t, labels)
+            eps, eps_pre = policy.predict(x, t, labels)
             for i in range(4):
-                one, one_pre = policy.eps(x[i : i + 1], t[i], labels[i : i + 1])
+                one, one_pre = policy.predict(x[i : i + 1], t[i], labels[i : i + 1])
                 torch.testing.assert_close(eps[i : i + 1], one, atol=1e-5, rtol=1e-4, msg=name)
                 torch.testing.assert_close(eps_pre[i : i + 1], one_pre, atol=1e-5, rtol=1e-4, msg=name)
 

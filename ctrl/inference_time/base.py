@@ -1,6 +1,6 @@
 """The interface of inference-time methods: sample a pretrained model toward a reward without training it.
 
-Every guided sampler draws from the PRETRAINED model's noise prediction (``policy.eps(..., control_scale=0)``,
+Every guided sampler draws from the PRETRAINED model's noise prediction (``policy.predict(..., control_scale=0)``,
 whatever the policy's trainable part holds) on the same DDIM/DDPM grid as ctrl's one sampler
 (:func:`ctrl.sampling.make_grid`, :func:`ctrl.sampling.predict_x0`, :func:`ctrl.sampling.step_from_x0`),
 scores with the same reward as fine-tuning (``policy.score``: for conditional control a classifier's
@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ctrl.sampling import StepGrid, make_grid, predict_x0, seeded_noise, step_from_x0
+from ctrl.sampling import DDIMGrid, is_flow_scheduler, make_grid, predict_x0, seeded_noise, step_from_x0
 from ctrl.seeds import derived_seed
 
 
@@ -62,6 +62,11 @@ class GuidedSampler:
     def sample(self, policy, reward, labels: Tensor, seeds: Tensor, num_steps: int, eta: float = 1.0) -> GuidedSamples:
         """Guided samples for ``labels`` ``[B]`` with noise fixed by ``seeds`` ``[B]``."""
         policy.check_labels(labels.tolist(), "guided sampling labels")
+        if is_flow_scheduler(policy.scheduler):
+            raise ValueError(
+                f"{type(self).__name__} guides DDPM/DDIM (noise-prediction) models; this policy's scheduler is "
+                f"{type(policy.scheduler).__name__} (flow matching): fine-tune it with a plugin instead."
+            )
         self._denoiser_calls, self._reward_calls = 0, 0
         grid = make_grid(policy.scheduler, num_steps, eta)
         noise = seeded_noise(seeds, num_steps, policy.sample_shape).to(labels.device)
@@ -72,7 +77,7 @@ class GuidedSampler:
         n = len(labels)
         return GuidedSamples(samples.detach(), labels, self._denoiser_calls / n, self._reward_calls / n, seconds / n)
 
-    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator: torch.Generator) -> Tensor:
+    def run(self, policy, reward, labels: Tensor, grid: DDIMGrid, noise: Tensor, generator: torch.Generator) -> Tensor:
         """The final samples ``[B, ...]``. ``noise`` ``[B, N+1, ...]`` holds each chain's x_T (``noise[:, 0]``)
         and one standard normal draw per step; ``generator`` serves any further draws (particles,
         candidates, resampling). Default: one chain per image, each DDIM step taken from the guided
@@ -84,7 +89,7 @@ class GuidedSampler:
             x = (step_from_x0(x0, eps, float(grid.alpha_prod_prev[k]), s) + s * noise[:, k + 1]).detach()
         return x
 
-    def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def guided_step(self, policy, reward, x: Tensor, grid: DDIMGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The denoised estimate and noise ``[B, ...]`` each that step k of the default :meth:`run` takes."""
         raise NotImplementedError(f"{type(self).__name__} implements neither run nor guided_step.")
 
@@ -101,12 +106,12 @@ class GuidedSampler:
         raise TypeError(f"{type(self).__name__} samples the pretrained model alone; it loads no model of its own.")
 
     # -- helpers ------------------------------------------------------------------------------------
-    def eps(self, policy, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> Tensor:
+    def eps(self, policy, x: Tensor, grid: DDIMGrid, k: int, labels: Tensor) -> Tensor:
         """The pretrained model's noise prediction at step k, ``like x`` (gradients flow through x)."""
         self._denoiser_calls += len(x)
-        return policy.eps(x, grid.timesteps[k].to(x.device), labels, 0.0)[1]
+        return policy.predict(x, grid.timesteps[k].to(x.device), labels, 0.0)[1]
 
-    def x0_hat(self, policy, x: Tensor, eps: Tensor, grid: StepGrid, k: int) -> Tensor:
+    def x0_hat(self, policy, x: Tensor, eps: Tensor, grid: DDIMGrid, k: int) -> Tensor:
         return predict_x0(x, eps, float(grid.alpha_prod[k]), policy.clip_range)
 
     def score(self, policy, reward, x0: Tensor, labels: Tensor) -> Tensor:

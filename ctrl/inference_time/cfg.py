@@ -14,7 +14,7 @@ from ctrl.conditions import condition_codes, split_condition
 from ctrl.errors import SettingError, non_negative, setting
 from ctrl.inference_time.base import GuidedSampler
 from ctrl.pretrain import load_conditional_unet
-from ctrl.sampling import StepGrid, step_mean
+from ctrl.sampling import DDIMGrid, step_mean
 
 
 class ClassifierFreeGuidance(GuidedSampler):
@@ -55,7 +55,7 @@ class ClassifierFreeGuidance(GuidedSampler):
 
     # -- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:
+    def run(self, policy, reward, labels: Tensor, grid: DDIMGrid, noise: Tensor, generator) -> Tensor:
         if self.model is None:
             raise SettingError(
                 self,

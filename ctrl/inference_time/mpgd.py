@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ctrl.errors import non_negative
 from ctrl.inference_time.base import GuidedSampler
-from ctrl.sampling import StepGrid
+from ctrl.sampling import DDIMGrid
 
 
 class MPGD(GuidedSampler):
@@ -23,7 +23,7 @@ class MPGD(GuidedSampler):
     def __init__(self, step_size: float = 0.1):
         self.step_size = non_negative(self, "step_size", step_size)
 
-    def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def guided_step(self, policy, reward, x: Tensor, grid: DDIMGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             eps = self.eps(policy, x, grid, k, labels)
             x0 = self.x0_hat(policy, x, eps, grid, k)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ctrl.errors import non_negative
 from ctrl.inference_time.base import GuidedSampler
-from ctrl.sampling import StepGrid
+from ctrl.sampling import DDIMGrid
 
 
 class ReconstructionGuidance(GuidedSampler):
@@ -26,7 +26,7 @@ class ReconstructionGuidance(GuidedSampler):
     def __init__(self, scale: float = 1.0):
         self.scale = non_negative(self, "scale", scale)
 
-    def guided_step(self, policy, reward, x: Tensor, grid: StepGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def guided_step(self, policy, reward, x: Tensor, grid: DDIMGrid, k: int, labels: Tensor) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             eps = self.eps(policy, x_in, grid, k, labels)

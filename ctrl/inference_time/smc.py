@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ctrl.errors import SettingError, renamed_setting
 from ctrl.inference_time.base import GuidedSampler, randn
-from ctrl.sampling import StepGrid, step_mean
+from ctrl.sampling import DDIMGrid, step_mean
 
 
 class SMC(GuidedSampler):
@@ -52,7 +52,7 @@ class SMC(GuidedSampler):
         return torch.searchsorted(cdf, u.clamp(max=float(1 - 1e-12))).clamp(max=k - 1).to(log_w.device)
 
     @torch.no_grad()
-    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:
+    def run(self, policy, reward, labels: Tensor, grid: DDIMGrid, noise: Tensor, generator) -> Tensor:
         b, k, n = len(labels), self.num_particles, len(grid.timesteps)
         shape = noise.shape[2:]
         labels_k = labels.repeat_interleave(k)

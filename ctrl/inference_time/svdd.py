@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ctrl.errors import SettingError
 from ctrl.inference_time.base import GuidedSampler, randn
-from ctrl.sampling import StepGrid, step_mean
+from ctrl.sampling import DDIMGrid, step_mean
 
 
 class SVDD(GuidedSampler):
@@ -29,7 +29,7 @@ class SVDD(GuidedSampler):
         self.num_candidates, self.temperature = num_candidates, temperature
 
     @torch.no_grad()
-    def run(self, policy, reward, labels: Tensor, grid: StepGrid, noise: Tensor, generator) -> Tensor:
+    def run(self, policy, reward, labels: Tensor, grid: DDIMGrid, noise: Tensor, generator) -> Tensor:
         b, m, n = len(labels), self.num_candidates, len(grid.timesteps)
         shape = noise.shape[2:]
         labels_m = labels.repeat_interleave(m)

@@ -10,9 +10,9 @@ from ctrl.rewards.base import call_reward
 
 
 class DiffusionPolicy(nn.Module, ABC):
-    """A pretrained noise predictor eps_pre(x_t, t) and a trainable controlled one eps_theta(x_t, t, y).
+    """A pretrained network (noise or velocity predictor) and a trainable controlled one (:meth:`predict`).
 
-    Subclasses set ``scheduler`` (a diffusers scheduler: timesteps and alphas_cumprod),
+    Subclasses set ``scheduler`` (a diffusers DDPM/DDIM or flow-matching Euler scheduler),
     ``sample_shape`` (``(C, H, W)``) and ``num_labels``; label index ``num_labels`` is the null label,
     which samples the pretrained model exactly.
     """
@@ -32,15 +32,17 @@ class DiffusionPolicy(nn.Module, ABC):
         return float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", False) else None
 
     @abstractmethod
-    def eps(
+    def predict(
         self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Noise predictions ``(eps, eps_pre)``, each ``[B, C, H, W]``, at timestep ``t``: ``[]`` for the whole
-        batch or ``[B]``, one per sample.
+        """The network's predictions ``(out, out_pre)`` of the policy and of the pretrained model, each like ``x``
+        ``[B, ...]``, at timestep ``t``: ``[]`` for the whole batch or ``[B]``, one per sample. What they predict is
+        the scheduler's parametrisation: the noise eps for a DDPM/DDIM scheduler, the velocity v for a
+        flow-matching one (:func:`ctrl.sampling.make_grid` reads the scheduler and steps accordingly).
 
-        ``eps = eps_pre + control_scale * (eps_theta - eps_pre)``; 1 is the policy itself, 0 the
-        pretrained model. Gradients of ``eps_pre`` flow through ``x`` (never into frozen weights).
-        ``pretrained=False``: the caller does not need ``eps_pre``; a policy that can compute ``eps``
+        ``out = out_pre + control_scale * (out_theta - out_pre)``; 1 is the policy itself, 0 the
+        pretrained model. Gradients of ``out_pre`` flow through ``x`` (never into frozen weights).
+        ``pretrained=False``: the caller does not need ``out_pre``; a policy that can compute ``out``
         without the pretrained network's call skips it and returns None in its place.
         """
 

@@ -103,7 +103,7 @@ class AnalyticGaussian(DiffusionPolicy):
         mean, cov = chain_moments(self.affine_steps(num_steps, eta, control_scale=0.0))
         return mean.float(), float(cov[0, 0])
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
+    def predict(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
         eps_pre = self.eps_pretrained(x, t)  # closed form and the correction's base: always computed
         k = (t.long() * self.num_buckets // self.scheduler.config.num_train_timesteps).clamp(0, self.num_buckets - 1)
         if k.dim() == 0:

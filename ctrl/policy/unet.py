@@ -204,7 +204,7 @@ class UNetPolicy(DiffusionPolicy):
         kwargs = {"class_labels": labels} if self.label_embedding else {}
         return self.unet(x, t, **kwargs).sample
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
+    def predict(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
         null = torch.full_like(labels, self.null_label)
         own = (self.lora_rank > 0 or self.label_embedding) and self.head is None  # eps without eps_pre's call
         if own and not pretrained and control_scale == 1 and bool((labels != self.null_label).all()):
