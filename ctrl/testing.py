@@ -1,11 +1,12 @@
-"""Tiny random Stable Diffusion components built offline (nothing downloads), for tests and for checking
-benchmark harnesses on a CPU (the same sizes diffusers' own tests use); and the second world of the
+"""Tiny random Stable Diffusion (1.5 and 3) components built offline (nothing downloads), for tests and for
+checking benchmark harnesses on a CPU (the same sizes diffusers' own tests use); and the second world of the
 Gaussian closed-form checks, shared by the tests and benchmarks/closed_form.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -17,9 +18,13 @@ from transformers import (
     CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
 from ctrl.rewards.images import AestheticMLP
@@ -74,6 +79,80 @@ def make_tiny_sd(
         set_alpha_to_one=False,
         steps_offset=1,
     ).save_pretrained(directory / "scheduler")
+    return str(directory)
+
+
+def _t5_tokenizer(directory: Path, max_length: int) -> T5Tokenizer:
+    """A T5 (Unigram) tokenizer whose vocabulary is T5's special tokens and the printable ASCII characters, each with
+    and without the word-start marker, saved to ``directory`` (tokenizer.json: no sentencepiece model needed)."""
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + chars + ["\u2581" + c for c in chars]
+    tokenizer = T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], extra_ids=0)
+    tokenizer.model_max_length = max_length
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def make_tiny_sd3(directory, seed: int = 0, t5: bool = True, transformer: dict | None = None) -> str:
+    """A random tiny Stable Diffusion 3 pipeline saved by ``StableDiffusion3Pipeline.save_pretrained`` (transformer/,
+    vae/, text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_2/, tokenizer_3/, scheduler/,
+    model_index.json), built offline with the shapes of SD 3.5 medium scaled down: an SD3Transformer2DModel (2
+    blocks, the first with SD 3.5's second attention, RMS qk-norm, patch 2) on 16-channel 8x8 latents, a 2-block
+    AutoencoderKL of the SD3 kind (16 latent channels, no quant convs, shift_factor and scaling_factor; factor 2, so
+    16x16 images), two 2-layer CLIPTextModelWithProjection on the byte-level CLIP tokenizer (16 tokens), a 2-layer
+    T5EncoderModel on a character-level T5 tokenizer, and FlowMatchEulerDiscreteScheduler with SD3's shift 3.0.
+    ``t5=False``: no text_encoder_3/tokenizer_3 (diffusers runs SD3 without T5, with zero T5 embeddings).
+    ``transformer``: settings that replace those of the transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    clip_dim, t5_dim, projection = 16, 32, 8  # SD3: CLIP-L 768 + CLIP-G 1280 = 2048 <= T5-XXL 4096
+    transformer_config = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2)
+    transformer_config.update(attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16)
+    transformer_config.update(joint_attention_dim=t5_dim, pooled_projection_dim=2 * projection, pos_embed_max_size=8)
+    transformer_config.update(dual_attention_layers=(0,), qk_norm="rms_norm", **(transformer or {}))
+    tiny = dict(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2)
+    vae = AutoencoderKL(
+        latent_channels=16,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,  # SD3's VAE
+        scaling_factor=1.5305,
+        **tiny,
+    )
+    with TemporaryDirectory() as scratch:
+        vocab = _byte_tokenizer(Path(scratch))
+        tokenizer = CLIPTokenizer.from_pretrained(scratch)
+    text = dict(vocab_size=len(vocab), hidden_size=clip_dim, intermediate_size=32, num_hidden_layers=2)
+    text.update(num_attention_heads=2, max_position_embeddings=16, projection_dim=projection)
+    text.update(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    text.update(pad_token_id=vocab["<|endoftext|>"])
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        with TemporaryDirectory() as scratch:
+            tokenizer_3 = _t5_tokenizer(Path(scratch), max_length=32)
+        t5_config = T5Config(vocab_size=len(tokenizer_3), d_model=t5_dim, d_kv=8, d_ff=32, num_layers=2)
+        t5_config.update(dict(num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0))
+        text_encoder_3 = T5EncoderModel(t5_config)
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**transformer_config),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3's scheduler_config
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(directory)
     return str(directory)
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from ctrl.testing import make_tiny_aesthetic, make_tiny_sd  # noqa: F401  (fixtures below; tests import them)
+# fixtures below; tests import them
+from ctrl.testing import make_tiny_aesthetic, make_tiny_sd, make_tiny_sd3  # noqa: F401
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -146,6 +147,11 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Every shipped config parses and instantiates (litgpt's rule: an untested config is a broken config).
 
-The sd15 configs name Stable Diffusion 1.5 and the aesthetic weights, which cannot be fetched here:
-their instantiation swaps in the tiny local components (conftest), everything else as shipped.
+The sd15 and sd3 configs name Stable Diffusion 1.5 / 3.5 and the aesthetic weights, which cannot be fetched
+here: their instantiation swaps in the tiny local components (conftest), everything else as shipped.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ def test_there_are_configs():
 
 
 def _tiny_components(config: Path, request) -> list[str]:
-    if config.parent.name != "sd15":
+    pipelines = {"sd15": "tiny_sd", "sd3": "tiny_sd3"}
+    if config.parent.name not in pipelines:
         return []
     swaps = [
         "--model.policy.pretrained",
-        request.getfixturevalue("tiny_sd"),
+        request.getfixturevalue(pipelines[config.parent.name]),
         "--model.policy.dtype",
         "float32",
         "--trainer.accelerator",
@@ -32,9 +33,13 @@ def _tiny_components(config: Path, request) -> list[str]:
         "--trainer.precision",
         "32-true",
     ]
+    if config.parent.name == "sd3":  # the tiny transformer's images (16 pixels), not the config's 512
+        swaps += ["--model.policy.resolution", "16"]
     reward = config.read_text()
     if "ClassifierLogProb" in reward:
         return swaps + ["--model.reward.path", request.getfixturevalue("tiny_rgb_classifier")]
+    if "AestheticScore" not in reward:  # a reward without weights (JPEG compressibility)
+        return swaps
     clip, mlp = request.getfixturevalue("tiny_aesthetic")
     return swaps + ["--model.reward.clip_model", clip, "--model.reward.mlp_path", mlp]
 

@@ -98,8 +98,8 @@ def test_a_policy_started_from_the_export_is_the_trained_policy(run, tiny_sd, ti
         torch.tensor(700),
     )
     with torch.no_grad():
-        eps, eps_pre = policy.eps(x, t, labels)
-        eps_trained, eps_pre_trained = trained.eps(x, t, labels)
+        eps, eps_pre = policy.predict(x, t, labels)
+        eps_trained, eps_pre_trained = trained.predict(x, t, labels)
         assert torch.equal(eps, eps_trained) and torch.equal(eps_pre, eps_pre_trained)
         assert (eps - eps_pre).abs().max() > 1e-4  # the LoRA and the embedding matter
         noise = seeded_noise(torch.arange(len(labels)) + 1234, 3, policy.sample_shape)
@@ -214,4 +214,4 @@ def test_init_lora_takes_the_loras_alpha_when_lora_alpha_is_unset(tiny_sd, tmp_p
     assert started.lora_config.lora_alpha == 8
     x, t, labels = torch.randn(1, *saved.sample_shape), torch.tensor(500), torch.tensor([0])
     with torch.no_grad():
-        assert torch.equal(started.eps(x, t, labels)[0], saved.eps(x, t, labels)[0])
+        assert torch.equal(started.predict(x, t, labels)[0], saved.predict(x, t, labels)[0])

@@ -141,7 +141,7 @@ def test_exported_lora_samples_the_same_images_in_diffusers(tmp_path, tiny_sd):
     # the UNet itself: diffusers' with the loaded LoRA and the policy's with its adapters on
     x, t = torch.randn(2, *policy.sample_shape, generator=torch.Generator().manual_seed(1)), torch.tensor(700)
     with torch.no_grad():
-        policy.eps(x, t, torch.tensor([0, 1]))  # leaves the adapters on
+        policy.predict(x, t, torch.tensor([0, 1]))  # leaves the adapters on
         own = policy.unet(x, t, encoder_hidden_states=policy.prompt_embeds).sample
         loaded = pipe.unet(x, t, encoder_hidden_states=policy.prompt_embeds).sample
         pipe.disable_lora()
@@ -172,7 +172,7 @@ def test_conditions_are_prompt_class_pairs(tiny_sd):
     # different prompts are encoded differently; the policy starts as the pretrained model exactly
     assert (policy.prompt_embeds[0] - policy.prompt_embeds[1]).abs().max() > 0
     x = torch.randn(3, *policy.sample_shape)
-    eps, eps_pre = policy.eps(x, torch.tensor(500), labels)
+    eps, eps_pre = policy.predict(x, torch.tensor(500), labels)
     torch.testing.assert_close(eps, eps_pre)
 
 
@@ -203,7 +203,7 @@ def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
     with torch.no_grad():
         u_pre, c_pre = unet(empty, null, False), unet(policy.prompt_embeds[prompts], null, False)
         u_pol, c_pol = unet(empty, null, True), unet(policy.prompt_embeds[prompts], classes, True)
-        eps, eps_pre = policy.eps(x, t, labels, control_scale)
+        eps, eps_pre = policy.predict(x, t, labels, control_scale)
     expected_pre = u_pre + scale * (c_pre - u_pre)
     expected_policy = u_pol + scale * (c_pol - u_pol)
     torch.testing.assert_close(eps_pre, expected_pre, atol=1e-5, rtol=1e-5)

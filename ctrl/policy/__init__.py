@@ -2,6 +2,7 @@
 
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.policy.gaussian import AnalyticGaussian
+from ctrl.policy.sd3 import StableDiffusion3Policy
 from ctrl.policy.stable_diffusion import StableDiffusionPolicy
 from ctrl.policy.unet import ResidualControlHead, UNetPolicy, load_pretrained_unet
 
@@ -11,5 +12,6 @@ __all__ = [
     "UNetPolicy",
     "ResidualControlHead",
     "StableDiffusionPolicy",
+    "StableDiffusion3Policy",
     "load_pretrained_unet",
 ]

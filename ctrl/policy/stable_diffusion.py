@@ -13,9 +13,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -24,8 +21,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ctrl.assets import local_directory
 from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError, setting
-from ctrl.policy.adapters import AdapterSwitch, lora_mismatch, read_diffusers_lora
+from ctrl.policy.adapters import LoraNetwork
 from ctrl.policy.base import DiffusionPolicy
+from ctrl.policy.loading import component_class, is_flow_matching, load_component
 from ctrl.prompts import load_prompts
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -36,15 +34,7 @@ CLASS_EMBEDDING = "class_embedding.safetensors"
 
 
 def _load(cls, path: str, component: str, **kwargs):
-    try:
-        return cls.from_pretrained(path, subfolder=component, **kwargs)
-    except Exception as err:  # diffusers / transformers raise OSError, ValueError, EnvironmentError, ...
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(
-            f"could not load the {component} of '{path}' "
-            f"({type(err).__name__}: {first}). Give a StableDiffusionPipeline directory "
-            f"(save_pretrained) or a hub id in the local cache."
-        ) from None
+    return load_component(cls, path, component, "StableDiffusionPipeline", **kwargs)
 
 
 def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str | None):
@@ -54,6 +44,13 @@ def load_pipeline_components(pretrained: str, dtype: torch.dtype, variant: str |
 
     hint = "give a directory written by StableDiffusionPipeline.save_pretrained, or a hub id"
     local = local_directory(pretrained, "pipeline", hint)
+    scheduler_class = component_class(pretrained, "scheduler")
+    if is_flow_matching(scheduler_class):
+        raise ValueError(
+            f"'{pretrained}' is a flow-matching pipeline (its scheduler is {scheduler_class}, as Stable Diffusion "
+            "3's); StableDiffusionPolicy runs Stable Diffusion 1.x/2.x pipelines: use "
+            "ctrl.policy.StableDiffusion3Policy for it."
+        )
     if local is not None:
         missing = [c for c in COMPONENTS if not (local / c).is_dir()]
         if missing:
@@ -166,9 +163,14 @@ class StableDiffusionPolicy(DiffusionPolicy):
             self.unet.class_embedding = nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
             nn.init.zeros_(self.unet.class_embedding.weight)
         self.lora_rank = lora_rank
-        start, alpha = self._read_init_lora(init_lora, lora_rank, lora_alpha) if init_lora else (None, None)
+        examples = f"{DEFAULT_LORA_TARGETS} (attention) or proj_in, proj_out, ff.net.2, conv1, conv2"
+        self.lora = LoraNetwork(self, self.unet, "UNet", "unet", "StableDiffusionPipeline", examples)
+        start, alpha = self.lora.read_init(init_lora, lora_rank, lora_alpha) if init_lora else (None, None)
         if lora_rank > 0:
-            self._add_lora(lora_rank, lora_alpha or alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS)
+            self.lora_config = self.lora.add(
+                lora_rank, lora_alpha or alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS
+            )
+            self._adapters = self.lora.switch
         if start is not None:
             self._load_init_lora(init_lora, start)
         if num_classes > 0:
@@ -212,75 +214,10 @@ class StableDiffusionPolicy(DiffusionPolicy):
         ).input_ids
         return text_encoder(ids)[0]
 
-    def _add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
-
-        names = [n for n, _ in self.unet.named_modules()]
-        missing = [m for m in targets if not any(n == m or n.endswith("." + m) for n in names)]
-        if missing:
-            raise SettingError(
-                self,
-                "lora_target_modules",
-                f"{missing} match no module of the UNet; name its Linear/Conv2d modules, e.g. "
-                f"{DEFAULT_LORA_TARGETS} (attention) or proj_in, proj_out, ff.net.2, conv1, conv2.",
-            )
-        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-        self.unet.add_adapter(self.lora_config)
-        self._adapters = AdapterSwitch(self.unet)
-        for name, p in self.unet.named_parameters():  # trainable weights in float32 under bf16/fp16 bases
-            if "lora_" in name:
-                p.data = p.data.float()
-
-    def _read_init_lora(self, directory: str, rank: int, alpha: float | None) -> tuple[dict[str, Tensor], float]:
-        """The UNet layers of the LoRA folder ``init_lora`` and its alpha, refused unless they have this policy's
-        rank and alpha (the adapter is then added with them)."""
-        if rank == 0:
-            raise SettingError(
-                self, "init_lora", f"'{directory}' is a LoRA but lora_rank is 0; set lora_rank to its rank."
-            )
-        with setting(self, "init_lora", directory):
-            layers, alphas, others = read_diffusers_lora(directory)
-        if others or not layers:
-            what = (
-                f"layers for other parts of the pipeline than the UNet (e.g. '{others[0]}')" if others else "no layers"
-            )
-            raise SettingError(
-                self,
-                "init_lora",
-                f"'{directory}' holds {what}; ctrl trains a LoRA on the UNet only: give one of those.",
-            )
-        ranks = sorted({v.shape[0] for k, v in layers.items() if "lora_A" in k})
-        if ranks != [rank]:
-            raise SettingError(
-                self,
-                "init_lora",
-                f"'{directory}' holds a LoRA of rank {', '.join(map(str, ranks))} but lora_rank is {rank}; set "
-                f"lora_rank: {ranks[0]} to start from it.",
-            )
-        if len(alphas) > 1:
-            raise SettingError(
-                self, "init_lora", f"'{directory}' has one lora_alpha per layer; ctrl's adapter has one for all."
-            )
-        if alpha is not None and float(alpha) not in alphas:
-            raise SettingError(
-                self,
-                "init_lora",
-                f"'{directory}' was saved with lora_alpha {next(iter(alphas)):g} but lora_alpha is {alpha:g}; set "
-                "lora_alpha to the LoRA's, or leave it unset to take it.",
-            )
-        return layers, next(iter(alphas))
-
     def _load_init_lora(self, directory: str, layers: dict[str, Tensor]) -> None:
         """Copy ``layers`` (peft names, as :func:`read_diffusers_lora` gives them) into the adapter, refused unless
         they are exactly its layers; and the class embedding beside them, if any."""
-        mismatch = lora_mismatch(get_peft_model_state_dict(self.unet), layers)
-        if mismatch:
-            raise SettingError(
-                self,
-                "init_lora",
-                f"'{directory}' does not fit this UNet's LoRA ({mismatch}): it was trained on another base model "
-                f"or with other lora_target_modules than {sorted(self.lora_config.target_modules)}.",
-            )
-        set_peft_model_state_dict(self.unet, layers, adapter_name="default")
+        self.lora.load_init(directory, layers)
         path = Path(directory) / CLASS_EMBEDDING
         if self.num_classes > 0 and path.is_file():
             try:
@@ -349,7 +286,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         uncond, conditional = eps.chunk(2)
         return uncond + self.guidance_scale * (conditional - uncond)
 
-    def eps(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
+    def predict(self, x: Tensor, t: Tensor, labels: Tensor, control_scale: float = 1.0, pretrained: bool = True):
         active = labels != self.null_label  # the null label samples the pretrained model (with the first prompt)
         prompts = torch.where(active, self.prompt_index(labels), 0)
         null_classes = torch.full_like(labels, self.num_classes) if self.num_classes > 0 else None
@@ -381,13 +318,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
     def param_groups(self) -> list[dict]:
         groups = []
         if self.lora_rank > 0:
-            groups.append(
-                dict(
-                    name="lora",
-                    params=[p for n, p in self.unet.named_parameters() if "lora_" in n],
-                    lr=self.lrs["lora"],
-                )
-            )
+            groups.append(dict(name="lora", params=self.lora.parameters(), lr=self.lrs["lora"]))
         if self.num_classes > 0:
             groups.append(
                 dict(name="embedding", params=list(self.unet.class_embedding.parameters()), lr=self.lrs["embedding"])
@@ -406,11 +337,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.lora_rank > 0:
-            self._adapters.set(True)
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-            metadata = self.lora_config.to_dict()
-            metadata["target_modules"] = sorted(metadata["target_modules"])
+            layers, metadata = self.lora.export_layers()
             StableDiffusionPipeline.save_lora_weights(
                 directory, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
             )
