@@ -493,8 +493,7 @@ def sample(
         policy: a :class:`ctrl.policy.DiffusionPolicy` (``eps``, ``scheduler``, ``sample_shape``).
         labels: ``[B]`` label indices (``policy.null_label`` samples the pretrained model).
         num_steps: N, the number of sampling steps.
-        eta: the chain's stochasticity (DDIM's eta in [0, 1]; a flow grid's noise level >= 0); > 0 for
-            log-probabilities and KL (0: deterministic, every step controlled).
+        eta: stochasticity (DDIM's in [0, 1], a flow's noise level >= 0); 0: deterministic, every step controlled.
         control_scale: gamma in ``out = out_pre + gamma * (out_theta - out_pre)``; 1 samples the policy.
         noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T, each step's z); else drawn from ``generator``.
         grad_steps: how many of the LAST controlled steps carry gradients (0: none; the number of

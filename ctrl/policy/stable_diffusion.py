@@ -167,9 +167,8 @@ class StableDiffusionPolicy(DiffusionPolicy):
         self.lora = LoraNetwork(self, self.unet, "UNet", "unet", "StableDiffusionPipeline", examples)
         start, alpha = self.lora.read_init(init_lora, lora_rank, lora_alpha) if init_lora else (None, None)
         if lora_rank > 0:
-            self.lora_config = self.lora.add(
-                lora_rank, lora_alpha or alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS
-            )
+            targets = lora_target_modules or DEFAULT_LORA_TARGETS
+            self.lora_config = self.lora.add(lora_rank, lora_alpha or alpha or lora_rank, targets)
             self._adapters = self.lora.switch
         if start is not None:
             self._load_init_lora(init_lora, start)
