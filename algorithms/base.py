@@ -76,6 +76,11 @@ class Algorithm(nn.Module, ABC):
         Subclasses extend it (calling ``super().setup``); without a context, one process is assumed."""
         self.context = context or AlgorithmContext(num_labels=policy.num_labels)
 
+    def check_data(self, group_size: int | None) -> None:
+        """Refuse training batches this algorithm cannot learn from, naming the data's setting (the module calls
+        it once the data module is known). ``group_size``: chains per drawn condition (``data.group_size``;
+        None: the data does not say). Every grouping is accepted here."""
+
     @property
     def needs_pretrained(self) -> bool:
         """Whether a rollout must evaluate the pretrained model: its KL enters the objective (alpha > 0). At

@@ -27,7 +27,7 @@ from torch import Tensor
 from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm, add_to
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
-from ctrl.sampling import gaussian_kl, gaussian_log_prob, step_mean
+from ctrl.sampling import gaussian_kl, gaussian_log_prob
 
 
 @dataclass
@@ -112,9 +112,8 @@ class RAFT(MinibatchAlgorithm):
             if self.selection == "tilted":  # maximum likelihood of the weighted chains' own transitions
                 means, pres = (m.chunk(len(steps)) for m in self.stored_step_means(policy, batch, steps))
             else:  # denoising: x_t from the kept x0 by the forward process, target mean from the true noise
-                coefs = [(float(batch.grid.alpha_prod[k]), float(batch.grid.alpha_prod_prev[k])) for k in steps]
                 noises = [torch.randn_like(x0) for _ in steps]
-                x_ts = [math.sqrt(a) * x0 + math.sqrt(1 - a) * noise for (a, _), noise in zip(coefs, noises)]
+                x_ts = [batch.grid.add_noise(x0, noise, k) for noise, k in zip(noises, steps)]
                 means, pres = (m.chunk(len(steps)) for m in self.step_means(policy, batch, torch.cat(x_ts), steps))
             term = 0.0
             for j, k in enumerate(steps):
@@ -123,8 +122,8 @@ class RAFT(MinibatchAlgorithm):
                 if self.selection == "tilted":
                     fit = -gaussian_log_prob(batch.latents[:, k + 1], means[j], s)
                 else:
-                    a, a_prev = coefs[j]
-                    target = step_mean(x_ts[j], noises[j], a, a_prev, s, policy.clip_range)
+                    truth = batch.grid.true_prediction(x0, noises[j])
+                    target = batch.grid.step_mean(x_ts[j], truth, k, policy.clip_range)
                     fit = gaussian_kl(means[j], target, s) + self.alpha * kl
                 term = term + (batch.weights * fit).sum()
                 add_to(sums, kl=kl.mean())

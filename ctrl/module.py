@@ -246,6 +246,7 @@ class ControlModule(L.LightningModule):
                 f"data.num_labels={n} but model.policy.num_labels={self.policy.num_labels}; the labels "
                 "drawn for training must be the policy's label set: make them equal."
             )
+        self.algorithm.check_data(getattr(datamodule, "hparams", {}).get("group_size"))
         if self.trainer.world_size > 1:
             self.algorithm_context.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
 

@@ -165,6 +165,15 @@ class StepGrid:
         """The model's estimate of x_0 (Tweedie's) from ``x`` at step k and its prediction ``out``, ``[B, ...]``."""
         raise NotImplementedError
 
+    def add_noise(self, x0: Tensor, noise: Tensor, k: int) -> Tensor:
+        """x_t of step k from data ``x0`` and standard normal ``noise`` by the forward process, ``[B, ...]``."""
+        raise NotImplementedError
+
+    def true_prediction(self, x0: Tensor, noise: Tensor) -> Tensor:
+        """What a perfect network predicts at :meth:`add_noise`'s x_t given the ``x0`` and ``noise`` it came from
+        (the denoising regression target), ``[B, ...]``."""
+        raise NotImplementedError
+
 
 @dataclass
 class DDIMGrid(StepGrid):
@@ -183,6 +192,13 @@ class DDIMGrid(StepGrid):
 
     def predict_x0(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
         return predict_x0(x, out, float(self.alpha_prod[k]), clip_range)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, k: int) -> Tensor:
+        a = float(self.alpha_prod[k])
+        return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
+
+    def true_prediction(self, x0: Tensor, noise: Tensor) -> Tensor:
+        return noise
 
 
 @dataclass
@@ -206,6 +222,13 @@ class FlowGrid(StepGrid):
     def predict_x0(self, x: Tensor, out: Tensor, k: int, clip_range: float | None = None) -> Tensor:
         x0_hat = x - float(self.t[k]) * out
         return x0_hat if clip_range is None else x0_hat.clamp(-clip_range, clip_range)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, k: int) -> Tensor:
+        t = float(self.t[k])
+        return (1 - t) * x0 + t * noise
+
+    def true_prediction(self, x0: Tensor, noise: Tensor) -> Tensor:
+        return noise - x0
 
 
 @dataclass(frozen=True)

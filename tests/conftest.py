@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # fixtures below; tests import them
-from ctrl.testing import make_tiny_aesthetic, make_tiny_sd, make_tiny_sd3  # noqa: F401
+from ctrl.testing import make_tiny_aesthetic, make_tiny_clip, make_tiny_sd, make_tiny_sd3  # noqa: F401
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -152,6 +152,12 @@ def tiny_sd(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory) -> str:
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny CLIP model with both towers and its processor (CLIPScore's and PickScore's shape)."""
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,9 @@ def _tiny_components(config: Path, request) -> list[str]:
     reward = config.read_text()
     if "ClassifierLogProb" in reward:
         return swaps + ["--model.reward.path", request.getfixturevalue("tiny_rgb_classifier")]
+    if "PickScore" in reward or "CLIPScore" in reward:
+        clip = request.getfixturevalue("tiny_clip")
+        return swaps + ["--model.reward.model", clip, "--model.reward.processor", clip]
     if "AestheticScore" not in reward:  # a reward without weights (JPEG compressibility)
         return swaps
     clip, mlp = request.getfixturevalue("tiny_aesthetic")

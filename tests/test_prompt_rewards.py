@@ -36,11 +36,6 @@ class Recorder(Reward):
         return x0.flatten(1).mean(1)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-
-
 # -- the prompts reach the reward ------------------------------------------------------------------------------
 def test_a_reward_sees_the_prompts_of_its_chains(tiny_sd):
     """Conditions are (prompt, class) pairs, c = prompt * 2 + class: the reward gets each chain's class and the

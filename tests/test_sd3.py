@@ -6,6 +6,7 @@ and a pipeline of the other kind given to either Stable Diffusion policy is refu
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,12 +73,18 @@ def test_predict_is_the_pipelines_guided_transformer(tiny_sd3, t5):
     torch.testing.assert_close(own, out[:2], atol=1e-6, rtol=1e-6)
 
 
-def test_exported_lora_gives_the_same_velocity_in_diffusers(tmp_path, tiny_sd3):
-    """The export round trip: a LoRA (alpha != rank, random non-zero weights) written by ``export`` and loaded by
-    ``StableDiffusion3Pipeline.load_lora_weights`` gives the policy's velocity (control_scale 1) with the
-    pipeline's own guidance and prompt encoding; the LoRA matters."""
+BOTH_STREAMS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@pytest.mark.parametrize("targets", [None, BOTH_STREAMS], ids=["image stream", "both streams"])
+def test_exported_lora_gives_the_same_velocity_in_diffusers(targets, tmp_path, tiny_sd3):
+    """The export round trip: a LoRA (alpha != rank, random non-zero weights; on the image stream's attention, or on
+    both streams' as Flow-GRPO) written by ``export`` and loaded by ``StableDiffusion3Pipeline.load_lora_weights``
+    gives the policy's velocity (control_scale 1) with the pipeline's own guidance and prompt encoding; the LoRA
+    matters."""
     torch.set_num_threads(1)
-    policy = StableDiffusion3Policy(tiny_sd3, prompts=PROMPTS, guidance_scale=SCALE, lora_rank=2, lora_alpha=4)
+    lora = dict(lora_rank=2, lora_target_modules=targets)
+    policy = StableDiffusion3Policy(tiny_sd3, prompts=PROMPTS, guidance_scale=SCALE, lora_alpha=4, **lora)
     randomize_lora(policy.transformer, seed=0)
     policy.export(tmp_path / "lora")
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
@@ -94,7 +101,7 @@ def test_exported_lora_gives_the_same_velocity_in_diffusers(tmp_path, tiny_sd3):
     assert (loaded - base).abs().max() > 1e-3
     # and init_lora starts a policy from the export: the same velocities
     started = StableDiffusion3Policy(
-        tiny_sd3, prompts=PROMPTS, guidance_scale=SCALE, lora_rank=2, init_lora=str(tmp_path / "lora")
+        tiny_sd3, prompts=PROMPTS, guidance_scale=SCALE, init_lora=str(tmp_path / "lora"), **lora
     )
     assert started.lora_config.lora_alpha == 4
     with torch.no_grad():
@@ -178,16 +185,30 @@ def _tiny_sd3_args(config: str, root, pipeline: str, *extra: str) -> list[str]:
     return [*args, *extra]
 
 
-@pytest.mark.parametrize("config", ["direct", "ppo"])
-def test_two_training_steps_per_config(config, tmp_path, tiny_sd3, tiny_aesthetic):
-    """configs/sd3/*.yaml train on the tiny pipeline: the LoRA moves away from zero, the checkpoint holds only its
-    weights, and ExportLora writes a LoRA that StableDiffusion3Policy starts from (the trained velocities)."""
+CONFIGS = [
+    ("direct", []),
+    ("ppo", []),
+    ("ppo", ["--model.algorithm", "RAFT", "--model.algorithm.alpha", "1.0"]),  # RAFT has no sd3 config of its own
+    ("continuous", []),
+    ("grpo_compressibility", []),
+    ("grpo_pickscore", []),
+]
+
+
+@pytest.mark.parametrize("config, extra", CONFIGS, ids=["direct", "ppo", "raft", "continuous", "grpo", "grpo_pick"])
+def test_two_training_steps_per_config(config, extra, tmp_path, tiny_sd3, tiny_aesthetic, tiny_clip):
+    """configs/sd3/*.yaml train every plugin on the tiny pipeline: the LoRA moves away from zero, the checkpoint
+    holds only its weights, and ExportLora writes a LoRA that StableDiffusion3Policy starts from (the trained
+    velocities)."""
     from ctrl.commands import main
 
     torch.set_num_threads(1)
+    text = (Path(__file__).resolve().parents[1] / "configs" / "sd3" / f"{config}.yaml").read_text()
     clip, mlp = tiny_aesthetic
-    reward = ["--model.reward.clip_model", clip, "--model.reward.mlp_path", mlp] if config == "direct" else []
-    cli = main(["fit", *_tiny_sd3_args(config, tmp_path, tiny_sd3, *reward)])
+    reward = ["--model.reward.clip_model", clip, "--model.reward.mlp_path", mlp] if "AestheticScore" in text else []
+    if "PickScore" in text:
+        reward = ["--model.reward.model", tiny_clip, "--model.reward.processor", tiny_clip]
+    cli = main(["fit", *_tiny_sd3_args(config, tmp_path, tiny_sd3, *reward, *extra)])
     module, policy = cli.model, cli.model.policy
     assert cli.trainer.global_step >= 2 and torch.isfinite(torch.tensor(module.last_metrics["reward"]))
     lora_b = [p for n, p in policy.transformer.named_parameters() if "lora_B" in n]
@@ -202,6 +223,7 @@ def test_two_training_steps_per_config(config, tmp_path, tiny_sd3, tiny_aestheti
         guidance_scale=policy.guidance_scale,
         max_sequence_length=32,
         lora_rank=policy.lora_rank,
+        lora_target_modules=sorted(policy.lora_config.target_modules),
         init_lora=str(tmp_path / "lora"),
     )
     x, t = _inputs(policy, 2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -78,7 +78,7 @@ def read_diffusers_lora(
     network_alphas = found[1] if len(found) == 3 else None
     prefix = f"{component}."
     layers = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    if layers and not any("lora_A" in k for k in layers):  # diffusers' own older naming (lora.down / lora.up)
+    if any(".lora.down." in k or ".lora.up." in k for k in layers):  # diffusers' older naming, for some modules
         layers = convert_unet_state_dict_to_peft(layers)
     metadata = {k.removeprefix(prefix): v for k, v in (metadata or {}).items() if k.startswith(prefix)}
     kohya = {v for k, v in (network_alphas or {}).items() if k.startswith(prefix)}
@@ -199,11 +199,13 @@ class LoraNetwork:
         set_peft_model_state_dict(self.model, layers, adapter_name="default")
 
     def export_layers(self) -> tuple[dict[str, Tensor], dict]:
-        """The adapter as ``<pipeline>.save_lora_weights`` takes it: diffusers' names, on the CPU, and peft's
-        LoraConfig as the adapter metadata (so that load_lora_weights takes its alpha)."""
+        """The adapter as ``<pipeline>.save_lora_weights`` takes it: peft's names (as diffusers' own LoRA training
+        scripts save them; diffusers' older ``lora.down`` names exist for some modules only, and a file mixing the
+        two is misread), on the CPU, and peft's LoraConfig as the adapter metadata (so that load_lora_weights
+        takes its alpha)."""
         self.switch.set(True)
         with torch.no_grad():
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
+            state = get_peft_model_state_dict(self.model)
         layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         metadata = self.config.to_dict()
         metadata["target_modules"] = sorted(metadata["target_modules"])
