@@ -166,7 +166,7 @@ class ExportLora(Callback):
                 self,
                 "",
                 f"the policy {type(pl_module.policy).__name__} has no diffusers export; use it with "
-                "ctrl.policy.StableDiffusionPolicy or remove the callback.",
+                "ctrl.policy.StableDiffusionPolicy or StableDiffusion3Policy, or remove the callback.",
             )
 
     def on_train_start(self, trainer, pl_module) -> None:

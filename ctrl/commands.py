@@ -195,7 +195,7 @@ class ExportCLI(CtrlCLI):
         if not _exports(config.policy.class_path):
             raise ValueError(
                 f"model.policy: {config.policy.class_path} has no diffusers export; ctrl export writes the LoRA "
-                "(and class embedding) of ctrl.policy.StableDiffusionPolicy."
+                "(and class embedding) of ctrl.policy.StableDiffusionPolicy and StableDiffusion3Policy."
             )
         with located_in(self.config):
             self.policy = parser.instantiate_classes(config).policy

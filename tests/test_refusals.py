@@ -458,6 +458,17 @@ TABLE = [
         ["--data.prior", json.dumps([0.5, 0.6] + [0.0] * 8)],
         r"data.prior: .* is not a probability distribution \(entries must be >= 0 and sum to 1; they sum to 1.1\)",
     ),
+    (
+        "GRPO with groups of one chain",
+        ["--model.algorithm", "GRPO"],
+        r"data\.group_size: is 1, but GRPO compares each chain with the rest of its condition's group: set "
+        r"data\.group_size to 2 or more",
+    ),
+    (
+        "GRPO batch not divisible into groups",
+        ["--model.algorithm", "GRPO", "--data.group_size", "4", "--data.batch_size", "6"],
+        r"data\.batch_size: 6 is not a multiple of group_size 4",
+    ),
     ("too few evaluation steps", ["--model.eval_num_steps", "[1, 50]"], r"model\.eval_num_steps: must be at least 2"),
     ("max_bad_steps < 1", ["--model.max_bad_steps", "0"], r"model\.max_bad_steps: must be >= 1 or null"),
     (
