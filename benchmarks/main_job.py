@@ -30,11 +30,13 @@ from ctrl.commands import main
 METRICS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "kl")
 
 
-def evaluate(cli, split: str, gamma: float) -> dict[str, float]:
-    """The fitted model's metrics on ``split`` ("val" or "test") at control scale ``gamma``, with the pretrained
-    model's Frechet distance on the same seeds."""
+def evaluate(cli, split: str, gamma: float, steps: int | None = None) -> dict[str, float]:
+    """The fitted model's metrics on ``split`` ("val" or "test") at control scale ``gamma`` (and ``steps`` sampling
+    steps; None: the config's), with the pretrained model's Frechet distance on the same seeds and steps."""
     module = cli.model
     module.control_scale = gamma
+    if steps is not None and steps != module.eval_num_steps:
+        module.eval_num_steps, module.baselines = steps, {}  # the pretrained figures again, at these steps
     run = cli.trainer.validate if split == "val" else cli.trainer.test
     run(module, datamodule=cli.datamodule, verbose=False)
     row = {k: module.last_metrics[k] for k in METRICS}
@@ -75,15 +77,17 @@ def run(args, overrides: list[str]) -> None:
             ]
         )
         fit_seconds = time.perf_counter() - start
-        for split in ("val", "test"):
+        trained_steps = cli.model.eval_num_steps
+        for split, steps in [("val", trained_steps), ("test", trained_steps)] + [("test", n) for n in args.steps]:
             for gamma in args.gammas:
                 rows.append(
                     {
                         "seed": seed,
                         "split": split,
+                        "steps": steps,
                         "gamma": gamma,
                         "fit_seconds": round(fit_seconds, 1),
-                        **{k: round(v, 4) for k, v in evaluate(cli, split, gamma).items()},
+                        **{k: round(v, 4) for k, v in evaluate(cli, split, gamma, steps).items()},
                     }
                 )
         with open(out / "rows.csv", "w", newline="") as f:  # after every seed: a killed run keeps what it has
@@ -91,16 +95,18 @@ def run(args, overrides: list[str]) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    def pick(split: str, gamma: float, key: str) -> list[float]:
-        return [r[key] for r in rows if r["split"] == split and r["gamma"] == gamma]
+    def pick(split: str, gamma: float, key: str, steps: int = trained_steps) -> list[float]:
+        return [r[key] for r in rows if r["split"] == split and r["gamma"] == gamma and r["steps"] == steps]
 
     allowed = [g for g in args.gammas if statistics.mean(pick("val", g, "frechet_ratio")) <= args.max_frechet_ratio]
     chosen = max(allowed or args.gammas, key=lambda g: statistics.mean(pick("val", g, "accuracy")))
     lines = [
         f"# Main job over training seeds {args.seeds}",
         "",
-        f"`python benchmarks/main_job.py --seeds {' '.join(map(str, args.seeds))} --gammas "
-        f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}`"
+        f"`python benchmarks/main_job.py --config {args.config} --seeds {' '.join(map(str, args.seeds))} --gammas "
+        f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}"
+        + (f" --steps {' '.join(map(str, args.steps))}" if args.steps else "")
+        + "`"
         + (f" `-- {' '.join(overrides)}`" if overrides else ""),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -130,6 +136,18 @@ def run(args, overrides: list[str]) -> None:
     for key in METRICS + ("frechet_pretrained", "frechet_ratio", "fit_seconds"):
         values = pick("test", chosen, key)
         lines.append(f"| {key} | {mean_std(values)} | {min(values):.3f} | {max(values):.3f} |")
+    if args.steps:
+        lines += [
+            "",
+            f"Step-count robustness: trained at {trained_steps} steps, test seeds at gamma {chosen}, each step count "
+            "against the pretrained model at the same steps:",
+            "",
+            "| steps | accuracy | Frechet / pretrained |",
+            "|---|---|---|",
+        ]
+        for n in sorted({trained_steps, *args.steps}):
+            accuracy, ratio = pick("test", chosen, "accuracy", n), pick("test", chosen, "frechet_ratio", n)
+            lines.append(f"| {n} | {mean_std(accuracy)} | {mean_std(ratio)} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -141,6 +159,7 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.8, 0.9, 1.0, 1.1])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max_frechet_ratio", type=float, default=1.5)
+    parser.add_argument("--steps", type=int, nargs="*", default=[], help="also test at these sampling step counts")
     parser.add_argument("--output", default="benchmarks/main_job")
     args, overrides = parser.parse_known_args(argv)
     if len(set(args.seeds)) != len(args.seeds) or not args.gammas:

@@ -1,4 +1,5 @@
-"""Train a diffusion model: a diffusers UNet2DModel with epsilon prediction, unconditional or conditional.
+"""Train a diffusion model: a diffusers UNet2DModel, unconditional or conditional, by denoising (DDPM: epsilon
+prediction) or by flow matching (rectified flow: velocity prediction, as Stable Diffusion 3 is trained).
 
 Unconditional: how the shipped ``ctrl:digits-ddpm`` weights are made (configs/digits/pretrain.yaml).
 Conditional (``num_labels``): the model of the classifier-free guidance baseline
@@ -18,18 +19,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ctrl.conditions import condition_codes
 from ctrl.errors import SettingError, setting
 from ctrl.policy.unet import load_pretrained_unet
+from ctrl.sampling import is_flow_scheduler
 
 LABELS_FILE = "labels.json"
 
@@ -54,7 +57,12 @@ class DiffusionPretraining(L.LightningModule):
     Args:
         sample_size, in_channels, block_out_channels, layers_per_block, down_block_types,
         up_block_types: the UNet2DModel (attention sits in its middle block).
-        num_train_timesteps, beta_schedule: the DDPM noise schedule (saved with the weights).
+        objective: "ddpm" (x_t = sqrt(a) x_0 + sqrt(1 - a) z, predict z; a DDPMScheduler) or "flow_matching"
+            (x_t = (1 - t) x_0 + t z with t ~ U(0, 1), predict the velocity z - x_0; a FlowMatchEulerDiscreteScheduler
+            whose grid the sampler steps; the timestep input is t * num_train_timesteps).
+        num_train_timesteps, beta_schedule: the DDPM noise schedule (saved with the weights); a flow model's
+            timestep scale.
+        shift: a flow model's grid shift (saved with its scheduler; > 1 spends more sampling steps near the noise).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up and cosine decay over the run.
         ema_decay: decay of the exported exponential moving average.
         export_dir: where the EMA model is written when fit ends.
@@ -78,8 +86,10 @@ class DiffusionPretraining(L.LightningModule):
         layers_per_block: int = 2,
         down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types: tuple[str, ...] = ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        objective: Literal["ddpm", "flow_matching"] = "ddpm",
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
+        shift: float = 1.0,
         lr: float = 2e-3,
         weight_decay: float = 1e-4,
         warmup_steps: int = 50,
@@ -115,12 +125,17 @@ class DiffusionPretraining(L.LightningModule):
                 num_class_embeds=class_embeds,
             )
             scheduler_config = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+            if objective == "flow_matching":
+                scheduler_config = dict(num_train_timesteps=num_train_timesteps, shift=shift)
         if class_embeds:  # the model starts as the unconditional one for every label
             nn.init.zeros_(self.unet.class_embedding.weight)
         self.unet.requires_grad_(True)
         self.unet.train()
-        # clip_sample off: the sampler's step is then exactly Gaussian in eps (docs/design.md's KL).
-        self.scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False, timestep_spacing="trailing")
+        if scheduler_config.get("_class_name", "").startswith("FlowMatch") or "shift" in scheduler_config:
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        else:  # clip_sample off: the sampler's step is then exactly Gaussian in eps (docs/design.md's KL)
+            ddpm = dict(clip_sample=False, timestep_spacing="trailing")
+            self.scheduler = DDPMScheduler.from_config(scheduler_config, **ddpm)
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
 
@@ -138,8 +153,7 @@ class DiffusionPretraining(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x0 = batch[0]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        xt = self.scheduler.add_noise(x0, noise, t)
+        xt, t, target = self._noised(x0, noise)
         kwargs = {}
         if self.label_sizes is not None:
             if len(batch) < 2:
@@ -156,9 +170,19 @@ class DiffusionPretraining(L.LightningModule):
             null = torch.tensor(self.label_sizes, device=labels.device)
             drop = torch.rand(len(x0), 1, device=labels.device) < self.hparams.label_dropout
             kwargs["class_labels"] = condition_codes(torch.where(drop, null, labels), self.label_sizes)
-        loss = F.mse_loss(self.unet(xt, t, **kwargs).sample, noise)
+        loss = F.mse_loss(self.unet(xt, t, **kwargs).sample, target)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _noised(self, x0: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A random point of the forward process for each image: x_t ``[B, C, H, W]``, the network's timestep input
+        ``[B]`` and its regression target (the noise, or a flow's velocity) ``[B, C, H, W]``."""
+        n = self.scheduler.config.num_train_timesteps
+        if is_flow_scheduler(self.scheduler):
+            t = torch.rand(len(x0), device=x0.device).view(-1, 1, 1, 1)
+            return (1 - t) * x0 + t * noise, t.flatten() * n, noise - x0
+        t = torch.randint(0, n, (len(x0),), device=x0.device)
+        return self.scheduler.add_noise(x0, noise, t), t, noise
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.ema.update_parameters(self.unet)

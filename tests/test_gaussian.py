@@ -102,6 +102,7 @@ def test_algorithm_reaches_the_chain_optimum(algorithm, world, tmp_path):
     _assert_reaches(_fit(algorithm, tmp_path, *overrides).trainer.callback_metrics, tolerance)
 
 
+@pytest.mark.slow
 def test_grpo_groups_reach_the_optimum(tmp_path):
     """GRPO's group-relative advantages (64 conditions of 4 chains, centred) keep PPO's estimator exact."""
     _assert_reaches(_fit("grpo", tmp_path).trainer.callback_metrics, TOLERANCE["grpo"])
@@ -113,7 +114,9 @@ def test_grpo_groups_reach_the_optimum(tmp_path):
 FLOW = ["--model.policy.class_path", "ctrl.policy.AnalyticGaussianFlow", "--model.num_steps", "20"]
 
 
-@pytest.mark.parametrize("algorithm", ["direct", "ppo", "grpo", "continuous", "raft"])
+@pytest.mark.parametrize(
+    "algorithm", ["direct", "ppo", "grpo", "continuous", pytest.param("raft", marks=pytest.mark.slow)]
+)
 def test_every_plugin_reaches_the_optimum_on_the_flow_world(algorithm, tmp_path):
     """The same plugins, configs and closed forms on a flow-matching model (velocity prediction, Flow-GRPO's
     stochastic sampler): each reaches its chain's optimum and, beside it, the tilted target within 0.10."""

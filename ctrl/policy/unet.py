@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from peft import LoraConfig
 from torch import Tensor, nn
@@ -18,7 +18,15 @@ class _AdapterUNet2DModel(UNet2DModel, PeftAdapterMixin):
     """UNet2DModel has no ``add_adapter``; diffusers' PeftAdapterMixin gives it LoRA through peft."""
 
 
-def load_pretrained_unet(pretrained: str) -> tuple[UNet2DModel, DDIMScheduler]:
+def _load_scheduler(path: str) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The model's own flow-matching scheduler, or a DDIM scheduler on its DDPM/DDIM noise schedule."""
+    config = DDIMScheduler.load_config(path, subfolder="scheduler")
+    if config.get("_class_name", "").startswith("FlowMatch"):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return DDIMScheduler.from_config(config)
+
+
+def load_pretrained_unet(pretrained: str) -> tuple[UNet2DModel, DDIMScheduler | FlowMatchEulerDiscreteScheduler]:
     """Load a diffusers UNet2DModel and its noise schedule from a directory or hub id.
 
     ``pretrained`` is a DDPMPipeline-style directory (``unet/`` and ``scheduler/``, as
@@ -37,7 +45,7 @@ def load_pretrained_unet(pretrained: str) -> tuple[UNet2DModel, DDIMScheduler]:
     try:
         unet = _AdapterUNet2DModel.from_pretrained(path, subfolder=subfolder)
         scheduler = (
-            DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+            _load_scheduler(path)
             if has_scheduler
             else DDIMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
         )
