@@ -377,7 +377,7 @@ TABLE = [
         "unknown algorithm",
         ["--model.algorithm", "PPOO"],
         r"model.algorithm 'PPOO' is not an available algorithm; available: AlignProp, ContinuousTimePG, DDPO, DRaFT, "
-        r"DirectBackprop, PPO, RAFT",
+        r"DirectBackprop, GRPO, PPO, RAFT",
     ),
     (
         "negative KL weight",
