@@ -92,8 +92,23 @@ def _assert_reaches(metrics, tolerance: float) -> None:
     assert float(metrics["val/target_mean_rel_err"]) <= 0.10 and float(metrics["val/target_cov_rel_err"]) <= 0.10
 
 
-@pytest.mark.parametrize("world", ["shipped", "other"])
-@pytest.mark.parametrize("algorithm", ["direct", "ppo", "raft", "continuous"])
+# The second world's score-function and RAFT runs take 1-2.5 minutes each on 2 cores: `python -m pytest -m slow`.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "algorithm, world",
+    [
+        ("direct", "shipped"),
+        ("ppo", "shipped"),
+        ("raft", "shipped"),
+        ("continuous", "shipped"),
+        ("direct", "other"),
+        pytest.param("ppo", "other", marks=SLOW),
+        pytest.param("raft", "other", marks=SLOW),
+        pytest.param("continuous", "other", marks=SLOW),
+    ],
+)
 def test_algorithm_reaches_the_chain_optimum(algorithm, world, tmp_path):
     """Every plugin reaches the optimum of E[r] - alpha KL over its own chain's family, on the shipped world
     and on another given on the command line (nothing is tuned to the shipped numbers)."""
@@ -126,6 +141,7 @@ def test_every_plugin_reaches_the_optimum_on_the_flow_world(algorithm, tmp_path)
     _assert_reaches(cli.trainer.callback_metrics, 0.05 if algorithm == "raft" else TOLERANCE[algorithm])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "continuous"])
 def test_per_condition_baselines_in_groups_of_three_reach_the_optimum(algorithm, tmp_path):
     """85 conditions of 3 chains each, baselines per condition: the leave-one-out baseline keeps the estimator
