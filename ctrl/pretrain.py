@@ -51,6 +51,17 @@ def load_conditional_unet(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler,
     return unet, DDPMScheduler.from_pretrained(path / "scheduler"), sizes
 
 
+def _checked_schedule(owner, objective: str, init_from: str, schedule) -> dict:
+    """The ``init_from`` model's scheduler config; another training objective than the one that model was trained
+    for is refused."""
+    kind = "flow_matching" if is_flow_scheduler(schedule) else "ddpm"
+    if objective != kind:
+        raise SettingError(
+            owner, "objective", f"{objective!r}, but init_from={init_from!r} is a {kind} model: set objective {kind}"
+        )
+    return schedule.config
+
+
 class DiffusionPretraining(L.LightningModule):
     """Denoising score matching for a UNet2DModel.
 
@@ -110,7 +121,7 @@ class DiffusionPretraining(L.LightningModule):
             self.unet = UNet2DModel.from_config(base.config, num_class_embeds=class_embeds)
             missing, _ = self.unet.load_state_dict(base.state_dict(), strict=False)
             assert all(name.startswith("class_embedding") for name in missing), missing
-            scheduler_config = schedule.config
+            scheduler_config = _checked_schedule(self, objective, init_from, schedule)
         else:
             self.unet = UNet2DModel(
                 sample_size=sample_size,
@@ -131,7 +142,7 @@ class DiffusionPretraining(L.LightningModule):
             nn.init.zeros_(self.unet.class_embedding.weight)
         self.unet.requires_grad_(True)
         self.unet.train()
-        if scheduler_config.get("_class_name", "").startswith("FlowMatch") or "shift" in scheduler_config:
+        if objective == "flow_matching":
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         else:  # clip_sample off: the sampler's step is then exactly Gaussian in eps (docs/design.md's KL)
             ddpm = dict(clip_sample=False, timestep_spacing="trailing")
