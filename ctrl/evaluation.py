@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from ctrl.conditions import join_condition, split_condition
 from ctrl.datamodules.digits_data import digits_judge, digits_split
@@ -45,12 +46,21 @@ class Evaluator(ABC):
 
 def classification_scores(judged: Tensor, labels: Tensor, num_labels: int) -> dict[str, Tensor]:
     """Judged against requested labels (``[N]`` each): ``accuracy``, ``macro_f1``, ``min_class_accuracy``
-    (over the labels requested at least once) and ``confusion`` (rows requested, columns judged)."""
-    confusion = MulticlassConfusionMatrix(num_labels)(judged, labels)
+    (over the labels requested at least once) and ``confusion`` (rows requested, columns judged).
+
+    A judged ``num_labels`` means no class (a sample in a label set's margin): wrong for every request, and
+    counted in a last column of ``confusion``; ``macro_f1`` averages the real classes only.
+    """
+    columns = num_labels + 1  # the last: no class
+    confusion = MulticlassConfusionMatrix(columns)(judged, labels)[:num_labels]
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    f1 = MulticlassF1Score(columns, average="none")(judged, labels)[:num_labels]
+    seen = (confusion.sum(1) + confusion.sum(0)[:num_labels]) > 0  # as torchmetrics' macro: classes in play
+    if not bool((judged == num_labels).any()):
+        confusion = confusion[:, :num_labels]
     return {
-        "accuracy": MulticlassAccuracy(num_labels, average="micro")(judged, labels),
-        "macro_f1": MulticlassF1Score(num_labels, average="macro")(judged, labels),
+        "accuracy": MulticlassAccuracy(columns, average="micro")(judged, labels),
+        "macro_f1": f1[seen].mean(),
         "min_class_accuracy": per_class[confusion.sum(1) > 0].min(),
         "confusion": confusion,
     }
@@ -79,8 +89,9 @@ class DigitsEvaluator(Evaluator):
     split). The Frechet distance compares samples with the held-out split in the space of the
     first ``num_features`` principal components of the pretraining split's pixels.
 
-    Metrics: ``accuracy``, ``macro_f1``, ``frechet``, ``min_class_accuracy`` and the confusion
-    matrix (``confusion``, rows = requested label, columns = judged label).
+    Metrics: ``accuracy``, ``macro_f1``, ``min_class_accuracy``, the confusion matrix (``confusion``, rows =
+    requested label, columns = judged label), ``frechet``, ``frechet_floor`` (real digits' distance at the same
+    number of samples: at n = 500 about a third of the pretrained model's) and ``kid`` (unbiased).
     """
 
     def __init__(self, num_labels: int = 10, image_size: int = 16, num_features: int = 20):
@@ -88,6 +99,8 @@ class DigitsEvaluator(Evaluator):
         self.svc, pca = digits_judge(image_size, num_features)
         self.features = LinearFeatures(pca.mean_, pca.components_)
         self.real, _ = digits_split("heldout", image_size)
+        self.pretrain, _ = digits_split("pretrain", image_size)
+        self._floors: dict[int, Tensor] = {}
 
     def judge(self, samples: Tensor) -> Tensor:
         """The judge's label for each sample, ``[N]``."""
@@ -95,16 +108,45 @@ class DigitsEvaluator(Evaluator):
         return torch.as_tensor(self.svc.predict(pixels), dtype=torch.long)
 
     def frechet(self, samples: Tensor) -> Tensor:
-        fid = FrechetInceptionDistance(feature=self.features, normalize=False, reset_real_features=True)
+        """The Frechet distance of ``samples`` ``[N, 1, S, S]`` to the held-out digits in the PCA features."""
+        # no sync across processes: under DDP every rank already holds all the gathered samples
+        fid = FrechetInceptionDistance(feature=self.features, normalize=False, sync_on_compute=False)
         fid.update(self.real, real=True)
         fid.update(samples.detach().cpu().clamp(-1, 1), real=False)
         return fid.compute().float()
 
-    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def frechet_floor(self, n: int) -> Tensor:
+        """The Frechet distance of ``n`` REAL pretraining digits (the first n of that split; all 1,000 when n is
+        larger) to the held-out ones: what a sample set of that size scores from finite n alone."""
+        if n not in self._floors:
+            self._floors[n] = self.frechet(self.pretrain[:n])
+        return self._floors[n]
+
+    def kid(self, samples: Tensor) -> Tensor:
+        """torchmetrics' kernel distance (polynomial-kernel MMD^2, unbiased: about 0 for real digits at any n)
+        of ``samples`` to the held-out digits in the same features: the mean over 100 subsets of
+        min(N, held-out) samples each, drawn from a fixed seed so the figure is reproducible and the global
+        random state is left as it was."""
+        size = min(len(samples), len(self.real))
+        if size < 2:  # an unbiased MMD needs two samples a side
+            return torch.tensor(float("nan"))
+        kid = KernelInceptionDistance(feature=self.features, subset_size=size, normalize=False, sync_on_compute=False)
+        kid.update(self.real, real=True)
+        kid.update(samples.detach().cpu().clamp(-1, 1), real=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return kid.compute()[0].float()
+
+    def fidelity(self, samples: Tensor) -> dict[str, Tensor]:
+        """``frechet``, its ``frechet_floor`` at the same n, and ``kid`` of ``samples``."""
         return {
-            **classification_scores(self.judge(samples), labels.cpu(), self.num_labels),
             "frechet": self.frechet(samples),
+            "frechet_floor": self.frechet_floor(len(samples)),
+            "kid": self.kid(samples),
         }
+
+    def evaluate(self, samples: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return {**classification_scores(self.judge(samples), labels.cpu(), self.num_labels), **self.fidelity(samples)}
 
 
 class JpegSizeEvaluator(Evaluator):
@@ -138,10 +180,10 @@ class JpegSizeEvaluator(Evaluator):
 class LabelSetEvaluator(Evaluator):
     """Digits samples judged by the TRUE labeller of a label set (``ctrl.datamodules.labelsets``), or of
     several at once (multi-task: conditions numbered as ``ctrl.conditions.split_condition`` does),
-    plus the Frechet distance to the held-out digits (as :class:`DigitsEvaluator`).
+    plus the fidelity figures of :class:`DigitsEvaluator` (``frechet``, ``frechet_floor``, ``kid``).
 
     Metrics: ``accuracy``, ``macro_f1``, ``min_class_accuracy`` and ``confusion`` over the conditions
-    (for several label sets: a sample counts as right when every label is), ``frechet``; with several
+    (for several label sets: a sample counts as right when every label is), the fidelity figures; with several
     label sets also ``<set>_accuracy`` and ``<set>_macro_f1`` for each.
 
     Args:
@@ -156,7 +198,7 @@ class LabelSetEvaluator(Evaluator):
                 check_label_set(name)
         self.sizes = [NUM_CLASSES[n] for n in self.label_sets]
         self.num_labels = math.prod(self.sizes)
-        self.frechet = DigitsEvaluator(self.num_labels, image_size, num_features).frechet
+        self.fidelity = DigitsEvaluator(self.num_labels, image_size, num_features).fidelity
 
     def attach(self, module) -> None:
         self.check_conditions(module, "label_sets", f"{self.label_sets} and the policy's labels must agree.")
@@ -165,13 +207,14 @@ class LabelSetEvaluator(Evaluator):
         labels = labels.cpu()
         judged = [true_labels(name, samples) for name in self.label_sets]
         wanted = split_condition(labels, self.sizes)
-        metrics = classification_scores(join_condition(judged, self.sizes), labels, self.num_labels)
+        joint = join_condition([j.clamp(max=n - 1) for j, n in zip(judged, self.sizes)], self.sizes)
+        classless = torch.stack([j >= n for j, n in zip(judged, self.sizes)]).any(0)  # in some set's margin
+        metrics = classification_scores(joint.masked_fill(classless, self.num_labels), labels, self.num_labels)
         if len(self.label_sets) > 1:
             for name, j, y, n in zip(self.label_sets, judged, wanted, self.sizes):
                 part = classification_scores(j, y, n)
                 metrics.update({f"{name}_accuracy": part["accuracy"], f"{name}_macro_f1": part["macro_f1"]})
-        metrics["frechet"] = self.frechet(samples)
-        return metrics
+        return {**metrics, **self.fidelity(samples)}
 
 
 def tilted_gaussian(

@@ -28,7 +28,7 @@ from ctrl.rewards.base import Reward
 from ctrl.sampling import chain_kl, is_flow_scheduler, make_grid, sample, seeded_noise
 from ctrl.seeds import derived_seed
 
-SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "reward", "kl")
+SUMMARY_KEYS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "frechet_floor", "kid", "reward", "kl")
 
 
 def _qualified(obj) -> str:
