@@ -10,7 +10,9 @@ pretrained model's (on the same seeds); the test rows at that gamma are what is 
 
 writes ``<output>/rows.csv`` (every seed, split and gamma) and ``<output>/table.md`` (the choice and the
 test figures, mean +- std over seeds, with the machine and thread count). Extra arguments after ``--``
-go to ``ctrl fit`` (e.g. ``-- --model.algorithm.alpha 0.15``).
+go to ``ctrl fit`` (e.g. ``-- --model.algorithm.alpha 0.15``); a task overlay goes with the config
+(``--config configs/digits/control.yaml configs/digits/tasks/compressibility.yaml``), before the per-seed
+settings, so each seed keeps its own run folder.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pathlib import Path
 import torch
 
 from ctrl.commands import main
+from ctrl.tuning import choose
 
-METRICS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "kl")
+METRICS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "frechet_floor", "kid", "kl")
 
 
 def evaluate(cli, split: str, gamma: float, steps: int | None = None) -> dict[str, float]:
@@ -59,8 +62,7 @@ def run(args, overrides: list[str]) -> None:
         cli = main(
             [
                 "fit",
-                "--config",
-                args.config,
+                *(arg for config in args.config for arg in ("--config", config)),
                 "--seed_everything",
                 str(seed),
                 "--data.seed",
@@ -98,19 +100,22 @@ def run(args, overrides: list[str]) -> None:
     def pick(split: str, gamma: float, key: str, steps: int = trained_steps) -> list[float]:
         return [r[key] for r in rows if r["split"] == split and r["gamma"] == gamma and r["steps"] == steps]
 
-    allowed = [g for g in args.gammas if statistics.mean(pick("val", g, "frechet_ratio")) <= args.max_frechet_ratio]
-    chosen = max(allowed or args.gammas, key=lambda g: statistics.mean(pick("val", g, "accuracy")))
+    accuracy = [statistics.mean(pick("val", g, "accuracy")) for g in args.gammas]
+    ratio = [statistics.mean(pick("val", g, "frechet_ratio")) for g in args.gammas]
+    chosen = args.gammas[choose(accuracy, ratio, 1.0, args.max_frechet_ratio)]  # ratios: the base's Frechet is 1
+    allowed = [g for g, r in zip(args.gammas, ratio) if r <= args.max_frechet_ratio]
     lines = [
         f"# Main job over training seeds {args.seeds}",
         "",
-        f"`python benchmarks/main_job.py --config {args.config} --seeds {' '.join(map(str, args.seeds))} --gammas "
+        f"`python benchmarks/main_job.py --config {' '.join(args.config)} "
+        f"--seeds {' '.join(map(str, args.seeds))} --gammas "
         f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}"
         + (f" --steps {' '.join(map(str, args.steps))}" if args.steps else "")
         + "`"
         + (f" `-- {' '.join(overrides)}`" if overrides else ""),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{args.threads} torch threads. Config: `{args.config}`.",
+        f"{args.threads} torch threads. Config: `{' '.join(args.config)}`.",
         "",
         "Validation seeds (choice of gamma: highest mean accuracy with mean Frechet <= "
         f"{args.max_frechet_ratio}x the pretrained model's):",
@@ -154,7 +159,9 @@ def run(args, overrides: list[str]) -> None:
 
 def parse(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/digits/control.yaml")
+    parser.add_argument(
+        "--config", nargs="+", default=["configs/digits/control.yaml"], help="a config and the overlays that follow it"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.8, 0.9, 1.0, 1.1])
     parser.add_argument("--threads", type=int, default=2)

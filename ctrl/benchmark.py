@@ -1,21 +1,33 @@
 """``ctrl benchmark --config configs/digits/benchmark_<task>.yaml``: every method of a conditional-control task
-side by side, judged the same way.
+side by side, at one target, tuned by one rule, reported on test seeds with their spread.
 
 Three kinds of rows, in this order: the pretrained model (the baseline), inference-time methods
 (:mod:`ctrl.inference_time`, on the same pretrained model and reward) and fine-tuning rows (``ctrl fit`` runs
 of control configs, one per plugin). Whatever a row needs trained (a fine-tuned policy; the conditional model
-of classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/<name>``, and reused
+of classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/``, and reused
 unless ``retrain``; an inference-time method only loads what it is given. Every method samples the same
 labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true
-labeller of the label set) scores them all. Written to ``output``: ``table.md`` (markdown), ``results.csv``
-and ``samples.png`` (a grid per method: a row per label). The first fine-tuning row is also evaluated at
-each of ``control_scales``.
+labeller of the label set) scores them all.
+
+The protocol (:mod:`ctrl.tuning`): every method is compared at the fine-tuning rows' KL weight
+(``same_target``); a method with several settings (a fine-tuning row's ``sweep``, an inference-time
+method's ``inference_sweeps`` entry; at most :data:`ctrl.tuning.MAX_SETTINGS` each) tries them on the
+validation seeds and keeps one by the one rule; then every method runs once per training seed
+(``training_seeds``: fine-tuning rows are trained with it, and each repeat samples its own set of test
+seeds), and the table gives mean +- std over those repeats.
+
+Written to ``output``: ``table.md`` (mean +- std), ``results.csv`` (every repeat's row), ``sweep.md`` and
+``sweep.csv`` (each setting's validation figures and the choice; only when some method has several),
+and ``samples.png`` (the first repeat: a grid per method, a row per label). The first fine-tuning row is
+also evaluated at each of ``control_scales``.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +44,20 @@ from ctrl.errors import SettingError, located_in, renamed_setting
 from ctrl.images import grid_image
 from ctrl.inference_time import GuidedSampler
 from ctrl.parser import CtrlArgumentParser
-from ctrl.seeds import TEST, check_seeds
+from ctrl.seeds import TEST, VALIDATION, check_seeds
+from ctrl.tuning import MAX_SETTINGS, choose, mean_std
 
-COLUMNS = ("method", "accuracy", "macro_f1", "frechet", "kl", "sampling_s_per_image", "training_s")
+COLUMNS = (
+    "method",
+    "accuracy",
+    "macro_f1",
+    "frechet",
+    "frechet_floor",
+    "kid",
+    "kl",
+    "sampling_s_per_image",
+    "training_s",
+)
 
 
 @dataclass
@@ -46,26 +69,50 @@ class FitRun:
             the inference-time method that loads the trained model.
         config: the fit config (for a fine-tuning row its evaluator, reward and policy define the task).
         args: extra command-line overrides (e.g. ``["--model.algorithm", "PPO"]``).
+        sweep: the settings a fine-tuning row tries on validation seeds, each a list of further overrides
+            (``[--model.policy.head_lr, "0.004"]``; ``[]`` is the row as configured); None: the row as
+            configured, nothing tried.
     """
 
     name: str
     config: str
     args: list[str] = field(default_factory=list)
+    sweep: list[list[str]] | None = None
 
-    def cli(self, root: Path, subcommand: str | None = None, *extra: str) -> commands.CtrlCLI:
-        """The run under ``root/<name>``: instantiated only (``subcommand`` None), or run."""
-        args = ["--config", self.config, *self.args, "--trainer.default_root_dir", str(root / self.name), *extra]
+    def settings(self) -> list[list[str]]:
+        """The overrides of each setting the row tries (one, empty, without a sweep)."""
+        return [[]] if self.sweep is None else self.sweep
+
+    def cli(self, folder: Path, subcommand: str | None = None, *extra: str) -> commands.CtrlCLI:
+        """The run in ``folder``: instantiated only (``subcommand`` None), or run."""
+        args = ["--config", self.config, *self.args, "--trainer.default_root_dir", str(folder), *extra]
         return commands.main([subcommand, *args] if subcommand else args, run=subcommand is not None)
 
-    def train(self, root: Path, retrain: bool, *extra: str) -> tuple[float, commands.CtrlCLI | None]:
-        """Fit under ``root/<name>`` unless a finished run is there: the training seconds and the fit's CLI
-        (None when the finished run was reused)."""
-        done, cli = root / self.name / "train_seconds.json", None
+    def train(self, folder: Path, retrain: bool, *extra: str) -> tuple[float, commands.CtrlCLI | None]:
+        """Fit in ``folder`` unless a finished run is there: the training seconds and the fit's CLI (None
+        when the finished run was reused)."""
+        done, cli = folder / "train_seconds.json", None
         if retrain or not done.is_file():
             start = time.perf_counter()
-            cli = self.cli(root, "fit", "--trainer.enable_progress_bar", "false", *extra)
+            cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
             done.write_text(json.dumps({"seconds": time.perf_counter() - start}))
         return json.loads(done.read_text())["seconds"], cli
+
+
+def _describe(setting) -> str:
+    """A setting as the tables name it: its overrides, or "as configured"."""
+    if isinstance(setting, dict):
+        return " ".join(f"{k}={v}" for k, v in setting.items()) or "as configured"
+    return " ".join(setting) or "as configured"
+
+
+def _variants(sampler: GuidedSampler, sweep: list[dict] | None) -> list[GuidedSampler]:
+    """The inference-time method at each setting of its sweep (None: itself): a new instance per setting, built
+    from its own settings with the setting's values over them (so every value is checked as the config's)."""
+    if sweep is None:
+        return [sampler]
+    names = [p for p in inspect.signature(type(sampler).__init__).parameters if p != "self" and hasattr(sampler, p)]
+    return [type(sampler)(**{**{p: getattr(sampler, p) for p in names}, **setting}) for setting in sweep]
 
 
 def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) -> dict[str, float]:
@@ -76,7 +123,7 @@ def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) ->
     out = {
         k: float(v)
         for k, v in metrics.items()
-        if k in ("accuracy", "macro_f1", "frechet")
+        if k in ("accuracy", "macro_f1", "frechet", "frechet_floor", "kid")
         or (k.endswith(("_accuracy", "_macro_f1")) and k != "min_class_accuracy")
     }
     out["reward"] = float(module.policy.score_images(module.reward, images, labels).mean())
@@ -89,14 +136,13 @@ class _Table:
     """The rows of one benchmark: every method draws the same labels with the same seeds, scored by the
     reference row's (the first fine-tuning row's) reward and evaluator."""
 
-    def __init__(self, base, per_label: int, seed: int, total_methods: int):
-        self.base, self.num_steps = base, base.eval_num_steps
+    def __init__(self, base, per_label: int, seed: int, progress: tqdm, **tags):
+        """``per_label`` samples per label from seeds ``seed, seed + 1, ...``; ``tags`` go into every row."""
+        self.base, self.num_steps, self.progress, self.tags = base, base.eval_num_steps, progress, tags
         self.labels = torch.arange(base.policy.num_labels).repeat_interleave(per_label)
-        check_seeds("seed", seed, len(self.labels), "test")
         self.seeds = torch.arange(len(self.labels)) + seed
         self.rows: list[dict] = []
         self.panels: list[tuple[str, Tensor, Tensor]] = []
-        self.progress = tqdm(total=total_methods * base.policy.num_labels, desc="benchmark", unit="label")
 
     def draw(self, name: str, draw: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, float]:
         """``draw(labels, seeds)`` for each label in turn (the bar names the method and label): the samples
@@ -112,24 +158,25 @@ class _Table:
             self.progress.update()
         return torch.cat(out), seconds / len(self.labels)
 
-    def record(self, name: str, samples: Tensor, sampling_s: float, training_s: float, kl=None, **extra) -> None:
+    def record(self, name: str, samples: Tensor, sampling_s: float, training_s: float, kl=None, **extra) -> dict:
         images = self.base.policy.decode(samples)
-        self.rows.append(
-            {
-                "method": name,
-                **_scores(self.base, images, self.labels, kl),
-                "sampling_s_per_image": sampling_s,
-                "training_s": training_s,
-                **extra,
-            }
-        )
+        row = {
+            "method": name,
+            **_scores(self.base, images, self.labels, kl),
+            "sampling_s_per_image": sampling_s,
+            "training_s": training_s,
+            **self.tags,
+            **extra,
+        }
+        self.rows.append(row)
         self.panels.append((name, images.cpu(), self.labels))
+        return row
 
-    def pretrained(self) -> None:
+    def pretrained(self) -> dict:
         samples, seconds = self.draw("pretrained", lambda y, s: self.base.generate(y, s, 0.0).samples)
-        self.record("pretrained", samples, seconds, 0.0)
+        return self.record("pretrained", samples, seconds, 0.0)
 
-    def inference_time(self, sampler: GuidedSampler, training_s: float) -> None:
+    def inference_time(self, sampler: GuidedSampler, training_s: float, **extra) -> dict:
         name, calls = type(sampler).__name__, []
 
         def draw(y, s):
@@ -138,10 +185,12 @@ class _Table:
             return guided.samples
 
         samples, seconds = self.draw(name, draw)
-        self.record(name, samples, seconds, training_s, denoiser_calls_per_image=sum(calls) / len(self.labels))
+        calls = sum(calls) / len(self.labels)
+        return self.record(name, samples, seconds, training_s, denoiser_calls_per_image=calls, **extra)
 
-    def fine_tuned(self, name: str, module, training_s: float, scales: list[float]) -> None:
-        """The fitted ``module`` at its own control scale, then at each of ``scales``."""
+    def fine_tuned(self, name: str, module, training_s: float, scales: list[float], **extra) -> dict:
+        """The fitted ``module`` at its own control scale, then at each of ``scales``: the first row."""
+        rows = []
         for scale in [module.control_scale, *scales]:
             row = name if scale == module.control_scale else f"{name} gamma={scale:g}"
             kls = []
@@ -152,22 +201,36 @@ class _Table:
                 return trajectory.samples
 
             samples, seconds = self.draw(row, draw)
-            self.record(row, samples, seconds, training_s, kl=torch.cat(kls).mean())
+            rows.append(self.record(row, samples, seconds, training_s, kl=torch.cat(kls).mean(), **extra))
+        return rows[0]
 
 
-def _fitted(run: FitRun, runs: Path, retrain: bool):
-    """The module of a fine-tuning row, trained (or reloaded from its finished run), and its training seconds."""
-    training_s, cli = run.train(runs, retrain)
+def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str):
+    """The module of a fine-tuning row, trained in ``folder`` (or reloaded from its finished run there), and its
+    training seconds."""
+    training_s, cli = run.train(folder, retrain, *extra)
     if cli is None:
-        last = runs / run.name / "checkpoints" / "last.ckpt"
-        cli = run.cli(runs, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false")
+        last = folder / "checkpoints" / "last.ckpt"
+        cli = run.cli(folder, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false", *extra)
     return cli.model.eval(), training_s
+
+
+def _check_sweep(owner: str, sweep: list | None) -> None:
+    if sweep is not None and not sweep:
+        raise ValueError(
+            f"{owner}: an empty sweep; give at least one setting, or leave it out (the row as configured)."
+        )
+    if sweep is not None and len(sweep) > MAX_SETTINGS:
+        raise ValueError(
+            f"{owner}: {len(sweep)} settings; at most {MAX_SETTINGS}, the same tuning budget for every method."
+        )
 
 
 def _check_rows(
     fine_tuning: list[FitRun], inference_time: list[GuidedSampler], baseline_models: list[FitRun], runs: Path
 ) -> list:
-    """Instantiate (and so check) every row before any training; the fine-tuning rows' modules."""
+    """Instantiate (and so check) every row before any training; the fine-tuning rows' modules (each row as
+    configured, the first setting of its sweep)."""
     if not fine_tuning:
         raise ValueError("fine_tuning: give at least one fine-tuning row (its config defines the task).")
     names = [r.name for r in fine_tuning] + [type(g).__name__ for g in inference_time]
@@ -180,7 +243,7 @@ def _check_rows(
                 f"baseline_models: '{model.name}' is not one of the inference_time methods "
                 f"{names[len(fine_tuning) :]}; name the method whose model the config trains."
             )
-        model.cli(runs, None, "--model.export_dir", str(runs / model.name / "model"))
+        model.cli(runs / model.name, None, "--model.export_dir", str(runs / model.name / "model"))
     for sampler in inference_time:
         if sampler.requires_model and not sampler.has_model() and type(sampler).__name__ not in trained:
             raise SettingError(
@@ -189,7 +252,105 @@ def _check_rows(
                 "no model to load: give the directory of a trained one, or a "
                 f"baseline_models entry named {type(sampler).__name__} whose config trains it.",
             )
-    return [row.cli(runs) for row in fine_tuning]
+    for row in fine_tuning:
+        _check_sweep(f"fine_tuning '{row.name}'.sweep", row.sweep)
+    return [row.cli(runs / row.name, None, *row.settings()[0]) for row in fine_tuning]
+
+
+def _check_target(alpha: float, fine_tuning: list[tuple[str, float]], samplers: list[GuidedSampler]) -> None:
+    """Refuse a fine-tuning setting (``(row name, its alpha)``) or an inference-time method whose strength names a
+    target (:attr:`GuidedSampler.tilt_setting`) at another KL weight than ``alpha``, in one line naming its
+    setting and the value that would match."""
+    for name, other in fine_tuning:
+        if not math.isclose(other, alpha):
+            raise ValueError(
+                f"fine_tuning '{name}': model.algorithm.alpha={other:g}, but the first row has {alpha:g}; methods "
+                f"are compared at one target: add [--model.algorithm.init_args.alpha, '{alpha:g}'] to its args "
+                "(or sweep), or set same_target: false."
+            )
+    for sampler in samplers:
+        target = sampler.target_alpha()
+        if target is not None and not math.isclose(target, alpha):
+            key = sampler.tilt_setting
+            match = 1 / alpha if sampler.tilt_is_scale else alpha
+            raise SettingError(
+                sampler,
+                key,
+                f"{getattr(sampler, key):g} aims at another target (KL weight {target:g}) than the fine-tuning "
+                f"rows (alpha {alpha:g}); set {key}: {match:g} to compare at one target, or same_target: false.",
+            )
+
+
+@dataclass
+class _Plan:
+    """What the benchmark runs: each method's settings, where its runs go, and the seeds."""
+
+    fine_tuning: list[FitRun]
+    variants: dict[str, list[GuidedSampler]]  # each inference-time method at each of its settings
+    sweeps: dict[str, list]  # each method's settings as given (descriptions)
+    runs: Path
+    retrain: bool
+    training_seeds: list[int] | None
+
+    def folder(self, run: FitRun, setting: int, seed: int | None) -> Path:
+        """``runs/<name>[/setting_<i>][/seed_<s>]``: a row without a sweep or seeds keeps ``runs/<name>``."""
+        folder = self.runs / run.name
+        folder = folder / f"setting_{setting}" if run.sweep is not None else folder
+        return folder / f"seed_{seed}" if seed is not None else folder
+
+    def fit(self, run: FitRun, setting: int, seed: int | None):
+        """The row fitted at ``setting`` with training seed ``seed`` (None: the config's), and its seconds."""
+        extra = [*run.settings()[setting], *([] if seed is None else ["--seed_everything", str(seed)])]
+        extra += [] if seed is None else ["--data.seed", str(seed)]
+        return _fitted(run, self.folder(run, setting, seed), self.retrain, *extra)
+
+    def tuned(self) -> bool:
+        return any(len(v) > 1 for v in self.sweeps.values())
+
+
+def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: tqdm) -> tuple[dict, list[dict]]:
+    """Each method with several settings tries them on the validation seeds from ``seed``; the index chosen by
+    the one rule (:func:`ctrl.tuning.choose`, Frechet at most ``rule`` x the pretrained model's) per method,
+    and the sweep's rows (``setting``, ``chosen``)."""
+    table = _Table(base, per_label, seed, progress, split="validation")
+    base_frechet = table.pretrained()["frechet"]
+    tried: dict[str, list[dict]] = {}
+    for name, variants in plan.variants.items():
+        if len(variants) > 1:
+            tried[name] = [
+                table.inference_time(v, 0.0, setting=_describe(d)) for v, d in zip(variants, plan.sweeps[name])
+            ]
+    for run in plan.fine_tuning:
+        if len(run.settings()) > 1:
+            seed_ = plan.training_seeds[0] if plan.training_seeds else None
+            tried[run.name] = []
+            for k, setting in enumerate(run.settings()):
+                progress.set_postfix_str(f"{run.name}: training setting {k}")
+                module, training_s = plan.fit(run, k, seed_)
+                tried[run.name].append(table.fine_tuned(run.name, module, training_s, [], setting=_describe(setting)))
+    chosen = {}
+    for name, rows in tried.items():
+        chosen[name] = choose([r["accuracy"] for r in rows], [r["frechet"] for r in rows], base_frechet, rule)
+        for k, row in enumerate(rows):
+            row.update(frechet_ratio=row["frechet"] / base_frechet, chosen=k == chosen[name])
+    return chosen, [r for rows in tried.values() for r in rows]
+
+
+def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, progress) -> _Table:
+    """Repeat ``r`` on the test seeds from ``seed``: every method at its chosen setting, the fine-tuning rows
+    trained with the r-th training seed; ``trained`` holds the inference-time methods' model seconds."""
+    table = _Table(base, per_label, seed, progress, repeat=r)
+    table.pretrained()
+    for name, variants in plan.variants.items():
+        k = chosen.get(name, 0)
+        table.inference_time(variants[k], trained.get(name, 0.0), setting=_describe(plan.sweeps[name][k]))
+    for i, run in enumerate(plan.fine_tuning):
+        k = chosen.get(run.name, 0)
+        progress.set_postfix_str(f"{run.name}: training")
+        module, training_s = plan.fit(run, k, plan.training_seeds[r] if plan.training_seeds else None)
+        setting = _describe(run.settings()[k])
+        table.fine_tuned(run.name, module, training_s, scales if i == 0 else [], setting=setting)
+    return table
 
 
 def run_benchmark(
@@ -203,49 +364,130 @@ def run_benchmark(
     retrain: bool = False,
     guidance: list[GuidedSampler] | None = None,
     gammas: list[float] | None = None,
+    same_target: bool = True,
+    training_seeds: list[int] | None = None,
+    inference_sweeps: dict[str, list[dict]] | None = None,
+    validation_seed: int = VALIDATION.start + 123_456,
+    max_frechet_ratio: float = 1.5,
 ) -> list[dict]:
-    """Run every method and write the table, CSV and figure (module docstring).
+    """Run every method and write the tables, CSVs and figure (module docstring); the table's rows.
 
     Args:
-        fine_tuning: the fine-tuning rows; the first one's config also provides the pretrained model,
-            reward, evaluator and sampling settings of the inference-time rows and the baseline.
+        fine_tuning: the fine-tuning rows; the first one's config also gives every row's pretrained model,
+            reward, evaluator and sampling settings.
         inference_time: inference-time methods (``class_path: ctrl.inference_time.SMC`` ...).
-        baseline_models: what an inference-time method needs trained first (classifier-free guidance's
-            conditional model): a fit config per method, named by the method's class name; the model it
-            exports (``--model.export_dir``) is loaded into the method.
-        output: folder of table.md, results.csv, samples.png and the runs (``runs/<name>``).
+        baseline_models: a fit config per inference-time method that needs a model trained first (named by
+            its class; the model it exports, ``--model.export_dir``, is loaded into the method).
+        output: folder of the tables, CSVs, samples.png and the runs (``runs/<name>``).
         per_label: samples per label for every method.
         control_scales: control scales (gamma) at which the first fine-tuning row is also evaluated.
-        seed: the evaluation seeds are ``seed, seed + 1, ...`` (the same x_T for every method), test seeds
-            (:mod:`ctrl.seeds`): the table reports, nothing is chosen on them.
+        seed: the first test seed (every method the same x_T; each repeat the next as many seeds).
         retrain: train again even when ``runs/<name>`` holds a finished run.
-        guidance: the old name of ``inference_time`` (works, with a notice).
-        gammas: the old name of ``control_scales`` (works, with a notice).
+        guidance, gammas: the old names of ``inference_time`` and ``control_scales`` (work, with a notice).
+        same_target: refuse, before anything trains, a setting at another target than the first row's KL
+            weight (SMC's ``alpha``, SVDD's ``temperature``, a guidance ``scale`` of 1 / alpha); False: on purpose.
+        training_seeds: one repeat per seed (``seed_everything``, ``data.seed`` of each fine-tuning row; its
+            own test seeds); mean +- std over them. None: one repeat at the configs' own seeds.
+        inference_sweeps: settings an inference-time method tries on validation seeds, by class name
+            (``{SMC: [{num_particles: 8}, {num_particles: 16}]}``; ``{}``: as configured).
+        validation_seed: the first validation seed of the sweeps (:mod:`ctrl.seeds`).
+        max_frechet_ratio: the tuning rule's bound on a setting's Frechet distance, x the pretrained model's.
     """
     inference_time = renamed_setting("benchmark", "guidance", guidance, "inference_time", inference_time) or []
     control_scales = renamed_setting("benchmark", "gammas", gammas, "control_scales", control_scales) or []
-    baseline_models = baseline_models or []
+    baseline_models, inference_sweeps = baseline_models or [], inference_sweeps or {}
     out = Path(output)
-    runs = out / "runs"
-    bases = _check_rows(fine_tuning, inference_time, baseline_models, runs)
-    table = _Table(bases[0].model, per_label, seed, 2 + len(inference_time) + len(fine_tuning) + len(control_scales))
-    table.pretrained()
-    models = {m.name: m for m in baseline_models}
-    for sampler in inference_time:
-        name = type(sampler).__name__
-        training_s = 0.0
-        if name in models:
-            table.progress.set_postfix_str(f"{name}: training its model")
-            training_s, _ = models[name].train(runs, retrain, "--model.export_dir", str(runs / name / "model"))
-            sampler.load(runs / name / "model")
-        table.inference_time(sampler, training_s)
-    for i, run in enumerate(fine_tuning):
-        table.progress.set_postfix_str(f"{run.name}: training")
-        module, training_s = _fitted(run, runs, retrain)
-        table.fine_tuned(run.name, module, training_s, control_scales if i == 0 else [])
-    table.progress.close()
-    write_outputs(table.rows, table.panels, out, min(per_label, 8))
-    return table.rows
+    plan = _plan(fine_tuning, inference_time, baseline_models, out / "runs", retrain, training_seeds, inference_sweeps)
+    base = _checked_base(plan, inference_time, baseline_models, same_target)
+    count, repeats = base.policy.num_labels * per_label, len(training_seeds or [None])
+    check_seeds("seed", seed, count * repeats, "test")
+    if plan.tuned():
+        check_seeds("validation_seed", validation_seed, count, "validation")
+    tables, sweep_rows = _measure(
+        plan, base, baseline_models, per_label, seed, validation_seed, max_frechet_ratio, control_scales
+    )
+    rows = [row for t in tables for row in t.rows]
+    write_outputs(aggregate(rows), rows, sweep_rows, tables[0].panels, out, min(per_label, 8), max_frechet_ratio)
+    return aggregate(rows)
+
+
+def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_seed, rule, scales) -> tuple[list, list]:
+    """The tables of every repeat (test seeds from ``seed``, each repeat the next ones) and the sweep's rows
+    (validation seeds from ``validation_seed``), the inference-time methods' models trained first."""
+    repeats, count = len(plan.training_seeds or [None]), base.policy.num_labels * per_label
+    tries = sum(len(v) for v in plan.sweeps.values() if len(v) > 1) + 1 if plan.tuned() else 0
+    total = (tries + repeats * (len(plan.sweeps) + 1 + len(scales))) * base.policy.num_labels
+    with tqdm(total=total, desc="benchmark", unit="label") as progress:
+        trained = _train_baseline_models(plan, baseline_models, progress)
+        chosen, sweep_rows = (
+            _tune(plan, base, per_label, validation_seed, rule, progress) if plan.tuned() else ({}, [])
+        )
+        tables = [
+            _repeat(plan, base, per_label, seed + r * count, r, chosen, trained, scales, progress)
+            for r in range(repeats)
+        ]
+    return tables, sweep_rows
+
+
+def _plan(fine_tuning, inference_time, baseline_models, runs, retrain, training_seeds, inference_sweeps) -> _Plan:
+    """Check the sweeps and seeds given and build each method's settings."""
+    names = [type(s).__name__ for s in inference_time]
+    for name, sweep in inference_sweeps.items():
+        if name not in names:
+            raise ValueError(f"inference_sweeps: '{name}' is not one of the inference_time methods {names}.")
+        _check_sweep(f"inference_sweeps.{name}", sweep)
+    if training_seeds is not None and (not training_seeds or len(set(training_seeds)) != len(training_seeds)):
+        raise ValueError(f"training_seeds: give distinct seeds, got {training_seeds}; or leave it out (one repeat).")
+    variants = {type(s).__name__: _variants(s, inference_sweeps.get(type(s).__name__)) for s in inference_time}
+    sweeps = {name: inference_sweeps.get(name, [{}]) for name in variants}
+    sweeps.update({r.name: r.settings() for r in fine_tuning})
+    return _Plan(fine_tuning, variants, sweeps, runs, retrain, training_seeds)
+
+
+def _checked_base(plan: _Plan, inference_time: list[GuidedSampler], baseline_models: list[FitRun], same_target: bool):
+    """Every row and setting checked (:func:`_check_rows`, :func:`_check_target`): the first row's module, whose
+    policy, reward and evaluator every method shares."""
+    bases = _check_rows(plan.fine_tuning, inference_time, baseline_models, plan.runs)
+    if same_target:
+        rows = plan.fine_tuning
+        alphas = [(r.name, float(cli.model.algorithm.alpha)) for r, cli in zip(rows, bases)]
+        alphas += [(r.name, _setting_alpha(plan, r, k)) for r in rows for k in range(1, len(r.settings()))]
+        alpha = float(bases[0].model.algorithm.alpha)
+        _check_target(alpha, alphas, [v for vs in plan.variants.values() for v in vs])
+    return bases[0].model
+
+
+def _setting_alpha(plan: _Plan, run: FitRun, setting: int) -> float:
+    """The KL weight of a fine-tuning row at one of its settings (the row instantiated with it, nothing trained)."""
+    return float(run.cli(plan.runs / run.name, None, *run.settings()[setting]).model.algorithm.alpha)
+
+
+def _train_baseline_models(plan: _Plan, baseline_models: list[FitRun], progress: tqdm) -> dict[str, float]:
+    """Train (or reuse) each inference-time method's model and load it into every setting of the method: the
+    training seconds by method."""
+    seconds = {}
+    for model in baseline_models:
+        progress.set_postfix_str(f"{model.name}: training its model")
+        folder = plan.runs / model.name
+        seconds[model.name], _ = model.train(folder, plan.retrain, "--model.export_dir", str(folder / "model"))
+        for variant in plan.variants[model.name]:
+            variant.load(folder / "model")
+    return seconds
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per method over its repeats (in first-seen order): every figure's mean, with ``<figure>_std``
+    beside it, the other fields of the first repeat, and ``repeats``."""
+    methods: dict[str, list[dict]] = {}
+    for row in rows:
+        methods.setdefault(row["method"], []).append(row)
+    table = []
+    for group in methods.values():
+        out = {k: v for k, v in group[0].items() if not isinstance(v, float) and k != "repeat"}
+        for key in [k for k, v in group[0].items() if isinstance(v, float)]:
+            out[key], out[f"{key}_std"] = mean_std([g[key] for g in group])
+        table.append({**out, "repeats": len(group)})
+    return table
 
 
 def _sheet(panels: list[tuple[str, Tensor, Tensor]], per_row: int, path: Path, scale: int = 3) -> None:
@@ -267,24 +509,49 @@ def _sheet(panels: list[tuple[str, Tensor, Tensor]], per_row: int, path: Path, s
     sheet.save(path)
 
 
-def write_outputs(results: list[dict], panels, out: Path, per_row: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    extra = sorted({k for r in results for k in r} - set(COLUMNS))
-    columns = list(COLUMNS) + extra
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(results)
+def _cell(value, std=None) -> str:
+    if value is None:
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3f}" if not std else f"{value:.3f} +- {std:.3f}"
 
-    def cell(value):
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
+def _markdown(rows: list[dict], columns: list[str], spread: bool = False) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in results]
+    cells = [[_cell(r.get(c), r.get(f"{c}_std") if spread else None) for c in columns] for r in rows]
+    return lines + ["| " + " | ".join(c) + " |" for c in cells]
+
+
+def _csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_outputs(table, rows, sweep_rows, panels, out: Path, per_row: int, max_frechet_ratio: float = 1.5) -> None:
+    """``table.md`` (``table``: mean +- std per method), ``results.csv`` (every repeat's ``rows``), the sweep's
+    ``sweep.md`` and ``sweep.csv`` when there is one, and ``samples.png`` (``panels``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [k for k in dict.fromkeys(k for r in table for k in r) if not k.endswith("_std")]
+    columns = list(COLUMNS) + sorted(set(figures) - set(COLUMNS))
+    _csv(rows, ["repeat", *columns], out / "results.csv")
+    lines = _markdown(table, columns, spread=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    written = [out / "table.md", out / "results.csv"]
+    if sweep_rows:
+        sweep = ["method", "setting", "chosen", "accuracy", "frechet", "frechet_ratio", "kid", "kl"]
+        _csv(sweep_rows, sweep, out / "sweep.csv")
+        rule = (
+            f"Settings tried on validation seeds; chosen: the highest accuracy with Frechet <= {max_frechet_ratio:g}x "
+            "the pretrained model's on the same seeds (none: the most accurate)."
+        )
+        (out / "sweep.md").write_text(rule + "\n\n" + "\n".join(_markdown(sweep_rows, sweep)) + "\n")
+        written += [out / "sweep.md", out / "sweep.csv"]
     _sheet([p for p in panels if " gamma=" not in p[0]], per_row, out / "samples.png")
     print("\n".join(lines))
-    print(f"wrote {out / 'table.md'}, {out / 'results.csv'} and {out / 'samples.png'}")
+    print("wrote " + ", ".join(str(p) for p in [*written, out / "samples.png"]))
 
 
 def build_parser() -> CtrlArgumentParser:

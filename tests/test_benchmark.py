@@ -17,7 +17,7 @@ from ctrl.cli import console
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
 
 
-TASKS = {"class": 10, "compressibility": 4, "multitask": 8}
+TASKS = {"class": 10, "compressibility": 2, "multitask": 4}
 
 
 def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
@@ -37,7 +37,7 @@ def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
             str(CONFIGS / "tasks" / "compressibility.yaml"),
             *tiny,
             "--model.reward.path",
-            make_tiny_classifier(tmp_path / "compress.safetensors", num_labels=4),
+            make_tiny_classifier(tmp_path / "compress.safetensors", num_labels=2),
         ]
     else:  # the two classifiers of the joint reward, swapped in by an overlay of its own
         rewards = [
@@ -45,7 +45,7 @@ def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
                 "class_path": "ctrl.rewards.ClassifierLogProb",
                 "init_args": {"path": make_tiny_classifier(tmp_path / f"{name}.safetensors", num_labels=n)},
             }
-            for name, n in (("compress", 4), ("ink", 2))
+            for name, n in (("compress", 2), ("ink", 2))
         ]
         overlay = tmp_path / "tiny_rewards.yaml"
         overlay.write_text(yaml.safe_dump({"model": {"init_args": {"reward": {"init_args": {"rewards": rewards}}}}}))
@@ -71,11 +71,11 @@ def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
         "inference_time": [
             {"class_path": f"ctrl.inference_time.{name}", "init_args": args}
             for name, args in [
-                ("ClassifierFreeGuidance", {"scale": 2.0}),
-                ("ReconstructionGuidance", {"scale": 1.0}),
+                ("ClassifierFreeGuidance", {"scale": 5.0}),  # the fine-tuning rows' target: alpha 0.2
+                ("ReconstructionGuidance", {"scale": 5.0}),
                 ("MPGD", {"step_size": 0.5}),
-                ("SVDD", {"num_candidates": 3}),
-                ("SMC", {"num_particles": 3}),
+                ("SVDD", {"num_candidates": 3, "temperature": 0.2}),
+                ("SMC", {"num_particles": 3, "alpha": 0.2}),
             ]
         ],
         "baseline_models": [
@@ -151,11 +151,64 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
         (
             "evaluation seeds outside the test set",
             lambda c: c.update(seed=5),
-            r"seed=5 gives test seeds \[5, 13\) outside the test range",
+            r"seed=5 gives test seeds \[5, 9\) outside the test range",
+        ),
+        (
+            "SMC at another target than the fine-tuning rows",
+            lambda c: c["inference_time"][4]["init_args"].update(alpha=1.0),
+            r"SMC\.alpha: 1 aims at another target \(KL weight 1\) than the fine-tuning rows \(alpha 0\.2\); "
+            r"set alpha: 0\.2 to compare at one target, or same_target: false",
+        ),
+        (
+            "a guidance scale at another target",
+            lambda c: c["inference_time"][0]["init_args"].update(scale=3.0),
+            r"ClassifierFreeGuidance\.scale: 3 aims at another target \(KL weight 0\.333333\) .* set scale: 5 ",
+        ),
+        (
+            "a fine-tuning row at another KL weight",
+            lambda c: c["fine_tuning"][1].update(
+                args=[*c["fine_tuning"][1]["args"], "--model.algorithm.alpha", "0.1"]
+            ),
+            r"fine_tuning 'PPO': model\.algorithm\.alpha=0\.1, but the first row has 0\.2",
+        ),
+        (
+            "an empty sweep",
+            lambda c: c["fine_tuning"][1].update(sweep=[]),
+            r"fine_tuning 'PPO'\.sweep: an empty sweep; give at least one setting",
+        ),
+        (
+            "more settings than the tuning budget",
+            lambda c: c["fine_tuning"][0].update(sweep=[[]] * 7),
+            r"fine_tuning 'DirectBackprop'\.sweep: 7 settings; at most 6, the same tuning budget for every method",
+        ),
+        (
+            "a sweep of a method the benchmark does not run",
+            lambda c: c.update(inference_sweeps={"Telepathy": [{}]}),
+            r"inference_sweeps: 'Telepathy' is not one of the inference_time methods",
+        ),
+        (
+            "a swept setting that leaves the target",
+            lambda c: c.update(inference_sweeps={"SVDD": [{"temperature": 0.2}, {"temperature": 0.0}]}),
+            r"SVDD\.temperature: 0 aims at another target \(KL weight 0\)",
+        ),
+        (
+            "a swept fine-tuning setting at another KL weight",
+            lambda c: c["fine_tuning"][1].update(sweep=[[], ["--model.algorithm.init_args.alpha", "0.5"]]),
+            r"fine_tuning 'PPO': model\.algorithm\.alpha=0\.5, but the first row has 0\.2",
+        ),
+        (
+            "training seeds given twice",
+            lambda c: c.update(training_seeds=[0, 0]),
+            r"training_seeds: give distinct seeds, got \[0, 0\]",
+        ),
+        (
+            "validation seeds outside their set",
+            lambda c: c.update(validation_seed=2**30, inference_sweeps={"SMC": [{}, {"num_particles": 2}]}),
+            r"validation_seed=1073741824 gives validation seeds \[1073741824, 1073741828\) outside the validation",
         ),
         (
             "prior that does not sum to one",
-            lambda c: c["fine_tuning"][1]["args"].extend(["--data.prior", "[0.5, 0.4, 0.05, 0.01]"]),
+            lambda c: c["fine_tuning"][1]["args"].extend(["--data.prior", "[0.5, 0.4]"]),
             "data.prior: .* is not a probability distribution",
         ),
     ],
@@ -173,3 +226,56 @@ def test_bad_benchmark_config_is_refused_before_training(case, change, expected,
     assert exit_.value.code == 2 and len(err) == 1, err
     assert re.search(expected, err[0]), err[0]
     assert not (Path(config["output"]) / "runs" / "DirectBackprop" / "checkpoints").exists()
+
+
+def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path, tiny_pretrained):
+    """Two settings of a fine-tuning row and of an inference-time method tried on validation seeds, one kept by
+    the rule; then two repeats (training seeds 0 and 1, each on its own test seeds): mean and std per method."""
+    from ctrl.tuning import choose
+
+    path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
+    config["fine_tuning"] = [{**config["fine_tuning"][0], "sweep": [[], ["--model.policy.head_lr", "0.02"]]}]
+    config["inference_time"] = [m for m in config["inference_time"] if m["class_path"].endswith(("MPGD", "SMC"))]
+    config.update(
+        baseline_models=[],
+        control_scales=[],
+        training_seeds=[0, 1],
+        inference_sweeps={"SMC": [{}, {"num_particles": 2}]},
+    )
+    path.write_text(yaml.safe_dump(config))
+    rows = benchmark(["--config", str(path)])
+    assert [r["method"] for r in rows] == ["pretrained", "MPGD", "SMC", "DirectBackprop"]
+    assert all(r["repeats"] == 2 for r in rows)
+    out = Path(config["output"])
+    with open(out / "results.csv") as f:
+        raw = list(csv.DictReader(f))
+    assert [(r["repeat"], r["method"]) for r in raw] == [(str(k), r["method"]) for k in (0, 1) for r in rows]
+    pretrained = [float(r["frechet"]) for r in raw if r["method"] == "pretrained"]
+    assert pretrained[0] != pretrained[1]  # each repeat samples its own test seeds
+    assert rows[0]["frechet"] == pytest.approx(sum(pretrained) / 2) and rows[0]["frechet_std"] > 0
+    with open(out / "sweep.csv") as f:
+        sweep = list(csv.DictReader(f))
+    for method in ("SMC", "DirectBackprop"):
+        tried = [r for r in sweep if r["method"] == method]
+        assert len(tried) == 2 and sum(r["chosen"] == "True" for r in tried) == 1
+        base = float(tried[0]["frechet"]) / float(tried[0]["frechet_ratio"])  # the pretrained model's, validation
+        accuracy, frechet = [float(r["accuracy"]) for r in tried], [float(r["frechet"]) for r in tried]
+        k = choose(accuracy, frechet, base, 1.5)
+        assert tried[k]["chosen"] == "True"
+        assert {r["method"]: r.get("setting") for r in rows}[method] == tried[k]["setting"]
+    k = [r["chosen"] for r in sweep if r["method"] == "DirectBackprop"].index("True")
+    runs = out / "runs" / "DirectBackprop"
+    assert (runs / "setting_0" / "seed_0").is_dir() and (runs / "setting_1" / "seed_0").is_dir()
+    assert (runs / f"setting_{k}" / "seed_1").is_dir() and not (runs / f"setting_{1 - k}" / "seed_1").exists()
+    assert "chosen: the highest accuracy with Frechet <= 1.5x" in (out / "sweep.md").read_text()
+
+
+def test_the_tuning_rule():
+    from ctrl.tuning import choose
+
+    # the most accurate within 1.5x the base's Frechet; none within: the most accurate; ties: the first listed
+    assert choose([0.9, 0.8, 0.95], [3.1, 2.9, 4.0], base_frechet=2.0, max_frechet_ratio=1.5) == 1
+    assert choose([0.9, 0.8], [3.1, 3.2], base_frechet=2.0, max_frechet_ratio=1.5) == 0
+    assert choose([0.7, 0.7], [1.0, 1.0], base_frechet=2.0, max_frechet_ratio=1.5) == 0
+    with pytest.raises(ValueError, match="one accuracy and one Frechet distance per setting"):
+        choose([], [], 1.0, 1.5)

@@ -74,7 +74,7 @@ def test_config_instantiates(config, tmp_path, request):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if _is_benchmark(c)], ids=lambda p: p.name)
 def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
-    from ctrl.benchmark import _check_rows, parse
+    from ctrl.benchmark import _check_rows, _plan, _setting_alpha, parse
     from ctrl.inference_time import GuidedSampler
 
     monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
@@ -84,3 +84,9 @@ def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, mo
     assert [m.name for m in spec["baseline_models"]] == ["ClassifierFreeGuidance"]
     for cli in _check_rows(spec["fine_tuning"], spec["inference_time"], spec["baseline_models"], tmp_path):
         assert cli.model.evaluator is not None and cli.datamodule.num_labels == cli.model.policy.num_labels
+    # every swept setting instantiates (its overrides name real settings) at the one target
+    args = [spec[k] for k in ("fine_tuning", "inference_time", "baseline_models")]
+    plan = _plan(*args, tmp_path, False, spec["training_seeds"], spec["inference_sweeps"])
+    for run in spec["fine_tuning"]:
+        assert [_setting_alpha(plan, run, k) for k in range(len(run.settings()))] == [0.2] * len(run.settings())
+    assert all(v.target_alpha() in (None, 0.2) for vs in plan.variants.values() for v in vs)

@@ -16,6 +16,7 @@ LAYERS = [
     [
         "ctrl",
         "ctrl.seeds",
+        "ctrl.tuning",
         "ctrl.errors",
         "ctrl.assets",
         "ctrl.dtypes",

@@ -10,6 +10,7 @@ included) per image, and wall-clock seconds per image.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -57,7 +58,25 @@ class GuidedSampler:
     The chains' starting noise x_T comes from their seeds exactly as in ctrl's own sampler
     (:func:`ctrl.sampling.seeded_noise`), so every method starts from the same x_T for the same seed; any
     further draw comes from one generator per batch seeded by :func:`extra_draw_seed`.
+
+    A method whose strength sets the tilt of its target, p_pre(x) p(y|x)^(1/alpha) for the reward log p(y|x)
+    (the target of fine-tuning with KL weight alpha), names that setting in ``tilt_setting``; ``tilt_is_scale``
+    says whether its value is the exponent 1/alpha (a guidance scale) rather than alpha itself.
+    ``ctrl benchmark`` runs such methods at the fine-tuning rows' alpha.
     """
+
+    tilt_setting: str | None = None
+    tilt_is_scale: bool = False
+
+    def target_alpha(self) -> float | None:
+        """The KL weight alpha of the target this method's strength aims at (inf: the pretrained model);
+        None when no setting of the method names a target."""
+        if self.tilt_setting is None:
+            return None
+        value = float(getattr(self, self.tilt_setting))
+        if not self.tilt_is_scale:
+            return value
+        return 1 / value if value > 0 else math.inf
 
     def sample(self, policy, reward, labels: Tensor, seeds: Tensor, num_steps: int, eta: float = 1.0) -> GuidedSamples:
         """Guided samples for ``labels`` ``[B]`` with noise fixed by ``seeds`` ``[B]``."""

@@ -31,8 +31,11 @@ class ClassifierFreeGuidance(GuidedSampler):
         pretrained: the conditional model's directory (written by ``DiffusionPretraining``'s ``export_dir``;
             ``ctrl:<name>`` for a shipped one). None: ``ctrl benchmark`` trains one from a
             ``baseline_models`` entry and loads it (:meth:`load`).
-        scale: the guidance scale (>= 0; 0: the conditional model's unconditional branch).
+        scale: the guidance scale (>= 0; 0: the conditional model's unconditional branch): p(x) p(y|x)^scale
+            with the model's own implicit classifier, the tilt of fine-tuning with KL weight alpha = 1 / scale.
     """
+
+    tilt_setting, tilt_is_scale = "scale", True
 
     requires_model = True
 

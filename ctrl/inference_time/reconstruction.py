@@ -20,8 +20,11 @@ class ReconstructionGuidance(GuidedSampler):
     one reward gradient.
 
     Args:
-        scale: guidance strength (0: the pretrained sampler exactly).
+        scale: guidance strength (0: the pretrained sampler exactly): the exponent of p(y|x)^scale, so the
+            target of fine-tuning with KL weight alpha = 1 / scale.
     """
+
+    tilt_setting, tilt_is_scale = "scale", True
 
     def __init__(self, scale: float = 1.0):
         self.scale = non_negative(self, "scale", scale)

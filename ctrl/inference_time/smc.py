@@ -28,6 +28,8 @@ class SMC(GuidedSampler):
         lam: the old setting, 1 / alpha (works, with a notice).
     """
 
+    tilt_setting = "alpha"
+
     def __init__(
         self, num_particles: int = 16, alpha: float = 1.0, ess_threshold: float = 0.5, lam: float | None = None
     ):

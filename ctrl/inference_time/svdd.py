@@ -18,8 +18,11 @@ class SVDD(GuidedSampler):
 
     Args:
         num_candidates: M >= 1 (1: the pretrained sampler exactly).
-        temperature: 0 (argmax) or > 0.
+        temperature: 0 (argmax) or > 0: the KL weight alpha of the target p_pre(x) exp(r / alpha) that the
+            soft choice aims at, as the fine-tuning plugins' ``alpha``.
     """
+
+    tilt_setting = "temperature"
 
     def __init__(self, num_candidates: int = 8, temperature: float = 0.0):
         if num_candidates < 1:
