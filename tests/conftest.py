@@ -12,8 +12,10 @@ import torch
 # fixtures below; tests import them
 from ctrl.testing import make_tiny_aesthetic, make_tiny_clip, make_tiny_sd, make_tiny_sd3  # noqa: F401
 
-# at most 2 threads (CI's), fewer when OMP_NUM_THREADS asks: a suite beside another job must not oversubscribe
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
+# at most 2 threads (CI's), fewer when OMP_NUM_THREADS asks: a suite beside another job must not oversubscribe;
+# one per pytest-xdist worker (addopts runs a worker per core: tiny models gain more from that than from threads)
+_threads = 1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, int(os.environ.get("OMP_NUM_THREADS") or 2))
+torch.set_num_threads(max(1, min(_threads, os.cpu_count() or 1)))
 
 
 def make_tiny_pretrained(directory, sample_size: int = 8, seed: int = 0) -> str:
