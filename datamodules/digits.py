@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctrl.datamodules.digits_data import SPLITS
@@ -10,6 +12,7 @@ from ctrl.datamodules.labelsets import (
     NUM_CLASSES,
     check_label_set,
     check_label_sets,
+    first_per_class,
     offline_conditions,
     offline_split,
 )
@@ -30,6 +33,9 @@ class DigitsDataModule(L.LightningDataModule):
             calibration splits. A list of label sets (a conditional model's offline data, e.g.
             ``[compressibility, ink]``) gives labels ``[B, S]`` with each set's null label where an image
             lacks it (:func:`ctrl.datamodules.labelsets.offline_conditions`); ``num_labels`` is then a list.
+        labelled_per_class: train on the first n images of each class of the training split only (of each
+            label set's classes, for several; None: all): the labelled-data budget of a reward classifier and
+            of a conditional model, the same images for both.
     """
 
     def __init__(
@@ -41,6 +47,7 @@ class DigitsDataModule(L.LightningDataModule):
         image_size: int = 16,
         num_workers: int = 0,
         label_set: str | list[str] = "class",
+        labelled_per_class: int | None = None,
     ):
         super().__init__()
         for name, split in (("train_split", train_split), ("val_split", val_split), ("test_split", test_split)):
@@ -54,14 +61,32 @@ class DigitsDataModule(L.LightningDataModule):
                 self.num_labels = NUM_CLASSES[check_label_set(label_set)]
             else:
                 self.num_labels = [NUM_CLASSES[name] for name in check_label_sets(list(label_set))]
+        if labelled_per_class is not None:
+            with setting(self, "labelled_per_class", labelled_per_class):
+                if labelled_per_class < 1:
+                    raise ValueError(f"give at least 1 image per class, got {labelled_per_class}.")
+                self._data(train_split, labelled_per_class)  # refused here when a class has fewer
+
+    def _data(self, split: str, per_class: int | None = None) -> tuple[Tensor, Tensor]:
+        """The split's images and labels; with ``per_class``, the first that many of each class (of each set)."""
+        label_set, size = self.hparams.label_set, self.hparams.image_size
+        if isinstance(label_set, str):
+            images, labels = offline_split(label_set, split, size)
+            keep = None if per_class is None else first_per_class(labels, per_class, NUM_CLASSES[label_set])
+            return (images, labels) if keep is None else (images[keep], labels[keep])
+        images, labels = offline_conditions(list(label_set), split, size)
+        if per_class is None:
+            return images, labels
+        keep = []
+        for s, name in enumerate(label_set):  # each image carries one set's label: cut each set's own images
+            rows = torch.nonzero(labels[:, s] < NUM_CLASSES[name]).squeeze(1)
+            keep.append(rows[first_per_class(labels[rows, s], per_class, NUM_CLASSES[name])])
+        keep = torch.cat(keep)
+        return images[keep], labels[keep]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        label_set = self.hparams.label_set
-        images, labels = (
-            offline_split(label_set, split, self.hparams.image_size)
-            if isinstance(label_set, str)
-            else offline_conditions(list(label_set), split, self.hparams.image_size)
-        )
+        per_class = self.hparams.labelled_per_class if split == self.hparams.train_split else None
+        images, labels = self._data(split, per_class)
         return DataLoader(
             TensorDataset(images, labels),
             batch_size=self.hparams.batch_size,

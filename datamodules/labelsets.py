@@ -111,6 +111,23 @@ def offline_split(name: str, split: str, image_size: int = 16) -> tuple[Tensor, 
     return images[keep], labels[keep]
 
 
+def first_per_class(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
+    """Indices of the first ``per_class`` images of each class in ``labels`` ``[N]`` (the split's fixed order), so
+    every model that learns from "n labelled images per class" learns from the same ones; a class with fewer
+    is a ValueError naming how many it has."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    if int(counts.min()) < per_class:
+        scarce = int(counts.argmin())
+        raise ValueError(
+            f"{per_class} labelled images per class, but class {scarce} has {int(counts[scarce])} here: "
+            f"choose at most {int(counts.min())}, or leave it unset (all of them)."
+        )
+    rank = torch.zeros_like(labels)
+    for c in range(num_classes):
+        rank[labels == c] = torch.arange(int(counts[c]))
+    return torch.nonzero(rank < per_class).squeeze(1)
+
+
 def offline_conditions(names: list[str], split: str, image_size: int = 16) -> tuple[Tensor, Tensor]:
     """The offline data of several label sets at once, for a conditional model that learns each from its
     own data: every label set's part of ``split`` (:func:`offline_split`), concatenated, with labels

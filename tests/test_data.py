@@ -253,3 +253,29 @@ def test_evaluation_seed_sets_are_disjoint_and_fixed():
 def test_evaluation_seeds_outside_their_set_are_refused(setting, value, message):
     with pytest.raises(ValueError, match=message):
         LabelsDataModule(num_labels=3, eval_per_label=10, **{setting: value})
+
+
+def test_labelled_images_per_class_are_the_same_first_ones():
+    """The labelled-data budget: the first n images of each class of the training split, the same ones for every
+    model that learns from them; other splits whole; a class with fewer is refused in one line."""
+    from ctrl.datamodules import DigitsDataModule
+
+    def train_data(**kwargs):
+        return DigitsDataModule(train_split="classifier", val_split="calibration", **kwargs).train_dataloader().dataset
+
+    x, y = train_data(labelled_per_class=10).tensors
+    full_x, full_y = train_data().tensors
+    assert torch.bincount(y).tolist() == [10] * 10
+    for c in range(10):
+        assert torch.equal(x[y == c], full_x[full_y == c][:10])
+    cut = DigitsDataModule(train_split="classifier", val_split="calibration", labelled_per_class=10)
+    assert len(cut.val_dataloader().dataset) == len(DigitsDataModule(val_split="calibration").val_dataloader().dataset)
+    # several label sets: each set's own classes are cut (compressibility has 2, ink 2)
+    x2, y2 = train_data(label_set=["compressibility", "ink"], labelled_per_class=5).tensors
+    assert len(x2) == 20 and torch.bincount(y2[:, 0], minlength=3).tolist() == [5, 5, 10]
+    with pytest.raises(
+        ValueError, match=r"labelled_per_class.*100 labelled images per class, but class \d has \d+ here"
+    ):
+        train_data(labelled_per_class=100)
+    with pytest.raises(ValueError, match=r"labelled_per_class.*give at least 1 image per class, got 0"):
+        train_data(labelled_per_class=0)
