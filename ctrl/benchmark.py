@@ -407,8 +407,9 @@ def run_benchmark(
         plan, base, baseline_models, per_label, seed, validation_seed, max_frechet_ratio, control_scales
     )
     rows = [row for t in tables for row in t.rows]
-    write_outputs(aggregate(rows), rows, sweep_rows, tables[0].panels, out, min(per_label, 8), max_frechet_ratio)
-    return aggregate(rows)
+    table = aggregate(rows)
+    write_outputs(table, rows, sweep_rows, tables[0].panels, out, min(per_label, 8), max_frechet_ratio)
+    return table
 
 
 def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_seed, rule, scales) -> tuple[list, list]:

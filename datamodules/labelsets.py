@@ -122,10 +122,8 @@ def first_per_class(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
             f"{per_class} labelled images per class, but class {scarce} has {int(counts[scarce])} here: "
             f"choose at most {int(counts.min())}, or leave it unset (all of them)."
         )
-    rank = torch.zeros_like(labels)
-    for c in range(num_classes):
-        rank[labels == c] = torch.arange(int(counts[c]))
-    return torch.nonzero(rank < per_class).squeeze(1)
+    first = [torch.nonzero(labels == c).squeeze(1)[:per_class] for c in range(num_classes)]
+    return torch.cat(first).sort().values  # in the split's order
 
 
 def offline_conditions(names: list[str], split: str, image_size: int = 16) -> tuple[Tensor, Tensor]:
