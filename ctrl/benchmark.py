@@ -18,8 +18,14 @@ seeds), and the table gives mean +- std over those repeats.
 
 Written to ``output``: ``table.md`` (mean +- std), ``results.csv`` (every repeat's row), ``sweep.md`` and
 ``sweep.csv`` (each setting's validation figures and the choice; only when some method has several),
-and ``samples.png`` (the first repeat: a grid per method, a row per label). The first fine-tuning row is
-also evaluated at each of ``control_scales``.
+``samples.png`` (the first repeat: a grid per method, a row per label), ``accuracy_frechet.png`` (every
+setting tried, the kept one marked; the test figures with their spread) and ``accuracy_calls.png`` (test
+accuracy against denoiser calls per image, counted). The first fine-tuning row is also evaluated at each of
+``control_scales``.
+
+The labelled-data curve (``labelled_per_class``, :func:`labelled_curve`) runs all of it once per size of the
+offline labelled set, the reward classifier and the conditional model of classifier-free guidance learning from
+the same images each time, and adds ``curve.md``, ``curve.csv`` and ``accuracy_labelled.png``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +45,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
-from ctrl import commands
+from ctrl import commands, figures
 from ctrl.errors import SettingError, located_in, renamed_setting
 from ctrl.images import grid_image
 from ctrl.inference_time import GuidedSampler
@@ -97,6 +103,28 @@ class FitRun:
             cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
             done.write_text(json.dumps({"seconds": time.perf_counter() - start}))
         return json.loads(done.read_text())["seconds"], cli
+
+
+@dataclass
+class RewardClassifier:
+    """A reward classifier the labelled-data curve trains anew at each size of the labelled set.
+
+    Attributes:
+        name: its folder under ``runs/`` of each size.
+        config: the classifier's fit config (its data module takes ``data.labelled_per_class``).
+        args: extra command-line overrides.
+        setting: the fine-tuning rows' setting that takes the trained classifier's file.
+        export: the classifier config's setting that names the file it writes.
+    """
+
+    name: str
+    config: str
+    args: list[str] = field(default_factory=list)
+    setting: str = "--model.reward.init_args.path"
+    export: str = "--model.export_path"
+
+    def run(self) -> FitRun:
+        return FitRun(self.name, self.config, self.args)
 
 
 def _describe(setting) -> str:
@@ -172,9 +200,23 @@ class _Table:
         self.panels.append((name, images.cpu(), self.labels))
         return row
 
+    def counted(self, name: str, policy, draw: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, float, dict]:
+        """:meth:`draw` with the samples through ``policy``'s denoising network counted by a forward hook (a CFG
+        pair counts two): the samples, the seconds per image and ``{denoiser_calls_per_image: ...}`` (empty for a
+        policy without a ``unet``)."""
+        net, seen = getattr(policy, "unet", None), []
+        hook = net.register_forward_hook(lambda _, args, __: seen.append(len(args[0]))) if net is not None else None
+        try:
+            samples, seconds = self.draw(name, draw)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return samples, seconds, {} if net is None else {"denoiser_calls_per_image": sum(seen) / len(self.labels)}
+
     def pretrained(self) -> dict:
-        samples, seconds = self.draw("pretrained", lambda y, s: self.base.generate(y, s, 0.0).samples)
-        return self.record("pretrained", samples, seconds, 0.0)
+        draw = lambda y, s: self.base.generate(y, s, 0.0).samples  # noqa: E731
+        samples, seconds, calls = self.counted("pretrained", self.base.policy, draw)
+        return self.record("pretrained", samples, seconds, 0.0, **calls)
 
     def inference_time(self, sampler: GuidedSampler, training_s: float, **extra) -> dict:
         name, calls = type(sampler).__name__, []
@@ -200,8 +242,8 @@ class _Table:
                 kls.append(trajectory.kl.sum(1))
                 return trajectory.samples
 
-            samples, seconds = self.draw(row, draw)
-            rows.append(self.record(row, samples, seconds, training_s, kl=torch.cat(kls).mean(), **extra))
+            samples, seconds, calls = self.counted(row, module.policy, draw)
+            rows.append(self.record(row, samples, seconds, training_s, kl=torch.cat(kls).mean(), **calls, **extra))
         return rows[0]
 
 
@@ -369,8 +411,10 @@ def run_benchmark(
     inference_sweeps: dict[str, list[dict]] | None = None,
     validation_seed: int = VALIDATION.start + 123_456,
     max_frechet_ratio: float = 1.5,
+    labelled_per_class: list[int | None] | None = None,
+    reward_classifiers: list[RewardClassifier] | None = None,
 ) -> list[dict]:
-    """Run every method and write the tables, CSVs and figure (module docstring); the table's rows.
+    """Run every method and write the tables, CSVs and figures (module docstring); the table's rows.
 
     Args:
         fine_tuning: the fine-tuning rows; the first one's config also gives every row's pretrained model,
@@ -392,7 +436,14 @@ def run_benchmark(
             (``{SMC: [{num_particles: 8}, {num_particles: 16}]}``; ``{}``: as configured).
         validation_seed: the first validation seed of the sweeps (:mod:`ctrl.seeds`).
         max_frechet_ratio: the tuning rule's bound on a setting's Frechet distance, x the pretrained model's.
+        labelled_per_class: the labelled-data curve (:func:`labelled_curve`): the whole benchmark once per size
+            of the offline labelled set (images per class; null: all of it), in ``<output>/labelled_<size>``.
+        reward_classifiers: the classifiers the curve trains at each size (their file replaces the fine-tuning
+            rows' reward classifier); each of ``baseline_models`` learns from the same cut.
     """
+    if labelled_per_class is not None:
+        given = {k: v for k, v in locals().items() if k not in ("labelled_per_class", "reward_classifiers")}
+        return labelled_curve(labelled_per_class, reward_classifiers or [], given)
     inference_time = renamed_setting("benchmark", "guidance", guidance, "inference_time", inference_time) or []
     control_scales = renamed_setting("benchmark", "gammas", gammas, "control_scales", control_scales) or []
     baseline_models, inference_sweeps = baseline_models or [], inference_sweeps or {}
@@ -476,6 +527,86 @@ def _train_baseline_models(plan: _Plan, baseline_models: list[FitRun], progress:
     return seconds
 
 
+def _cut(size: int | None) -> list[str]:
+    return [] if size is None else ["--data.labelled_per_class", str(size)]
+
+
+def _size_name(size: int | None) -> str:
+    return "all" if size is None else str(size)
+
+
+def _check_curve(sizes: list[int | None], classifiers: list[RewardClassifier], benchmark: dict) -> list[float]:
+    """Refuse a bad curve before anything trains (the rows and seeds as configured, then every size's cut in
+    every classifier and baseline model, in one line naming the size): each size's labelled images per class."""
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise ValueError(f"labelled_per_class: give distinct sizes (null: all the labelled data), got {sizes}.")
+    if not classifiers:
+        raise ValueError(
+            "labelled_per_class: give reward_classifiers, the config that trains the reward classifier at each size."
+        )
+    runs = Path(benchmark["output"]) / "runs"
+    inference_time = benchmark["inference_time"] or benchmark["guidance"] or []
+    models, sweeps = benchmark["baseline_models"] or [], benchmark["inference_sweeps"] or {}
+    plan = _plan(benchmark["fine_tuning"], inference_time, models, runs, False, benchmark["training_seeds"], sweeps)
+    _checked_base(plan, inference_time, models, benchmark["same_target"])
+    images = []
+    for size in sizes:
+        for run in [c.run() for c in classifiers] + list(benchmark["baseline_models"] or []):
+            try:
+                cli = run.cli(runs / run.name, None, *_cut(size))
+            except (ValueError, SystemExit) as err:
+                problem = f"{_size_name(size)} is refused by '{run.name}' ({err})"
+                raise ValueError(f"labelled_per_class: {problem}") from None
+            if run.name == classifiers[0].name:
+                images.append(float(cli.datamodule.labelled_images_per_class()))
+    return images
+
+
+def labelled_curve(sizes: list[int | None], classifiers: list[RewardClassifier], benchmark: dict) -> list[dict]:
+    """The labelled-data curve: for each size (images per class; None: the whole labelled split), the reward
+    classifiers and ``baseline_models`` learn from the same first ``size`` images of each class, then the whole
+    benchmark (``benchmark``: :func:`run_benchmark`'s other arguments) runs with them in
+    ``<output>/labelled_<size>``. Each size's classifier is trained once, with its config's seed; the repeats
+    (``training_seeds``) vary the methods. Writes ``curve.md`` (accuracy by method and size), ``curve.csv`` and
+    ``accuracy_labelled.png``; returns every size's table rows, tagged ``labelled_per_class``."""
+    images = _check_curve(sizes, classifiers, benchmark)
+    out, rows = Path(benchmark["output"]), []
+    for size, per_class in zip(sizes, images):
+        folder = out / f"labelled_{_size_name(size)}"
+        overrides = []
+        for classifier in classifiers:
+            path = folder / "runs" / classifier.name / "classifier.safetensors"
+            classifier.run().train(path.parent, benchmark["retrain"], *_cut(size), classifier.export, str(path))
+            overrides += [classifier.setting, str(path)]
+        given = dict(benchmark, output=str(folder))
+        given["fine_tuning"] = [replace(r, args=[*r.args, *overrides]) for r in benchmark["fine_tuning"]]
+        models = benchmark["baseline_models"] or []
+        given["baseline_models"] = [replace(m, args=[*m.args, *_cut(size)]) for m in models]
+        table = run_benchmark(**given)
+        rows += [{**r, "labelled_per_class": _size_name(size), "labelled_images": per_class} for r in table]
+    _write_curve(rows, images, out)
+    return rows
+
+
+def _write_curve(rows: list[dict], images: list[float], out: Path) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in rows if " gamma=" not in r["method"]))
+    sizes = list(dict.fromkeys(r["labelled_per_class"] for r in rows))
+    lines = ["| method | " + " | ".join(f"{s} per class" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        cells = {r["labelled_per_class"]: _cell(r["accuracy"], r.get("accuracy_std")) for r in mine}
+        lines.append(f"| {method} | " + " | ".join(cells.get(s, "-") for s in sizes) + " |")
+    title = "Test accuracy (mean +- std over the repeats) by labelled images per class."
+    (out / "curve.md").write_text(title + "\n\n" + "\n".join(lines) + "\n")
+    columns = ["labelled_per_class", "labelled_images", "method", "accuracy", "accuracy_std", "frechet"]
+    columns += ["frechet_std", "kid", "denoiser_calls_per_image", "setting"]
+    _csv(rows, columns, out / "curve.csv")
+    curve = [r for r in rows if r["method"] in methods]
+    figures.accuracy_labelled(curve, sorted(images), out / "accuracy_labelled.png")
+    print("\n".join(lines))
+    print(f"wrote {out / 'curve.md'}, {out / 'curve.csv'}, {out / 'accuracy_labelled.png'}")
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One row per method over its repeats (in first-seen order): every figure's mean, with ``<figure>_std``
     beside it, the other fields of the first repeat, and ``repeats``."""
@@ -533,10 +664,11 @@ def _csv(rows: list[dict], columns: list[str], path: Path) -> None:
 
 def write_outputs(table, rows, sweep_rows, panels, out: Path, per_row: int, max_frechet_ratio: float = 1.5) -> None:
     """``table.md`` (``table``: mean +- std per method), ``results.csv`` (every repeat's ``rows``), the sweep's
-    ``sweep.md`` and ``sweep.csv`` when there is one, and ``samples.png`` (``panels``)."""
+    ``sweep.md`` and ``sweep.csv`` when there is one, ``samples.png`` (``panels``) and the figures
+    ``accuracy_frechet.png`` and ``accuracy_calls.png`` (:mod:`ctrl.figures`)."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = [k for k in dict.fromkeys(k for r in table for k in r) if not k.endswith("_std")]
-    columns = list(COLUMNS) + sorted(set(figures) - set(COLUMNS))
+    keys = [k for k in dict.fromkeys(k for r in table for k in r) if not k.endswith("_std")]
+    columns = list(COLUMNS) + sorted(set(keys) - set(COLUMNS))
     _csv(rows, ["repeat", *columns], out / "results.csv")
     lines = _markdown(table, columns, spread=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -551,8 +683,11 @@ def write_outputs(table, rows, sweep_rows, panels, out: Path, per_row: int, max_
         (out / "sweep.md").write_text(rule + "\n\n" + "\n".join(_markdown(sweep_rows, sweep)) + "\n")
         written += [out / "sweep.md", out / "sweep.csv"]
     _sheet([p for p in panels if " gamma=" not in p[0]], per_row, out / "samples.png")
+    figures.accuracy_frechet(sweep_rows, table, out / "accuracy_frechet.png", max_frechet_ratio)
+    figures.accuracy_calls(table, out / "accuracy_calls.png")
+    written += [out / "samples.png", out / "accuracy_frechet.png", out / "accuracy_calls.png"]
     print("\n".join(lines))
-    print("wrote " + ", ".join(str(p) for p in [*written, out / "samples.png"]))
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 def build_parser() -> CtrlArgumentParser:

@@ -84,6 +84,12 @@ class DigitsDataModule(L.LightningDataModule):
         keep = torch.cat(keep)
         return images[keep], labels[keep]
 
+    def labelled_images_per_class(self) -> float:
+        """Training images per class after the ``labelled_per_class`` cut (the mean over classes; of every label
+        set's classes for several): the labelled-data budget this module trains on."""
+        images, _ = self._data(self.hparams.train_split, self.hparams.labelled_per_class)
+        return len(images) / sum([self.num_labels] if isinstance(self.num_labels, int) else self.num_labels)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         per_class = self.hparams.labelled_per_class if split == self.hparams.train_split else None
         images, labels = self._data(split, per_class)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_tiny_classifier
 
@@ -207,6 +208,11 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
             r"validation_seed=1073741824 gives validation seeds \[1073741824, 1073741828\) outside the validation",
         ),
         (
+            "labelled-data size larger than a class of the split",
+            lambda c: c.update(labelled_per_class=[10, 40], reward_classifiers=[_tiny_reward_classifier(None)]),
+            r"labelled_per_class: 40 is refused by 'reward_classifier' \(data.labelled_per_class: 40 labelled images",
+        ),
+        (
             "prior that does not sum to one",
             lambda c: c["fine_tuning"][1]["args"].extend(["--data.prior", "[0.5, 0.4]"]),
             "data.prior: .* is not a probability distribution",
@@ -268,6 +274,55 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     assert (runs / "setting_0" / "seed_0").is_dir() and (runs / "setting_1" / "seed_0").is_dir()
     assert (runs / f"setting_{k}" / "seed_1").is_dir() and not (runs / f"setting_{1 - k}" / "seed_1").exists()
     assert "chosen: the highest accuracy with Frechet <= 1.5x" in (out / "sweep.md").read_text()
+    # UNet calls counted by a hook: 3 steps, one call each (the residual head reads the pretrained eps it gives)
+    calls = {r["method"]: r["denoiser_calls_per_image"] for r in rows}
+    assert calls["pretrained"] == calls["DirectBackprop"] == 3 and calls["SMC"] == 3 * 3  # 3 particles
+    for figure in ("accuracy_frechet.png", "accuracy_calls.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def _tiny_reward_classifier(tmp_path) -> dict:
+    """configs/digits/classifier.yaml at 8x8, width 4, one epoch: the curve's reward classifier."""
+    args = "--data.image_size 8 --model.width 4 --trainer.max_epochs 1 --trainer.logger false".split()
+    return {"name": "reward_classifier", "config": str(CONFIGS / "classifier.yaml"), "args": args}
+
+
+def test_the_labelled_data_curve_cuts_the_classifier_and_the_cfg_model_alike(tmp_path, tiny_pretrained):
+    """At each size the reward classifier and classifier-free guidance's model learn from the same first n
+    images per class, the fine-tuning row is rewarded by that size's classifier, and the curve is written."""
+    from safetensors import safe_open
+
+    path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
+    config["fine_tuning"] = config["fine_tuning"][:1]
+    config["inference_time"] = config["inference_time"][:1]  # classifier-free guidance
+    config.update(
+        control_scales=[], labelled_per_class=[2, None], reward_classifiers=[_tiny_reward_classifier(tmp_path)]
+    )
+    path.write_text(yaml.safe_dump(config))
+    rows = benchmark(["--config", str(path)])
+    out = Path(config["output"])
+    assert [(r["labelled_per_class"], r["method"]) for r in rows] == [
+        (size, method)
+        for size in ("2", "all")
+        for method in ("pretrained", "ClassifierFreeGuidance", "DirectBackprop")
+    ]
+    # 350 labelled images in the classifier split, 10 classes: "all" sits at 35 per class
+    assert {r["labelled_per_class"]: r["labelled_images"] for r in rows} == {"2": 2.0, "all": 35.0}
+    weights = []
+    for size in ("2", "all"):
+        runs = out / f"labelled_{size}" / "runs"
+        classifier = runs / "reward_classifier" / "classifier.safetensors"
+        with safe_open(str(classifier), "pt") as f:
+            weights.append(f.get_tensor(next(iter(f.keys()))))
+        fit = yaml.safe_load((runs / "DirectBackprop" / "config.yaml").read_text())
+        assert fit["model"]["init_args"]["reward"]["init_args"]["path"] == str(classifier)
+        cfg = yaml.safe_load((runs / "ClassifierFreeGuidance" / "config.yaml").read_text())
+        assert cfg["data"]["init_args"]["labelled_per_class"] == (2 if size == "2" else None)
+        assert (out / f"labelled_{size}" / "table.md").is_file()
+    assert not torch.equal(*weights)  # two sizes, two classifiers
+    curve = (out / "curve.md").read_text()
+    assert "| method | 2 per class | all per class |" in curve and "| DirectBackprop |" in curve
+    assert (out / "accuracy_labelled.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_tuning_rule():

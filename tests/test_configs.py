@@ -48,7 +48,8 @@ def _tiny_components(config: Path, request) -> list[str]:
 
 
 def _is_benchmark(config: Path) -> bool:
-    return config.name.startswith("benchmark_")
+    """A `ctrl benchmark` config or overlay (not a fit config)."""
+    return config.name.startswith("benchmark_") or config.name == "labelled_curve.yaml"
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_config_instantiates(config, tmp_path, request):
     assert cli.trainer.max_epochs or cli.trainer.max_steps
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if _is_benchmark(c)], ids=lambda p: p.name)
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.startswith("benchmark_")], ids=lambda p: p.name)
 def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
     from ctrl.benchmark import _check_rows, _plan, _setting_alpha, parse
     from ctrl.inference_time import GuidedSampler
@@ -90,3 +91,17 @@ def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, mo
     for run in spec["fine_tuning"]:
         assert [_setting_alpha(plan, run, k) for k in range(len(run.settings()))] == [0.2] * len(run.settings())
     assert all(v.target_alpha() in (None, 0.2) for vs in plan.variants.values() for v in vs)
+
+
+def test_the_labelled_curve_overlay_checks_every_size(monkeypatch):
+    """configs/digits/labelled_curve.yaml after the class benchmark: every row, and the reward classifier and
+    classifier-free guidance's model at each size, instantiate before anything trains; "all" is the split's
+    350 images over 10 classes."""
+    from ctrl.benchmark import _check_curve, parse
+
+    digits = Path(__file__).resolve().parents[1] / "configs" / "digits"
+    monkeypatch.chdir(digits.parents[1])
+    spec = parse(["--config", str(digits / "benchmark_class.yaml"), "--config", str(digits / "labelled_curve.yaml")])
+    sizes, classifiers = spec.pop("labelled_per_class"), spec.pop("reward_classifiers")
+    assert sizes == [10, 20, None] and [c.config for c in classifiers] == ["configs/digits/classifier.yaml"]
+    assert _check_curve(sizes, classifiers, spec) == [10.0, 20.0, 35.0]

@@ -17,6 +17,7 @@ LAYERS = [
         "ctrl",
         "ctrl.seeds",
         "ctrl.tuning",
+        "ctrl.figures",
         "ctrl.errors",
         "ctrl.assets",
         "ctrl.dtypes",
