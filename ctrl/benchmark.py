@@ -213,10 +213,16 @@ class _Table:
                 hook.remove()
         return samples, seconds, {} if net is None else {"denoiser_calls_per_image": sum(seen) / len(self.labels)}
 
-    def pretrained(self) -> dict:
-        draw = lambda y, s: self.base.generate(y, s, 0.0).samples  # noqa: E731
-        samples, seconds, calls = self.counted("pretrained", self.base.policy, draw)
-        return self.record("pretrained", samples, seconds, 0.0, **calls)
+    def pretrained(self, steps: list[int] = ()) -> dict:
+        """The pretrained model (control scale 0) at the evaluation's steps, then at each of ``steps``: the first
+        row."""
+        rows = []
+        for n in [self.num_steps, *steps]:
+            name = "pretrained" if n == self.num_steps else f"pretrained steps={n}"
+            draw = lambda y, s, n=n: self.base.generate(y, s, 0.0, n).samples  # noqa: E731
+            samples, seconds, calls = self.counted(name, self.base.policy, draw)
+            rows.append(self.record(name, samples, seconds, 0.0, **calls))
+        return rows[0]
 
     def inference_time(self, sampler: GuidedSampler, training_s: float, **extra) -> dict:
         name, calls = type(sampler).__name__, []
@@ -230,15 +236,17 @@ class _Table:
         calls = sum(calls) / len(self.labels)
         return self.record(name, samples, seconds, training_s, denoiser_calls_per_image=calls, **extra)
 
-    def fine_tuned(self, name: str, module, training_s: float, scales: list[float], **extra) -> dict:
-        """The fitted ``module`` at its own control scale, then at each of ``scales``: the first row."""
-        rows = []
-        for scale in [module.control_scale, *scales]:
-            row = name if scale == module.control_scale else f"{name} gamma={scale:g}"
+    def fine_tuned(self, name: str, module, training_s: float, scales: list[float], steps=(), **extra) -> dict:
+        """The fitted ``module`` at its own control scale, then at each of ``scales``, then at its own scale with
+        each of ``steps`` sampling steps: the first row."""
+        rows, own = [], module.control_scale
+        variants = [(own, self.num_steps, name)] + [(g, self.num_steps, f"{name} gamma={g:g}") for g in scales]
+        variants += [(own, n, f"{name} steps={n}") for n in steps]
+        for scale, n, row in variants:
             kls = []
 
-            def draw(y, s, scale=scale, kls=kls):
-                trajectory = module.generate(y, s, scale, self.num_steps)
+            def draw(y, s, scale=scale, n=n, kls=kls):
+                trajectory = module.generate(y, s, scale, n)
                 kls.append(trajectory.kl.sum(1))
                 return trajectory.samples
 
@@ -333,6 +341,7 @@ class _Plan:
     runs: Path
     retrain: bool
     training_seeds: list[int] | None
+    eval_steps: list[int] = field(default_factory=list)  # further sampling step counts of the test repeats
 
     def folder(self, run: FitRun, setting: int, seed: int | None) -> Path:
         """``runs/<name>[/setting_<i>][/seed_<s>]``: a row without a sweep or seeds keeps ``runs/<name>``."""
@@ -382,7 +391,7 @@ def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, prog
     """Repeat ``r`` on the test seeds from ``seed``: every method at its chosen setting, the fine-tuning rows
     trained with the r-th training seed; ``trained`` holds the inference-time methods' model seconds."""
     table = _Table(base, per_label, seed, progress, repeat=r)
-    table.pretrained()
+    table.pretrained(plan.eval_steps)
     for name, variants in plan.variants.items():
         k = chosen.get(name, 0)
         table.inference_time(variants[k], trained.get(name, 0.0), setting=_describe(plan.sweeps[name][k]))
@@ -391,7 +400,7 @@ def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, prog
         progress.set_postfix_str(f"{run.name}: training")
         module, training_s = plan.fit(run, k, plan.training_seeds[r] if plan.training_seeds else None)
         setting = _describe(run.settings()[k])
-        table.fine_tuned(run.name, module, training_s, scales if i == 0 else [], setting=setting)
+        table.fine_tuned(run.name, module, training_s, scales if i == 0 else [], plan.eval_steps, setting=setting)
     return table
 
 
@@ -413,6 +422,7 @@ def run_benchmark(
     max_frechet_ratio: float = 1.5,
     labelled_per_class: list[int | None] | None = None,
     reward_classifiers: list[RewardClassifier] | None = None,
+    eval_steps: list[int] | None = None,
 ) -> list[dict]:
     """Run every method and write the tables, CSVs and figures (module docstring); the table's rows.
 
@@ -440,6 +450,9 @@ def run_benchmark(
             of the offline labelled set (images per class; null: all of it), in ``<output>/labelled_<size>``.
         reward_classifiers: the classifiers the curve trains at each size (their file replaces the fine-tuning
             rows' reward classifier); each of ``baseline_models`` learns from the same cut.
+        eval_steps: further sampling step counts at which the pretrained model and every fine-tuning row (its
+            kept setting, each repeat) are also sampled, rows ``<method> steps=<n>``: robustness to the step
+            count a model was not trained at.
     """
     if labelled_per_class is not None:
         given = {k: v for k, v in locals().items() if k not in ("labelled_per_class", "reward_classifiers")}
@@ -450,6 +463,7 @@ def run_benchmark(
     out = Path(output)
     plan = _plan(fine_tuning, inference_time, baseline_models, out / "runs", retrain, training_seeds, inference_sweeps)
     base = _checked_base(plan, inference_time, baseline_models, same_target)
+    plan.eval_steps = _checked_steps(eval_steps or [], base.eval_num_steps)
     count, repeats = base.policy.num_labels * per_label, len(training_seeds or [None])
     check_seeds("seed", seed, count * repeats, "test")
     if plan.tuned():
@@ -468,7 +482,8 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
     (validation seeds from ``validation_seed``), the inference-time methods' models trained first."""
     repeats, count = len(plan.training_seeds or [None]), base.policy.num_labels * per_label
     tries = sum(len(v) for v in plan.sweeps.values() if len(v) > 1) + 1 if plan.tuned() else 0
-    total = (tries + repeats * (len(plan.sweeps) + 1 + len(scales))) * base.policy.num_labels
+    rows = len(plan.sweeps) + 1 + len(scales) + len(plan.eval_steps) * (1 + len(plan.fine_tuning))
+    total = (tries + repeats * rows) * base.policy.num_labels
     with tqdm(total=total, desc="benchmark", unit="label") as progress:
         trained = _train_baseline_models(plan, baseline_models, progress)
         chosen, sweep_rows = (
@@ -479,6 +494,15 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
             for r in range(repeats)
         ]
     return tables, sweep_rows
+
+
+def _checked_steps(steps: list[int], own: int) -> list[int]:
+    """``eval_steps`` refused in one line unless distinct counts >= 1 other than the evaluation's own ``own``."""
+    if any(n < 1 or n == own for n in steps) or len(set(steps)) != len(steps):
+        raise ValueError(
+            f"eval_steps: give distinct step counts >= 1 besides the evaluation's own {own}, got {steps}."
+        )
+    return list(steps)
 
 
 def _plan(fine_tuning, inference_time, baseline_models, runs, retrain, training_seeds, inference_sweeps) -> _Plan:
@@ -548,7 +572,8 @@ def _check_curve(sizes: list[int | None], classifiers: list[RewardClassifier], b
     inference_time = benchmark["inference_time"] or benchmark["guidance"] or []
     models, sweeps = benchmark["baseline_models"] or [], benchmark["inference_sweeps"] or {}
     plan = _plan(benchmark["fine_tuning"], inference_time, models, runs, False, benchmark["training_seeds"], sweeps)
-    _checked_base(plan, inference_time, models, benchmark["same_target"])
+    base = _checked_base(plan, inference_time, models, benchmark["same_target"])
+    _checked_steps(benchmark["eval_steps"] or [], base.eval_num_steps)
     images = []
     for size in sizes:
         for run in [c.run() for c in classifiers] + list(benchmark["baseline_models"] or []):

@@ -213,6 +213,11 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
             r"labelled_per_class: 40 is refused by 'reward_classifier' \(data.labelled_per_class: 40 labelled images",
         ),
         (
+            "a further step count equal to the evaluation's own",
+            lambda c: c.update(eval_steps=[3]),
+            r"eval_steps: give distinct step counts >= 1 besides the evaluation's own 3, got \[3\]",
+        ),
+        (
             "prior that does not sum to one",
             lambda c: c["fine_tuning"][1]["args"].extend(["--data.prior", "[0.5, 0.4]"]),
             "data.prior: .* is not a probability distribution",
@@ -247,10 +252,12 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
         control_scales=[],
         training_seeds=[0, 1],
         inference_sweeps={"SMC": [{}, {"num_particles": 2}]},
+        eval_steps=[2],
     )
     path.write_text(yaml.safe_dump(config))
     rows = benchmark(["--config", str(path)])
-    assert [r["method"] for r in rows] == ["pretrained", "MPGD", "SMC", "DirectBackprop"]
+    methods = ["pretrained", "pretrained steps=2", "MPGD", "SMC", "DirectBackprop", "DirectBackprop steps=2"]
+    assert [r["method"] for r in rows] == methods
     assert all(r["repeats"] == 2 for r in rows)
     out = Path(config["output"])
     with open(out / "results.csv") as f:
@@ -277,6 +284,7 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     # UNet calls counted by a hook: 3 steps, one call each (the residual head reads the pretrained eps it gives)
     calls = {r["method"]: r["denoiser_calls_per_image"] for r in rows}
     assert calls["pretrained"] == calls["DirectBackprop"] == 3 and calls["SMC"] == 3 * 3  # 3 particles
+    assert calls["pretrained steps=2"] == calls["DirectBackprop steps=2"] == 2  # eval_steps: the same model, 2 steps
     for figure in ("accuracy_frechet.png", "accuracy_calls.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
 

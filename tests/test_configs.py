@@ -75,19 +75,23 @@ def test_config_instantiates(config, tmp_path, request):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.startswith("benchmark_")], ids=lambda p: p.name)
 def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
-    from ctrl.benchmark import _check_rows, _plan, _setting_alpha, parse
+    from ctrl.benchmark import _check_rows, _checked_steps, _plan, _setting_alpha, parse
     from ctrl.inference_time import GuidedSampler
 
     monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
     spec = parse(["--config", str(config)])
+    steps = config.name == "benchmark_steps.yaml"  # fine-tuning rows only, trained at 50 steps
+    spec["baseline_models"], spec["inference_time"] = spec["baseline_models"] or [], spec["inference_time"] or []
     assert spec["fine_tuning"] and all(isinstance(g, GuidedSampler) for g in spec["inference_time"])
     # classifier-free guidance's training config instantiates too
-    assert [m.name for m in spec["baseline_models"]] == ["ClassifierFreeGuidance"]
+    assert [m.name for m in spec["baseline_models"]] == ([] if steps else ["ClassifierFreeGuidance"])
     for cli in _check_rows(spec["fine_tuning"], spec["inference_time"], spec["baseline_models"], tmp_path):
         assert cli.model.evaluator is not None and cli.datamodule.num_labels == cli.model.policy.num_labels
+        assert _checked_steps(spec["eval_steps"] or [], cli.model.eval_num_steps) == (spec["eval_steps"] or [])
+        assert cli.model.eval_num_steps == (50 if steps else 10)
     # every swept setting instantiates (its overrides name real settings) at the one target
     args = [spec[k] for k in ("fine_tuning", "inference_time", "baseline_models")]
-    plan = _plan(*args, tmp_path, False, spec["training_seeds"], spec["inference_sweeps"])
+    plan = _plan(*args, tmp_path, False, spec["training_seeds"], spec["inference_sweeps"] or {})
     for run in spec["fine_tuning"]:
         assert [_setting_alpha(plan, run, k) for k in range(len(run.settings()))] == [0.2] * len(run.settings())
     assert all(v.target_alpha() in (None, 0.2) for vs in plan.variants.values() for v in vs)
