@@ -49,7 +49,7 @@ def _tiny_components(config: Path, request) -> list[str]:
 
 def _is_benchmark(config: Path) -> bool:
     """A `ctrl benchmark` config or overlay (not a fit config)."""
-    return config.name.startswith("benchmark_") or config.name == "labelled_curve.yaml"
+    return config.name.startswith(("benchmark_", "labelled_curve"))
 
 
 @pytest.mark.parametrize(
@@ -97,15 +97,21 @@ def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, mo
     assert all(v.target_alpha() in (None, 0.2) for vs in plan.variants.values() for v in vs)
 
 
-def test_the_labelled_curve_overlay_checks_every_size(monkeypatch):
-    """configs/digits/labelled_curve.yaml after the class benchmark: every row, and the reward classifier and
-    classifier-free guidance's model at each size, instantiate before anything trains; "all" is the split's
-    350 images over 10 classes."""
+@pytest.mark.parametrize(
+    "overlay, benchmark, per_class",
+    [
+        ("labelled_curve.yaml", "benchmark_class.yaml", [10.0, 20.0, 35.0]),  # 350 images, 10 classes
+        ("labelled_curve_compressibility.yaml", "benchmark_compressibility.yaml", [10.0, 30.0, 57.0]),  # 64 + 50
+    ],
+)
+def test_a_labelled_curve_overlay_checks_every_size(overlay, benchmark, per_class, monkeypatch):
+    """A curve overlay after its benchmark: every row, and the reward classifier and classifier-free guidance's
+    model at each size, instantiate before anything trains; null sits at the split's images per class."""
     from ctrl.benchmark import _check_curve, parse
 
     digits = Path(__file__).resolve().parents[1] / "configs" / "digits"
     monkeypatch.chdir(digits.parents[1])
-    spec = parse(["--config", str(digits / "benchmark_class.yaml"), "--config", str(digits / "labelled_curve.yaml")])
+    spec = parse(["--config", str(digits / benchmark), "--config", str(digits / overlay)])
     sizes, classifiers = spec.pop("labelled_per_class"), spec.pop("reward_classifiers")
-    assert sizes == [10, 20, None] and [c.config for c in classifiers] == ["configs/digits/classifier.yaml"]
-    assert _check_curve(sizes, classifiers, spec) == [10.0, 20.0, 35.0]
+    assert sizes[-1] is None and len(classifiers) == 1
+    assert _check_curve(sizes, classifiers, spec) == per_class
