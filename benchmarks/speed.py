@@ -107,11 +107,28 @@ def config(plugin: str, pipeline: str, epochs: int) -> dict:
     }
 
 
-class Meter(Callback):
+class EpochClock(Callback):
+    """Each training epoch's wall and CPU seconds, written to ``path`` (JSON: ``epoch_s``, ``cpu_s``) after every
+    epoch when given: trl_peer.py times trl's epochs the same way (``trainer.step``: sampling and training)."""
+
+    def __init__(self, path: str | None = None):
+        self.path, self.epochs, self.cpu = path, [], []
+
+    def on_train_epoch_start(self, trainer, module):
+        self._start, self._cpu = time.perf_counter(), time.process_time()
+
+    def on_train_epoch_end(self, trainer, module):
+        self.epochs.append(time.perf_counter() - self._start)
+        self.cpu.append(time.process_time() - self._cpu)
+        if self.path:
+            Path(self.path).write_text(json.dumps({"epoch_s": self.epochs, "cpu_s": self.cpu}))
+
+
+class Meter(EpochClock):
     """Epoch wall times and each epoch's UNet calls (their batch, and whether they built a graph)."""
 
     def __init__(self):
-        self.epochs: list[float] = []
+        super().__init__()
         self.calls: list[list[tuple[int, bool]]] = [[]]  # per epoch
 
     def on_fit_start(self, trainer, module):
@@ -123,10 +140,7 @@ class Meter(Callback):
 
     def on_train_epoch_start(self, trainer, module):
         self.calls.append([])
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, module):
-        self.epochs.append(time.perf_counter() - self._start)
+        super().on_train_epoch_start(trainer, module)
 
 
 def _unet_seconds(unet, x: torch.Tensor, states: torch.Tensor, grad: bool, reps: int = 3) -> float:

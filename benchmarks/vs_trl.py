@@ -13,7 +13,7 @@ want different library versions, so trl's side runs in a venv of its own. Make i
 
 Then, from the project root, with the python of ctrl's venv (its bin/ctrl runs ctrl's side):
 
-    python benchmarks/vs_trl.py --trl-python V/bin/python --threads 1 --epochs 4 \\
+    python benchmarks/vs_trl.py --trl-python V/bin/python --threads 1 --epochs 4 --repeats 3 \\
         --ctrl-extra 'PPO:--model.algorithm.init_args.steps_per_call 5' \\
         --ctrl-extra 'PPO:--model.algorithm.init_args.alpha 0.1'
 
@@ -26,12 +26,16 @@ batches of 4, no KL, no checkpoints, no validation.
   AlignProp / DirectBackprop: -100 (mean |dI/dx| + mean |dI/dy|) of the image in [0, 1] (speed.ImageGradient
     on ctrl's side), a random number of backpropagated steps K ~ U{1..50}, gradient checkpointing.
 
-How each side is timed:
-  trl: benchmarks/trl_peer.py runs each trainer, unmodified, in its own process of --trl-python: one warm-up
-    epoch, then --epochs - 1 timed ones; s/epoch is their median, peak RSS the process's own.
-  ctrl: `ctrl fit` of each row for 1 epoch and for --epochs epochs, each its own process; wall clock and
-    peak RSS of each process from the operating system (wait4); s/epoch = (t_N - t_1) / (N - 1), so start-up
-    and loading cancel. --ctrl-extra PLUGIN:ARGS adds a row: PLUGIN's workload with ARGS added to `ctrl fit`.
+How each side is timed, the same way on both: each trainer runs --epochs epochs in its own process; the
+first is a warm-up, and s/epoch is the median wall time of the others, timed inside the process around the
+whole epoch (sampling and training; trl: around ``trainer.step``, benchmarks/trl_peer.py running the trainer
+unmodified in --trl-python; ctrl: speed.EpochClock around each Lightning training epoch of `ctrl fit`). Peak
+RSS is each process's own, from the operating system (wait4). --ctrl-extra PLUGIN:ARGS adds a row: PLUGIN's
+workload with ARGS added to `ctrl fit`.
+Repeats: the whole sequence (trl DDPO, trl AlignProp, every ctrl row) runs --repeats times in turn, so a slow
+spell of the machine falls on both sides; each repeat gives its own ratio, and the table gives mean +- std
+over the repeats (one process's wall time moves by up to 20% between runs minutes apart on a 2-core machine,
+so a single run's ratio is not a figure).
 Threads: --threads for both (OMP_NUM_THREADS, MKL_NUM_THREADS and torch's own count). Compare only the
 figures of one run on an otherwise idle machine, and read the ratios rather than the absolute times.
 
@@ -48,6 +52,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +66,7 @@ HERE = Path(__file__).resolve().parent
 TRL_VERSION = "0.23."
 TRL_NAMES = {"ddpo": "DDPO", "alignprop": "AlignProp"}
 BASE_ROWS = ("PPO", "DirectBackprop")  # ctrl's plugin for each trl trainer
+EPOCH_TIMES = "epoch_times.json"
 
 
 def trl_trainer(plugin: str) -> str:
@@ -128,6 +134,8 @@ def ctrl_config(plugin: str, pipeline: str) -> dict:
         model["policy"]["init_args"]["lora_lr"] = 3e-4  # DDPOConfig.train_learning_rate
     if plugin == "PPO":
         model["algorithm"]["init_args"].update(inner_epochs=1, timestep_fraction=1.0)
+    # the epochs' wall times, into the run's folder (each run's working directory)
+    config["trainer"]["callbacks"] = [{"class_path": "speed.EpochClock", "init_args": {"path": EPOCH_TIMES}}]
     return config
 
 
@@ -196,16 +204,21 @@ def run_trl(python: str, trainer: str, pipeline: str, args, env: dict, workdir: 
     return result
 
 
-def run_ctrl(row: dict, epochs: int, index: int, env: dict, workdir: Path) -> dict:
-    directory = workdir / f"ctrl-{index}-{row['plugin']}-{epochs}"
+def run_ctrl(row: dict, epochs: int, env: dict, directory: Path) -> dict:
+    """``ctrl fit`` of ``row`` for ``epochs`` epochs in ``directory``: every epoch's wall seconds, s/epoch (the
+    median after the first) and the process's peak RSS."""
     directory.mkdir(parents=True, exist_ok=True)
     ctrl = Path(sys.executable).parent / "ctrl"  # not resolved: the venv's own bin/
     cmd = [str(ctrl), "fit", "--config", row["config"], "--trainer.max_epochs", str(epochs)]
     cmd += ["--trainer.default_root_dir", str(directory / "runs"), *row["args"]]
+    print(f"ctrl {row['name']}: {epochs} epochs ...", flush=True)
     run = timed(cmd, directory / "stdout.log", directory / "stderr.log", env, directory)
     if run["returncode"]:
-        failed(f"ctrl's {row['name']} run ({epochs} epochs)", run, directory / "stderr.log")
-    return run
+        failed(f"ctrl's {row['name']} run", run, directory / "stderr.log")
+    walls = json.loads((directory / EPOCH_TIMES).read_text())["epoch_s"]
+    result = {**run, "epoch_s": walls, "s_per_epoch": statistics.median(walls[1:])}
+    print(f"  {result['s_per_epoch']:.2f} s/epoch, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+    return result
 
 
 def versions(*names: str) -> dict:
@@ -251,16 +264,47 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def table(report: dict) -> str:
-    def fmt(x, spec=".2f", suffix=""):
-        return "-" if x is None else f"{x:{spec}}{suffix}"
+def spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value) of a figure over the repeats; None if any is None."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    trl = report["trl"]["results"]
+
+def summarise(rows: list[dict], repeats: list[dict]) -> None:
+    """Each row's figures over the repeats (``<figure>`` and ``<figure>_std``), beside trl's for its trainer."""
+    for i, row in enumerate(rows):
+        mine = [rep["ctrl"][i] for rep in repeats]
+        peer = [rep["trl"][row["trl"]] for rep in repeats]
+        base = next((j for j, r in enumerate(rows) if r["base"] and r["plugin"] == row["plugin"]), None)
+        figures = {
+            "s_per_epoch": [m["s_per_epoch"] for m in mine],
+            "peak_rss_mib": [m["peak_rss_mib"] for m in mine],
+            "trl_s_per_epoch": [p["s_per_epoch"] for p in peer],
+            "trl_peak_rss_mib": [p["peak_rss_mib"] for p in peer],
+            "time_ratio": [ratio(m["s_per_epoch"], p["s_per_epoch"]) for m, p in zip(mine, peer)],
+            "memory_ratio": [ratio(m["peak_rss_mib"], p["peak_rss_mib"]) for m, p in zip(mine, peer)],
+        }
+        if base is not None and base != i:
+            own = [rep["ctrl"][base]["s_per_epoch"] for rep in repeats]
+            figures["time_vs_base"] = [ratio(m["s_per_epoch"], o) for m, o in zip(mine, own)]
+        for key, values in figures.items():
+            row[key], row[f"{key}_std"] = spread(values)
+
+
+def table(report: dict) -> str:
+    def cell(row, key, spec=".2f", suffix=""):
+        mean, std = row.get(key), row.get(f"{key}_std")
+        if mean is None:
+            return "-"
+        return f"{mean:{spec}}{suffix}" + (f" +- {std:{spec}}" if report["repeats"] > 1 else "")
+
+    n = report["epochs"]
     lines = [
         f"{report['date']}, {report['machine']['cpu_model'] or report['machine']['processor']} "
         f"({report['machine']['cpus_usable']} usable of {report['machine']['cpu_count']} CPUs), "
-        f"{report['threads']} thread(s), {report['epochs']} epochs (trl: median of the last {report['epochs'] - 1}; "
-        f"ctrl: (t_{report['epochs']} - t_1) / {report['epochs'] - 1}), load average "
+        f"{report['threads']} thread(s), {n} epochs per process (s/epoch: median of the last {n - 1}, both sides), "
+        f"mean +- std over {report['repeats']} repeat(s) in turn, load average "
         f"{report['loadavg_start'][0]:.2f} at start, {report['loadavg_end'][0]:.2f} at end; "
         f"trl {report['trl']['versions'].get('trl')}, torch {report['trl']['versions'].get('torch')} | "
         f"torch {report['ctrl']['versions'].get('torch')} (ctrl)",
@@ -270,15 +314,13 @@ def table(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        peer = trl[row["trl"]]
         name = f"{TRL_NAMES[row['trl']]} / {row['plugin']}"
         if row["args"]:
             name += ", `" + shlex.join(row["args"]) + "`"
-        lines.append(
-            f"| {name} | {peer['s_per_epoch']:.2f} | {peer['peak_rss_mib']:.0f} | {row['s_per_epoch']:.2f} | "
-            f"{row['peak_rss_mib']:.0f} | {fmt(row['time_ratio'], suffix='x')} | "
-            f"{fmt(row['memory_ratio'], suffix='x')} | {fmt(row.get('time_vs_base'), suffix='x')} |"
-        )
+        cells = [cell(row, "trl_s_per_epoch"), cell(row, "trl_peak_rss_mib", ".0f"), cell(row, "s_per_epoch")]
+        cells += [cell(row, "peak_rss_mib", ".0f"), cell(row, "time_ratio", suffix="x")]
+        cells += [cell(row, "memory_ratio", suffix="x"), cell(row, "time_vs_base", suffix="x")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--trl-python", help="python of a venv with trl 0.23.x (see below)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run (trl: the first is a warm-up)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per process (the first is a warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of both sides in turn (mean +- std)")
     parser.add_argument("--workdir", help="where the pipeline, configs and logs go (default: a temporary one)")
     parser.add_argument(
         "--ctrl-extra",
@@ -300,9 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="benchmarks/vs_trl", help="folder for vs_trl.md and vs_trl.json")
     args = parser.parse_args(argv)
     if args.epochs < 2:
-        refuse(
-            f"--epochs: at least 2 (trl's first epoch is a warm-up; ctrl's s/epoch needs two runs), got {args.epochs}."
-        )
+        refuse(f"--epochs: at least 2 (the first epoch of each process is a warm-up), got {args.epochs}.")
+    if args.repeats < 1:
+        refuse(f"--repeats: at least 1 (3 for a figure with its spread), got {args.repeats}.")
     if args.threads < 1:
         refuse(f"--threads: at least 1, got {args.threads}.")
     rows = [{"plugin": plugin, "args": [], "base": True} for plugin in BASE_ROWS]
@@ -325,6 +368,7 @@ def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
         "command": [sys.executable, *sys.argv],
         "threads": args.threads,
         "epochs": args.epochs,
+        "repeats": args.repeats,
         "machine": machine(),
         "loadavg_start": os.getloadavg(),
     }
@@ -334,34 +378,24 @@ def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
     env["TOKENIZERS_PARALLELISM"] = "false"
     pipeline = make_pipeline(workdir / "tiny-sd")
     add_model_index(pipeline)
-
-    trl = {trainer: run_trl(args.trl_python, trainer, pipeline, args, env, workdir) for trainer in TRL_NAMES}
-    report["trl"] = {"python": args.trl_python, "versions": trl["ddpo"]["versions"], "results": trl}
-
     ctrl_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))}
     write_configs(rows, pipeline, workdir / "configs")
-    base = {}
-    for index, row in enumerate(rows):
+    for row in rows:
         row["trl"] = trl_trainer(row["plugin"])
         row["name"] = f"{row['plugin']} {shlex.join(row['args'])}".strip()
-        print(f"ctrl {row['name']}: 1 and {args.epochs} epochs ...", flush=True)
-        one = run_ctrl(row, 1, index, ctrl_env, workdir)
-        many = run_ctrl(row, args.epochs, index, ctrl_env, workdir)
-        peer = trl[row["trl"]]
-        row.update(
-            one_epoch=one,
-            all_epochs=many,
-            s_per_epoch=(many["wall_s"] - one["wall_s"]) / (args.epochs - 1),
-            peak_rss_mib=max(one["peak_rss_mib"], many["peak_rss_mib"]),
-        )
-        row["time_ratio"] = ratio(row["s_per_epoch"], peer["s_per_epoch"])
-        row["memory_ratio"] = ratio(row["peak_rss_mib"], peer["peak_rss_mib"])
-        if row["base"]:
-            base[row["plugin"]] = row
-        elif row["plugin"] in base:
-            row["time_vs_base"] = ratio(row["s_per_epoch"], base[row["plugin"]]["s_per_epoch"])
-        print(f"  {row['s_per_epoch']:.2f} s/epoch, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
 
+    repeats = []
+    for r in range(args.repeats):  # both sides in turn, so a slow spell of the machine falls on both
+        print(f"repeat {r + 1} of {args.repeats}", flush=True)
+        folder = workdir / f"repeat-{r}"
+        trl = {trainer: run_trl(args.trl_python, trainer, pipeline, args, env, folder) for trainer in TRL_NAMES}
+        ctrl = [
+            run_ctrl(row, args.epochs, ctrl_env, folder / f"ctrl-{i}-{row['plugin']}") for i, row in enumerate(rows)
+        ]
+        repeats.append({"trl": trl, "ctrl": ctrl})
+    summarise(rows, repeats)
+
+    report["trl"] = {"python": args.trl_python, "versions": repeats[0]["trl"]["ddpo"]["versions"]}
     report["ctrl"] = {
         "python": sys.executable,
         "versions": versions("ctrl", "torch", "diffusers", "transformers", "peft", "lightning", "accelerate"),
@@ -369,7 +403,7 @@ def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
         "configs": {row["plugin"]: json.loads(Path(row["config"]).read_text()) for row in rows},
     }
     report["trl_version_checked"] = trl_version
-    report["rows"] = rows
+    report["rows"], report["runs"] = rows, repeats
     report["loadavg_end"] = os.getloadavg()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,35 @@ def test_refusals(tmp_path):
     assert "'Nope' is not a plugin" in _refusal(["--trl-python", sys.executable, "--ctrl-extra", "Nope:--x 1"])
     assert "give PLUGIN:ARGS" in _refusal(["--trl-python", sys.executable, "--ctrl-extra", "PPO"])
     assert "--epochs: at least 2" in _refusal(["--trl-python", sys.executable, "--epochs", "1"])
+    assert "--repeats: at least 1" in _refusal(["--trl-python", sys.executable, "--repeats", "0"])
+
+
+def test_each_repeat_gives_its_own_ratio():
+    """Two repeats in turn: each row's ratio is the mean of the repeats' own ratios, with their spread; an extra
+    row is also read against its plugin's base row, repeat by repeat."""
+    rows = [{"plugin": p, "args": [], "base": True, "trl": vs_trl.trl_trainer(p)} for p in vs_trl.BASE_ROWS]
+    rows.append({**vs_trl.parse_extra("PPO:--x 1"), "trl": "ddpo"})
+
+    def figures(pairs):
+        return [{"s_per_epoch": sec, "peak_rss_mib": rss} for sec, rss in pairs]
+
+    trl = [figures([(20.0, 600.0), (10.0, 900.0)]), figures([(25.0, 620.0), (12.0, 950.0)])]  # DDPO, AlignProp
+    ctrl = [
+        figures([(18.0, 550.0), (11.0, 1000.0), (15.0, 700.0)]),
+        figures([(20.0, 560.0), (12.0, 1100.0), (16.0, 710.0)]),
+    ]
+    repeats = [{"trl": dict(zip(("ddpo", "alignprop"), t)), "ctrl": c} for t, c in zip(trl, ctrl)]
+    vs_trl.summarise(rows, repeats)
+    ppo, direct, extra = rows
+    assert ppo["time_ratio"] == pytest.approx((18 / 20 + 20 / 25) / 2)
+    assert ppo["time_ratio_std"] == pytest.approx(abs(18 / 20 - 20 / 25) / 2**0.5)
+    assert direct["memory_ratio"] == pytest.approx((1000 / 900 + 1100 / 950) / 2)
+    assert extra["time_vs_base"] == pytest.approx((15 / 18 + 16 / 20) / 2) and "time_vs_base" not in ppo
+    report = {"repeats": 2, "epochs": 4, "threads": 1, "date": "d", "loadavg_start": [0.0], "loadavg_end": [0.0]}
+    report.update(machine={"cpu_model": "cpu", "cpus_usable": 2, "cpu_count": 2}, rows=rows)
+    report.update(trl={"versions": {"trl": "0.23.1", "torch": "t"}}, ctrl={"versions": {"torch": "t"}})
+    text = vs_trl.table(report)
+    assert "| DDPO / PPO | 22.50 +- 3.54 | 610 +- 14 | 19.00 +- 1.41 |" in text and "mean +- std over 2 repeat" in text
 
 
 def test_configs_parse(tmp_path, capsys, monkeypatch):
@@ -70,3 +99,7 @@ def test_configs_parse(tmp_path, capsys, monkeypatch):
         assert m["policy"]["init_args"]["lora_target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
         data = config["data"]["init_args"]
         assert (data["batch_size"], data["batches_per_epoch"]) == (4, 2)
+        # every epoch timed inside the process, as trl_peer.py times trl's
+        assert config["trainer"]["callbacks"] == [
+            {"class_path": "speed.EpochClock", "init_args": {"path": vs_trl.EPOCH_TIMES}}
+        ]
