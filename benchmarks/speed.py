@@ -108,20 +108,32 @@ def config(plugin: str, pipeline: str, epochs: int) -> dict:
 
 
 class EpochClock(Callback):
-    """Each training epoch's wall and CPU seconds, written to ``path`` (JSON: ``epoch_s``, ``cpu_s``) after every
-    epoch when given: trl_peer.py times trl's epochs the same way (``trainer.step``: sampling and training)."""
+    """Each training epoch's wall and CPU seconds and mean rollout reward (``train/reward`` over its steps), written
+    to ``path`` (JSON: ``epoch_s``, ``cpu_s``, ``epoch_reward``) after every epoch when given: trl_peer.py times
+    trl's epochs the same way (``trainer.step``: sampling and training) and records their rewards."""
 
-    def __init__(self, path: str | None = None):
-        self.path, self.epochs, self.cpu = path, [], []
+    def __init__(self, path: str | None = None, minutes: float | None = None):
+        """``minutes``: stop training after the epoch whose end passes this much summed epoch time (trl_peer.py's
+        ``--minutes`` rule)."""
+        self.path, self.minutes, self.epochs, self.cpu, self.rewards = path, minutes, [], [], []
 
     def on_train_epoch_start(self, trainer, module):
-        self._start, self._cpu = time.perf_counter(), time.process_time()
+        self._start, self._cpu, self._rewards = time.perf_counter(), time.process_time(), []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        reward = trainer.callback_metrics.get("train/reward")
+        if reward is not None:
+            self._rewards.append(float(reward))
 
     def on_train_epoch_end(self, trainer, module):
         self.epochs.append(time.perf_counter() - self._start)
         self.cpu.append(time.process_time() - self._cpu)
+        self.rewards.append(statistics.mean(self._rewards) if self._rewards else None)
         if self.path:
-            Path(self.path).write_text(json.dumps({"epoch_s": self.epochs, "cpu_s": self.cpu}))
+            figures = {"epoch_s": self.epochs, "cpu_s": self.cpu, "epoch_reward": self.rewards}
+            Path(self.path).write_text(json.dumps(figures))
+        if self.minutes is not None and sum(self.epochs) >= 60 * self.minutes:
+            trainer.should_stop = True
 
 
 class Meter(EpochClock):

@@ -4,6 +4,9 @@ vs_trl.py's docstring) and imports nothing from ctrl, which that venv lacks.
 
     python benchmarks/trl_peer.py --trainer ddpo --pipeline DIR --prompts '["a cat", ...]' --epochs 4 --threads 1
 
+With ``--minutes M`` it stops after the epoch that passes M minutes of training (benchmarks/time_to_reward.py);
+every epoch's mean reward is in the JSON (``epoch_reward``) either way.
+
 The first epoch is a warm-up; the median of the other epochs' wall times is the figure. Peak resident size is
 this process's own (getrusage), so run one trainer per process. The last line on stdout is one JSON object.
 
@@ -32,9 +35,12 @@ def arguments(argv=None):
     parser.add_argument("--epochs", type=int, default=4, help="epochs in all, the first one untimed")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, help="stop after the epoch that passes this much training time")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs: at least 2 (the first is not timed), got {args.epochs}.")
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes: a positive time, got {args.minutes}.")
     return args
 
 
@@ -91,6 +97,20 @@ def gradient_reward(images, prompts, metadata):
     return -100 * (across + down), {}
 
 
+REWARDS: list[float] = []  # every image's reward, in the order the trainer asked for them
+
+
+def recorded(reward_fn):
+    """``reward_fn`` with each image's reward kept in REWARDS (the epoch's mean reward is read from there)."""
+
+    def reward(images, prompts, metadata):
+        rewards, info = reward_fn(images, prompts, metadata)
+        REWARDS.extend(rewards.detach().float().tolist())
+        return rewards, info
+
+    return reward
+
+
 def versions() -> dict:
     modules = (torch, diffusers, transformers, peft, accelerate, trl)
     return {"python": sys.version.split()[0], **{m.__name__: m.__version__ for m in modules}}
@@ -128,7 +148,7 @@ def main() -> None:
             train_num_inner_epochs=1,
             **shared,
         )
-        trainer = DDPOTrainer(config, jpeg_reward, prompt_fn, pipeline)
+        trainer = DDPOTrainer(config, recorded(jpeg_reward), prompt_fn, pipeline)
     else:
         config = AlignPropConfig(
             train_batch_size=BATCH,
@@ -137,18 +157,23 @@ def main() -> None:
             truncated_rand_backprop_minmax=(0, STEPS),
             **shared,
         )
-        trainer = AlignPropTrainer(config, gradient_reward, prompt_fn, pipeline)
+        trainer = AlignPropTrainer(config, recorded(gradient_reward), prompt_fn, pipeline)
     trainer.sd_pipeline.set_progress_bar_config(disable=True)
     setup_s = time.perf_counter() - start
     before = [p.detach().clone() for p in trainer.trainable_layers]
 
-    walls, cpus, step = [], [], 0
+    walls, cpus, rewards, step = [], [], [], 0
     for epoch in range(args.epochs):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu, seen = time.perf_counter(), time.process_time(), len(REWARDS)
         step = trainer.step(epoch, step)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-        print(f"[{args.trainer}] epoch {epoch}: {walls[-1]:.2f} s", file=sys.stderr, flush=True)
+        rewards.append(statistics.mean(REWARDS[seen:]))
+        print(
+            f"[{args.trainer}] epoch {epoch}: {walls[-1]:.2f} s, reward {rewards[-1]:.4f}", file=sys.stderr, flush=True
+        )
+        if args.minutes is not None and sum(walls) >= 60 * args.minutes:
+            break
 
     moved = sum(float((p.detach() - b).norm()) for p, b in zip(trainer.trainable_layers, before))
     result = {
@@ -157,6 +182,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "setup_s": setup_s,
         "epoch_s": walls,
+        "epoch_reward": rewards,  # the mean reward of the images the epoch drew (DDPO) or trained on (AlignProp)
         "epoch_cpu_s": cpus,
         "s_per_epoch": statistics.median(walls[1:]),
         "cpu_s_per_epoch": statistics.median(cpus[1:]),

@@ -27,15 +27,18 @@ batches of 4, no KL, no checkpoints, no validation.
     on ctrl's side), a random number of backpropagated steps K ~ U{1..50}, gradient checkpointing.
 
 How each side is timed, the same way on both: each trainer runs --epochs epochs in its own process; the
-first is a warm-up, and s/epoch is the median wall time of the others, timed inside the process around the
-whole epoch (sampling and training; trl: around ``trainer.step``, benchmarks/trl_peer.py running the trainer
-unmodified in --trl-python; ctrl: speed.EpochClock around each Lightning training epoch of `ctrl fit`). Peak
-RSS is each process's own, from the operating system (wait4). --ctrl-extra PLUGIN:ARGS adds a row: PLUGIN's
+first is a warm-up, and s/epoch is the mean wall time of the others (the throughput: their total over their
+number), timed inside the process around the whole epoch (sampling and training; trl: around
+``trainer.step``, benchmarks/trl_peer.py running the trainer unmodified in --trl-python; ctrl:
+speed.EpochClock around each Lightning training epoch of `ctrl fit`). Peak RSS: trl's process reports its own
+(getrusage), ctrl's comes from the operating system (wait4). --ctrl-extra PLUGIN:ARGS adds a row: PLUGIN's
 workload with ARGS added to `ctrl fit`.
-Repeats: the whole sequence (trl DDPO, trl AlignProp, every ctrl row) runs --repeats times in turn, so a slow
-spell of the machine falls on both sides; each repeat gives its own ratio, and the table gives mean +- std
-over the repeats (one process's wall time moves by up to 20% between runs minutes apart on a 2-core machine,
-so a single run's ratio is not a figure).
+Repeats: the whole sequence (trl DDPO, trl AlignProp, every ctrl row; ctrl's rows first on odd repeats, so
+drift within a repeat falls on both sides alike) runs --repeats times, repeat r seeded r on both sides: an
+AlignProp / DirectBackprop epoch's cost follows its random truncation draws (ctrl draws one K per rollout, trl
+one cut per step), so the repeats must draw anew for their spread to include it. Each repeat gives its own
+ratio; the table gives mean +- std over the repeats (one process's wall time moves by up to 20% between runs
+minutes apart on a 2-core machine, so a single run's ratio is not a figure).
 Threads: --threads for both (OMP_NUM_THREADS, MKL_NUM_THREADS and torch's own count). Compare only the
 figures of one run on an otherwise idle machine, and read the ratios rather than the absolute times.
 
@@ -188,11 +191,17 @@ def failed(what: str, run: dict, log: Path):
     sys.exit(f"{tail}\nvs_trl: {what} failed (exit {run['returncode']}); its log: {log}")
 
 
-def run_trl(python: str, trainer: str, pipeline: str, args, env: dict, workdir: Path) -> dict:
+def throughput(walls: list[float]) -> float:
+    """Seconds per epoch: the mean of the epochs after the first (a warm-up), the first alone if it is all."""
+    return statistics.mean(walls[1:] or walls)
+
+
+def run_trl(python: str, trainer: str, pipeline: str, args, env: dict, workdir: Path, seed: int = 0) -> dict:
     directory = workdir / f"trl-{trainer}"
     directory.mkdir(parents=True, exist_ok=True)
     cmd = [python, str(HERE / "trl_peer.py"), "--trainer", trainer, "--pipeline", pipeline]
     cmd += ["--prompts", json.dumps(PROMPTS), "--epochs", str(args.epochs), "--threads", str(args.threads)]
+    cmd += ["--seed", str(seed)]
     print(f"trl {TRL_NAMES[trainer]}: {args.epochs} epochs ...", flush=True)
     run = timed(cmd, directory / "stdout.log", directory / "stderr.log", env, directory)
     lines = [line for line in (directory / "stdout.log").read_text().splitlines() if line.startswith("{")]
@@ -200,13 +209,14 @@ def run_trl(python: str, trainer: str, pipeline: str, args, env: dict, workdir: 
         failed(f"trl's {TRL_NAMES[trainer]} run", run, directory / "stderr.log")
     result = json.loads(lines[-1])
     result.update(process_wall_s=run["wall_s"], process_peak_rss_mib=run["peak_rss_mib"])
+    result.update(trl_median_s_per_epoch=result["s_per_epoch"], s_per_epoch=throughput(result["epoch_s"]))
     print(f"  {result['s_per_epoch']:.2f} s/epoch, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 
 
 def run_ctrl(row: dict, epochs: int, env: dict, directory: Path) -> dict:
     """``ctrl fit`` of ``row`` for ``epochs`` epochs in ``directory``: every epoch's wall seconds, s/epoch (the
-    median after the first) and the process's peak RSS."""
+    mean after the first, :func:`throughput`) and the process's peak RSS."""
     directory.mkdir(parents=True, exist_ok=True)
     ctrl = Path(sys.executable).parent / "ctrl"  # not resolved: the venv's own bin/
     cmd = [str(ctrl), "fit", "--config", row["config"], "--trainer.max_epochs", str(epochs)]
@@ -216,7 +226,7 @@ def run_ctrl(row: dict, epochs: int, env: dict, directory: Path) -> dict:
     if run["returncode"]:
         failed(f"ctrl's {row['name']} run", run, directory / "stderr.log")
     walls = json.loads((directory / EPOCH_TIMES).read_text())["epoch_s"]
-    result = {**run, "epoch_s": walls, "s_per_epoch": statistics.median(walls[1:])}
+    result = {**run, "epoch_s": walls, "s_per_epoch": throughput(walls)}
     print(f"  {result['s_per_epoch']:.2f} s/epoch, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 
@@ -303,7 +313,7 @@ def table(report: dict) -> str:
     lines = [
         f"{report['date']}, {report['machine']['cpu_model'] or report['machine']['processor']} "
         f"({report['machine']['cpus_usable']} usable of {report['machine']['cpu_count']} CPUs), "
-        f"{report['threads']} thread(s), {n} epochs per process (s/epoch: median of the last {n - 1}, both sides), "
+        f"{report['threads']} thread(s), {n} epochs per process (s/epoch: mean of the last {n - 1}, both sides), "
         f"mean +- std over {report['repeats']} repeat(s) in turn, load average "
         f"{report['loadavg_start'][0]:.2f} at start, {report['loadavg_end'][0]:.2f} at end; "
         f"trl {report['trl']['versions'].get('trl')}, torch {report['trl']['versions'].get('torch')} | "
@@ -362,6 +372,21 @@ def main(argv: list[str] | None = None) -> dict:
         return measure(args, rows, trl_version, Path(workdir))
 
 
+def repeat(r: int, args, rows: list[dict], pipeline: str, env: dict, ctrl_env: dict, workdir: Path) -> dict:
+    """Repeat ``r``: both trl trainers and every ctrl row, all seeded ``r`` (ctrl's rows first when r is odd)."""
+    print(f"repeat {r + 1} of {args.repeats}", flush=True)
+    folder = workdir / f"repeat-{r}"
+    seeded = [{**row, "args": [*row["args"], "--seed_everything", str(r)]} for row in rows]
+    sides = {
+        "trl": lambda: {t: run_trl(args.trl_python, t, pipeline, args, env, folder, seed=r) for t in TRL_NAMES},
+        "ctrl": lambda: [
+            run_ctrl(row, args.epochs, ctrl_env, folder / f"ctrl-{i}-{row['plugin']}") for i, row in enumerate(seeded)
+        ],
+    }
+    order = ["ctrl", "trl"] if r % 2 else ["trl", "ctrl"]
+    return {side: sides[side]() for side in order}
+
+
 def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -384,15 +409,7 @@ def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
         row["trl"] = trl_trainer(row["plugin"])
         row["name"] = f"{row['plugin']} {shlex.join(row['args'])}".strip()
 
-    repeats = []
-    for r in range(args.repeats):  # both sides in turn, so a slow spell of the machine falls on both
-        print(f"repeat {r + 1} of {args.repeats}", flush=True)
-        folder = workdir / f"repeat-{r}"
-        trl = {trainer: run_trl(args.trl_python, trainer, pipeline, args, env, folder) for trainer in TRL_NAMES}
-        ctrl = [
-            run_ctrl(row, args.epochs, ctrl_env, folder / f"ctrl-{i}-{row['plugin']}") for i, row in enumerate(rows)
-        ]
-        repeats.append({"trl": trl, "ctrl": ctrl})
+    repeats = [repeat(r, args, rows, pipeline, env, ctrl_env, workdir) for r in range(args.repeats)]
     summarise(rows, repeats)
 
     report["trl"] = {"python": args.trl_python, "versions": repeats[0]["trl"]["ddpo"]["versions"]}

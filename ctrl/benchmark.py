@@ -21,7 +21,9 @@ Written to ``output``: ``table.md`` (mean +- std), ``results.csv`` (every repeat
 ``samples.png`` (the first repeat: a grid per method, a row per label), ``accuracy_frechet.png`` (every
 setting tried, the kept one marked; the test figures with their spread) and ``accuracy_calls.png`` (test
 accuracy against denoiser calls per image, counted). The first fine-tuning row is also evaluated at each of
-``control_scales``.
+``control_scales``, and when the first row's ``model.eval_num_steps`` lists further step counts
+(``[50, 25, 100]``), the pretrained model and every fine-tuning row are also sampled at each (rows
+``<method> steps=<n>``): robustness to a step count the model was not trained at.
 
 The labelled-data curve (``labelled_per_class``, :func:`labelled_curve`) runs all of it once per size of the
 offline labelled set, the reward classifier and the conditional model of classifier-free guidance learning from
@@ -35,7 +37,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -124,6 +126,7 @@ class RewardClassifier:
     export: str = "--model.export_path"
 
     def run(self) -> FitRun:
+        """The classifier's fit as a :class:`FitRun` (trained into ``runs/<name>`` of each size)."""
         return FitRun(self.name, self.config, self.args)
 
 
@@ -203,7 +206,9 @@ class _Table:
     def counted(self, name: str, policy, draw: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, float, dict]:
         """:meth:`draw` with the samples through ``policy``'s denoising network counted by a forward hook (a CFG
         pair counts two): the samples, the seconds per image and ``{denoiser_calls_per_image: ...}`` (empty for a
-        policy without a ``unet``)."""
+        policy without a ``unet``). Every call counts, those made only for the KL to the pretrained chain too: a
+        policy whose control is inside the network (LoRA, a label embedding) shows two per step, a residual head
+        on the pretrained eps one."""
         net, seen = getattr(policy, "unet", None), []
         hook = net.register_forward_hook(lambda _, args, __: seen.append(len(args[0]))) if net is not None else None
         try:
@@ -213,7 +218,7 @@ class _Table:
                 hook.remove()
         return samples, seconds, {} if net is None else {"denoiser_calls_per_image": sum(seen) / len(self.labels)}
 
-    def pretrained(self, steps: list[int] = ()) -> dict:
+    def pretrained(self, steps: Sequence[int] = ()) -> dict:
         """The pretrained model (control scale 0) at the evaluation's steps, then at each of ``steps``: the first
         row."""
         rows = []
@@ -341,7 +346,7 @@ class _Plan:
     runs: Path
     retrain: bool
     training_seeds: list[int] | None
-    eval_steps: list[int] = field(default_factory=list)  # further sampling step counts of the test repeats
+    eval_steps: list[int] = field(default_factory=list)  # the first row's further step counts (model.eval_num_steps)
 
     def folder(self, run: FitRun, setting: int, seed: int | None) -> Path:
         """``runs/<name>[/setting_<i>][/seed_<s>]``: a row without a sweep or seeds keeps ``runs/<name>``."""
@@ -383,7 +388,9 @@ def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: t
     for name, rows in tried.items():
         chosen[name] = choose([r["accuracy"] for r in rows], [r["frechet"] for r in rows], base_frechet, rule)
         for k, row in enumerate(rows):
-            row.update(frechet_ratio=row["frechet"] / base_frechet, chosen=k == chosen[name])
+            row.update(
+                frechet_ratio=row["frechet"] / base_frechet, base_frechet=base_frechet, chosen=k == chosen[name]
+            )
     return chosen, [r for rows in tried.values() for r in rows]
 
 
@@ -422,7 +429,6 @@ def run_benchmark(
     max_frechet_ratio: float = 1.5,
     labelled_per_class: list[int | None] | None = None,
     reward_classifiers: list[RewardClassifier] | None = None,
-    eval_steps: list[int] | None = None,
 ) -> list[dict]:
     """Run every method and write the tables, CSVs and figures (module docstring); the table's rows.
 
@@ -450,31 +456,37 @@ def run_benchmark(
             of the offline labelled set (images per class; null: all of it), in ``<output>/labelled_<size>``.
         reward_classifiers: the classifiers the curve trains at each size (their file replaces the fine-tuning
             rows' reward classifier); each of ``baseline_models`` learns from the same cut.
-        eval_steps: further sampling step counts at which the pretrained model and every fine-tuning row (its
-            kept setting, each repeat) are also sampled, rows ``<method> steps=<n>``: robustness to the step
-            count a model was not trained at.
     """
+    given = {k: v for k, v in locals().items() if k not in ("labelled_per_class", "reward_classifiers")}
     if labelled_per_class is not None:
-        given = {k: v for k, v in locals().items() if k not in ("labelled_per_class", "reward_classifiers")}
         return labelled_curve(labelled_per_class, reward_classifiers or [], given)
-    inference_time = renamed_setting("benchmark", "guidance", guidance, "inference_time", inference_time) or []
-    control_scales = renamed_setting("benchmark", "gammas", gammas, "control_scales", control_scales) or []
-    baseline_models, inference_sweeps = baseline_models or [], inference_sweeps or {}
-    out = Path(output)
-    plan = _plan(fine_tuning, inference_time, baseline_models, out / "runs", retrain, training_seeds, inference_sweeps)
-    base = _checked_base(plan, inference_time, baseline_models, same_target)
-    plan.eval_steps = _checked_steps(eval_steps or [], base.eval_num_steps)
-    count, repeats = base.policy.num_labels * per_label, len(training_seeds or [None])
-    check_seeds("seed", seed, count * repeats, "test")
-    if plan.tuned():
-        check_seeds("validation_seed", validation_seed, count, "validation")
-    tables, sweep_rows = _measure(
-        plan, base, baseline_models, per_label, seed, validation_seed, max_frechet_ratio, control_scales
-    )
+    if reward_classifiers:
+        raise ValueError("reward_classifiers: only the labelled-data curve trains them; give labelled_per_class too.")
+    plan, base, scales = _checked(given)
+    models = baseline_models or []
+    tables, sweep_rows = _measure(plan, base, models, per_label, seed, validation_seed, max_frechet_ratio, scales)
     rows = [row for t in tables for row in t.rows]
     table = aggregate(rows)
-    write_outputs(table, rows, sweep_rows, tables[0].panels, out, min(per_label, 8), max_frechet_ratio)
+    write_outputs(table, rows, sweep_rows, tables[0].panels, Path(output), min(per_label, 8), max_frechet_ratio)
     return table
+
+
+def _checked(b: dict) -> tuple[_Plan, object, list[float]]:
+    """Every check that needs no training, on :func:`run_benchmark`'s arguments ``b`` (old names resolved): the
+    plan, the first fine-tuning row's module (whose policy, reward and evaluator every method shares) and the
+    control scales."""
+    inference_time = renamed_setting("benchmark", "guidance", b["guidance"], "inference_time", b["inference_time"])
+    scales = renamed_setting("benchmark", "gammas", b["gammas"], "control_scales", b["control_scales"]) or []
+    inference_time, models, runs = inference_time or [], b["baseline_models"] or [], Path(b["output"]) / "runs"
+    sweeps = b["inference_sweeps"] or {}
+    plan = _plan(b["fine_tuning"], inference_time, models, runs, b["retrain"], b["training_seeds"], sweeps)
+    base = _checked_base(plan, inference_time, models, b["same_target"])
+    plan.eval_steps = list(base.extra_eval_num_steps)
+    count = base.policy.num_labels * b["per_label"]
+    check_seeds("seed", b["seed"], count * len(b["training_seeds"] or [None]), "test")
+    if plan.tuned():
+        check_seeds("validation_seed", b["validation_seed"], count, "validation")
+    return plan, base, scales
 
 
 def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_seed, rule, scales) -> tuple[list, list]:
@@ -494,15 +506,6 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
             for r in range(repeats)
         ]
     return tables, sweep_rows
-
-
-def _checked_steps(steps: list[int], own: int) -> list[int]:
-    """``eval_steps`` refused in one line unless distinct counts >= 1 other than the evaluation's own ``own``."""
-    if any(n < 1 or n == own for n in steps) or len(set(steps)) != len(steps):
-        raise ValueError(
-            f"eval_steps: give distinct step counts >= 1 besides the evaluation's own {own}, got {steps}."
-        )
-    return list(steps)
 
 
 def _plan(fine_tuning, inference_time, baseline_models, runs, retrain, training_seeds, inference_sweeps) -> _Plan:
@@ -552,10 +555,12 @@ def _train_baseline_models(plan: _Plan, baseline_models: list[FitRun], progress:
 
 
 def _cut(size: int | None) -> list[str]:
+    """The override that cuts a classifier's or conditional model's training split to ``size`` per class."""
     return [] if size is None else ["--data.labelled_per_class", str(size)]
 
 
 def _size_name(size: int | None) -> str:
+    """A curve size as folders and tables name it ("10", or "all" for the whole split)."""
     return "all" if size is None else str(size)
 
 
@@ -568,23 +573,25 @@ def _check_curve(sizes: list[int | None], classifiers: list[RewardClassifier], b
         raise ValueError(
             "labelled_per_class: give reward_classifiers, the config that trains the reward classifier at each size."
         )
-    runs = Path(benchmark["output"]) / "runs"
-    inference_time = benchmark["inference_time"] or benchmark["guidance"] or []
-    models, sweeps = benchmark["baseline_models"] or [], benchmark["inference_sweeps"] or {}
-    plan = _plan(benchmark["fine_tuning"], inference_time, models, runs, False, benchmark["training_seeds"], sweeps)
-    base = _checked_base(plan, inference_time, models, benchmark["same_target"])
-    _checked_steps(benchmark["eval_steps"] or [], base.eval_num_steps)
-    images = []
+    _checked(benchmark)
+    models, runs = benchmark["baseline_models"] or [], Path(benchmark["output"]) / "runs"
+    names, taken = [c.name for c in classifiers], {r.name for r in benchmark["fine_tuning"]} | {m.name for m in models}
+    if len(set(names)) != len(names) or taken & set(names):
+        raise ValueError(
+            f"reward_classifiers: names {names} must differ from each other and from the rows and baseline models "
+            f"{sorted(taken)} (each trains in runs/<name>); rename them."
+        )
+    per_class = []
     for size in sizes:
-        for run in [c.run() for c in classifiers] + list(benchmark["baseline_models"] or []):
+        for run in [c.run() for c in classifiers] + list(models):
             try:
                 cli = run.cli(runs / run.name, None, *_cut(size))
-            except (ValueError, SystemExit) as err:
+            except ValueError as err:
                 problem = f"{_size_name(size)} is refused by '{run.name}' ({err})"
                 raise ValueError(f"labelled_per_class: {problem}") from None
             if run.name == classifiers[0].name:
-                images.append(float(cli.datamodule.labelled_images_per_class()))
-    return images
+                per_class.append(float(cli.datamodule.labelled_images_per_class()))
+    return per_class
 
 
 def labelled_curve(sizes: list[int | None], classifiers: list[RewardClassifier], benchmark: dict) -> list[dict]:
@@ -594,9 +601,9 @@ def labelled_curve(sizes: list[int | None], classifiers: list[RewardClassifier],
     ``<output>/labelled_<size>``. Each size's classifier is trained once, with its config's seed; the repeats
     (``training_seeds``) vary the methods. Writes ``curve.md`` (accuracy by method and size), ``curve.csv`` and
     ``accuracy_labelled.png``; returns every size's table rows, tagged ``labelled_per_class``."""
-    images = _check_curve(sizes, classifiers, benchmark)
+    per_class_images = _check_curve(sizes, classifiers, benchmark)
     out, rows = Path(benchmark["output"]), []
-    for size, per_class in zip(sizes, images):
+    for size, per_class in zip(sizes, per_class_images):
         folder = out / f"labelled_{_size_name(size)}"
         overrides = []
         for classifier in classifiers:
@@ -609,11 +616,11 @@ def labelled_curve(sizes: list[int | None], classifiers: list[RewardClassifier],
         given["baseline_models"] = [replace(m, args=[*m.args, *_cut(size)]) for m in models]
         table = run_benchmark(**given)
         rows += [{**r, "labelled_per_class": _size_name(size), "labelled_images": per_class} for r in table]
-    _write_curve(rows, images, out)
+    _write_curve(rows, per_class_images, out)
     return rows
 
 
-def _write_curve(rows: list[dict], images: list[float], out: Path) -> None:
+def _write_curve(rows: list[dict], per_class: list[float], out: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows if " gamma=" not in r["method"]))
     sizes = list(dict.fromkeys(r["labelled_per_class"] for r in rows))
     lines = ["| method | " + " | ".join(f"{s} per class" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
@@ -627,7 +634,7 @@ def _write_curve(rows: list[dict], images: list[float], out: Path) -> None:
     columns += ["frechet_std", "kid", "denoiser_calls_per_image", "setting"]
     _csv(rows, columns, out / "curve.csv")
     curve = [r for r in rows if r["method"] in methods]
-    figures.accuracy_labelled(curve, sorted(images), out / "accuracy_labelled.png")
+    figures.accuracy_labelled(curve, sorted(per_class), out / "accuracy_labelled.png")
     print("\n".join(lines))
     print(f"wrote {out / 'curve.md'}, {out / 'curve.csv'}, {out / 'accuracy_labelled.png'}")
 

@@ -27,6 +27,11 @@ def _methods(*row_lists: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for rows in row_lists for r in rows if " gamma=" not in r["method"]))
 
 
+def _scored(rows: list[dict], *keys: str) -> list[dict]:
+    """The rows that carry every one of ``keys`` (a benchmark without an evaluator has no accuracy to plot)."""
+    return [r for r in rows if all(r.get(k) is not None for k in keys)]
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -38,6 +43,7 @@ def accuracy_frechet(sweep: list[dict], table: list[dict], path: Path, max_frech
     """Two panels. Left, validation seeds: every setting a method tried (hollow), the one the rule kept filled,
     the rule's bound (``max_frechet_ratio`` x the pretrained model's Frechet) dashed. Right, test seeds: each
     method at its kept setting, mean +- std over the repeats, the pretrained model's Frechet dotted."""
+    sweep, table = _scored(sweep, "accuracy", "frechet"), _scored(table, "accuracy", "frechet")
     style = _style(_methods(table, sweep))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for method in dict.fromkeys(r["method"] for r in sweep):
@@ -48,7 +54,7 @@ def accuracy_frechet(sweep: list[dict], table: list[dict], path: Path, max_frech
         kept = [r for r in rows if r["chosen"]]
         left.scatter([r["frechet"] for r in kept], [r["accuracy"] for r in kept], color=colour, marker=marker, s=70)
     if sweep:
-        base = sweep[0]["frechet"] / sweep[0]["frechet_ratio"]
+        base = sweep[0]["base_frechet"]
         bound = f"{max_frechet_ratio:g}x pretrained"
         left.axvline(max_frechet_ratio * base, color="grey", linestyle="--", label=bound)
         left.legend(fontsize=7)
@@ -74,7 +80,7 @@ def accuracy_frechet(sweep: list[dict], table: list[dict], path: Path, max_frech
 
 def accuracy_calls(table: list[dict], path: Path) -> None:
     """Test accuracy (mean +- std) against denoiser calls per image, one point per method."""
-    rows = [r for r in table if " gamma=" not in r["method"] and r.get("denoiser_calls_per_image")]
+    rows = [r for r in _scored(table, "accuracy", "denoiser_calls_per_image") if " gamma=" not in r["method"]]
     style = _style(_methods(rows))
     fig, ax = plt.subplots(figsize=(7, 5))
     for row in rows:
@@ -87,9 +93,10 @@ def accuracy_calls(table: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def accuracy_labelled(rows: list[dict], sizes: list[int], path: Path) -> None:
-    """Test accuracy (mean +- std) against labelled images per class (``labelled_per_class`` of each row, the
-    whole split placed at ``sizes``' last value), a line per method."""
+def accuracy_labelled(rows: list[dict], sizes: list[float], path: Path) -> None:
+    """Test accuracy (mean +- std) against labelled images per class (each row's ``labelled_images``: the size
+    of its cut, or the whole split's mean per class), a line per method; ``sizes`` are the ticks."""
+    rows = _scored(rows, "accuracy")
     style = _style(_methods(rows))
     fig, ax = plt.subplots(figsize=(7, 5))
     for method, (colour, marker) in style.items():
@@ -98,7 +105,8 @@ def accuracy_labelled(rows: list[dict], sizes: list[int], path: Path) -> None:
         y, err = [r["accuracy"] for r in mine], [r.get("accuracy_std", 0.0) for r in mine]
         ax.errorbar(x, y, yerr=err, color=colour, marker=marker, capsize=3, label=method)
     ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+    ax.minorticks_off()  # the log axis's own minor labels would overlap the sizes
     ax.set(title="test seeds: accuracy against labelled data", xlabel="labelled images per class", ylabel="accuracy")
     ax.legend(fontsize=7)
     _save(fig, path)

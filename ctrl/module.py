@@ -199,6 +199,8 @@ class ControlModule(L.LightningModule):
             )
         if not eval_steps or min(eval_steps) < 2:
             raise SettingError(self, "eval_num_steps", f"must be at least 2 (each entry), got {eval_steps}.")
+        if len(set(eval_steps)) != len(eval_steps):
+            raise SettingError(self, "eval_num_steps", f"give distinct step counts, got {eval_steps}.")
         if max(eval_steps) > limit:
             raise SettingError(
                 self,

@@ -209,13 +209,30 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
         ),
         (
             "labelled-data size larger than a class of the split",
-            lambda c: c.update(labelled_per_class=[10, 40], reward_classifiers=[_tiny_reward_classifier(None)]),
+            lambda c: c.update(labelled_per_class=[10, 40], reward_classifiers=[_tiny_reward_classifier()]),
             r"labelled_per_class: 40 is refused by 'reward_classifier' \(data.labelled_per_class: 40 labelled images",
         ),
         (
-            "a further step count equal to the evaluation's own",
-            lambda c: c.update(eval_steps=[3]),
-            r"eval_steps: give distinct step counts >= 1 besides the evaluation's own 3, got \[3\]",
+            "a reward classifier named like a row",
+            lambda c: c.update(
+                labelled_per_class=[10], reward_classifiers=[{**_tiny_reward_classifier(), "name": "PPO"}]
+            ),
+            r"reward_classifiers: names \['PPO'\] must differ from each other and from the rows",
+        ),
+        (
+            "reward classifiers without the curve",
+            lambda c: c.update(reward_classifiers=[_tiny_reward_classifier()]),
+            "reward_classifiers: only the labelled-data curve trains them; give labelled_per_class too",
+        ),
+        (
+            "a bad test seed with the curve (refused before any classifier trains)",
+            lambda c: c.update(labelled_per_class=[10], reward_classifiers=[_tiny_reward_classifier()], seed=5),
+            r"seed=5 gives test seeds",
+        ),
+        (
+            "a step count listed twice",
+            lambda c: c["fine_tuning"][0]["args"].extend(["--model.eval_num_steps", "[3, 2, 2]"]),
+            r"model.eval_num_steps: give distinct step counts, got \[3, 2, 2\]",
         ),
         (
             "prior that does not sum to one",
@@ -237,6 +254,7 @@ def test_bad_benchmark_config_is_refused_before_training(case, change, expected,
     assert exit_.value.code == 2 and len(err) == 1, err
     assert re.search(expected, err[0]), err[0]
     assert not (Path(config["output"]) / "runs" / "DirectBackprop" / "checkpoints").exists()
+    assert not list(Path(config["output"]).glob("labelled_*"))  # no size of a curve trained anything
 
 
 def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path, tiny_pretrained):
@@ -245,14 +263,15 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     from ctrl.tuning import choose
 
     path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
-    config["fine_tuning"] = [{**config["fine_tuning"][0], "sweep": [[], ["--model.policy.head_lr", "0.02"]]}]
+    row = config["fine_tuning"][0]
+    row["args"] = [*row["args"], "--model.eval_num_steps", "[3, 2]"]  # sampled at 2 steps as well
+    config["fine_tuning"] = [{**row, "sweep": [[], ["--model.policy.head_lr", "0.02"]]}]
     config["inference_time"] = [m for m in config["inference_time"] if m["class_path"].endswith(("MPGD", "SMC"))]
     config.update(
         baseline_models=[],
         control_scales=[],
         training_seeds=[0, 1],
         inference_sweeps={"SMC": [{}, {"num_particles": 2}]},
-        eval_steps=[2],
     )
     path.write_text(yaml.safe_dump(config))
     rows = benchmark(["--config", str(path)])
@@ -284,12 +303,12 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     # UNet calls counted by a hook: 3 steps, one call each (the residual head reads the pretrained eps it gives)
     calls = {r["method"]: r["denoiser_calls_per_image"] for r in rows}
     assert calls["pretrained"] == calls["DirectBackprop"] == 3 and calls["SMC"] == 3 * 3  # 3 particles
-    assert calls["pretrained steps=2"] == calls["DirectBackprop steps=2"] == 2  # eval_steps: the same model, 2 steps
+    assert calls["pretrained steps=2"] == calls["DirectBackprop steps=2"] == 2  # eval_num_steps [3, 2]: 2 steps too
     for figure in ("accuracy_frechet.png", "accuracy_calls.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
 
 
-def _tiny_reward_classifier(tmp_path) -> dict:
+def _tiny_reward_classifier() -> dict:
     """configs/digits/classifier.yaml at 8x8, width 4, one epoch: the curve's reward classifier."""
     args = "--data.image_size 8 --model.width 4 --trainer.max_epochs 1 --trainer.logger false".split()
     return {"name": "reward_classifier", "config": str(CONFIGS / "classifier.yaml"), "args": args}
@@ -303,9 +322,7 @@ def test_the_labelled_data_curve_cuts_the_classifier_and_the_cfg_model_alike(tmp
     path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
     config["fine_tuning"] = config["fine_tuning"][:1]
     config["inference_time"] = config["inference_time"][:1]  # classifier-free guidance
-    config.update(
-        control_scales=[], labelled_per_class=[2, None], reward_classifiers=[_tiny_reward_classifier(tmp_path)]
-    )
+    config.update(control_scales=[], labelled_per_class=[2, None], reward_classifiers=[_tiny_reward_classifier()])
     path.write_text(yaml.safe_dump(config))
     rows = benchmark(["--config", str(path)])
     out = Path(config["output"])

@@ -75,7 +75,7 @@ def test_config_instantiates(config, tmp_path, request):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.startswith("benchmark_")], ids=lambda p: p.name)
 def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
-    from ctrl.benchmark import _check_rows, _checked_steps, _plan, _setting_alpha, parse
+    from ctrl.benchmark import _check_rows, _plan, _setting_alpha, parse
     from ctrl.inference_time import GuidedSampler
 
     monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
@@ -87,8 +87,8 @@ def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, mo
     assert [m.name for m in spec["baseline_models"]] == ([] if steps else ["ClassifierFreeGuidance"])
     for cli in _check_rows(spec["fine_tuning"], spec["inference_time"], spec["baseline_models"], tmp_path):
         assert cli.model.evaluator is not None and cli.datamodule.num_labels == cli.model.policy.num_labels
-        assert _checked_steps(spec["eval_steps"] or [], cli.model.eval_num_steps) == (spec["eval_steps"] or [])
         assert cli.model.eval_num_steps == (50 if steps else 10)
+        assert cli.model.extra_eval_num_steps == ([25, 100] if steps else [])
     # every swept setting instantiates (its overrides name real settings) at the one target
     args = [spec[k] for k in ("fine_tuning", "inference_time", "baseline_models")]
     plan = _plan(*args, tmp_path, False, spec["training_seeds"], spec["inference_sweeps"] or {})

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -100,6 +101,46 @@ def test_configs_parse(tmp_path, capsys, monkeypatch):
         data = config["data"]["init_args"]
         assert (data["batch_size"], data["batches_per_epoch"]) == (4, 2)
         # every epoch timed inside the process, as trl_peer.py times trl's
-        assert config["trainer"]["callbacks"] == [
-            {"class_path": "speed.EpochClock", "init_args": {"path": vs_trl.EPOCH_TIMES}}
-        ]
+        [clock] = config["trainer"]["callbacks"]
+        assert clock["class_path"] == "speed.EpochClock" and clock["init_args"]["path"] == vs_trl.EPOCH_TIMES
+
+
+def test_the_epoch_clock_times_records_rewards_and_stops(tmp_path):
+    """speed.EpochClock: each epoch's seconds and mean ``train/reward`` in its JSON, and a stop once the summed
+    epoch time passes ``minutes`` (trl_peer.py's --minutes rule)."""
+    import json
+    from types import SimpleNamespace
+
+    import speed
+
+    trainer = SimpleNamespace(callback_metrics={}, should_stop=False)
+    clock = speed.EpochClock(path=str(tmp_path / "epochs.json"), minutes=1e-9)
+    clock.on_train_epoch_start(trainer, None)
+    for reward in (1.0, 3.0):
+        trainer.callback_metrics["train/reward"] = torch.tensor(reward)
+        clock.on_train_batch_end(trainer, None, None, None, 0)
+    clock.on_train_epoch_end(trainer, None)
+    written = json.loads((tmp_path / "epochs.json").read_text())
+    assert written["epoch_reward"] == [2.0] and len(written["epoch_s"]) == 1 and written["epoch_s"][0] >= 0
+    assert trainer.should_stop
+
+
+def test_time_to_reward_reads_the_rise_and_refuses_bad_input():
+    import time_to_reward
+
+    walls, rewards = [10.0, 10.0, 10.0, 10.0, 10.0], [0.0, 0.5, 1.0, 1.5, 2.0]
+    # the mean of the last 2 epochs first reaches 0 + 1.0 after epoch 4 (1.0, 1.5): 40 s of training
+    assert time_to_reward.time_to_rise(walls, rewards, rise=1.0, window=2) == 40.0
+    assert time_to_reward.time_to_rise(walls, rewards, rise=5.0, window=2) is None
+    summary = time_to_reward.summary([{"epoch_s": walls, "epoch_reward": rewards}] * 2, rise=1.0, window=2)
+    assert summary["times"] == [40.0, 40.0] and summary["reached"] == 2 and summary["std_s"] == 0.0
+    for argv, expected in (
+        (["--rise", "1", "--minutes", "0"], "--minutes: a positive training time"),
+        (["--rise", "1", "--seeds", "1", "1"], "--seeds: give distinct seeds"),
+        (["--rise", "1", "--window", "0"], "--window and --threads: at least 1"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            time_to_reward.main(argv)
+        assert str(done.value.code).startswith("vs_trl: " + expected.split(":")[0]) and expected in str(
+            done.value.code
+        )
