@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import vs_trl
-from speed import PROMPTS, make_pipeline
+
+from ctrl.tuning import mean_std
 
 WORKLOADS = {"alignprop": "DirectBackprop", "ddpo": "PPO"}  # trl trainer -> ctrl's plugin on its workload
 
@@ -53,17 +53,9 @@ def ctrl_config(row: dict, pipeline: str, minutes: float) -> dict:
 
 
 def run_trl(python: str, trainer: str, pipeline: str, args, seed: int, env: dict, folder: Path) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [python, str(vs_trl.HERE / "trl_peer.py"), "--trainer", trainer, "--pipeline", pipeline]
-    cmd += ["--prompts", json.dumps(PROMPTS), "--epochs", str(10**6), "--threads", str(args.threads)]
-    cmd += ["--seed", str(seed), "--minutes", str(args.minutes)]
-    print(f"seed {seed}: trl {vs_trl.TRL_NAMES[trainer]} for {args.minutes:g} min ...", flush=True)
-    run = vs_trl.timed(cmd, folder / "stdout.log", folder / "stderr.log", env, folder)
-    lines = [line for line in (folder / "stdout.log").read_text().splitlines() if line.startswith("{")]
-    if run["returncode"] or not lines:
-        vs_trl.failed(f"trl's {vs_trl.TRL_NAMES[trainer]} run", run, folder / "stderr.log")
-    result = json.loads(lines[-1])
-    return {"epoch_s": result["epoch_s"], "epoch_reward": result["epoch_reward"], "peak_rss_mib": run["peak_rss_mib"]}
+    minutes = ["--minutes", str(args.minutes)]
+    result = vs_trl.run_trl(python, trainer, pipeline, args, env, folder, seed=seed, epochs=10**6, extra=minutes)
+    return {k: result[k] for k in ("epoch_s", "epoch_reward", "peak_rss_mib")}
 
 
 def run_ctrl(row: dict, seed: int, env: dict, folder: Path) -> dict:
@@ -83,8 +75,7 @@ def summary(runs: list[dict], rise: float, window: int) -> dict:
     reached it, and how many did."""
     times = [time_to_rise(r["epoch_s"], r["epoch_reward"], rise, window) for r in runs]
     reached = [t for t in times if t is not None]
-    mean = statistics.mean(reached) if reached else None
-    std = statistics.stdev(reached) if len(reached) > 1 else (0.0 if reached else None)
+    mean, std = mean_std(reached) if reached else (None, None)
     gains = [statistics.mean(r["epoch_reward"][-window:]) - r["epoch_reward"][0] for r in runs]
     return {"times": times, "mean_s": mean, "std_s": std, "reached": len(reached), "final_gain": gains}
 
@@ -139,11 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows += [vs_trl.parse_extra(spec) for spec in args.ctrl_extra]
     vs_trl.check_trl_python(args.trl_python)
     workdir = Path(args.workdir or Path(args.output) / "work").resolve()
-    threads = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
-    pipeline = make_pipeline(workdir / "tiny-sd")
-    vs_trl.add_model_index(pipeline)
-    ctrl_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(vs_trl.HERE), env.get("PYTHONPATH")]))}
+    pipeline, env, ctrl_env = vs_trl.setup(args.threads, workdir)
     for i, row in enumerate(rows):
         row["name"] = f"{row['plugin']} {' '.join(row['args'])}".strip()
         row["config"] = str(workdir / "configs" / f"{i}-{row['plugin']}.yaml")
@@ -153,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:  # every trainer of a seed in turn, so a slow spell of the machine falls on all
         for trainer in args.workloads:
             name = f"trl {vs_trl.TRL_NAMES[trainer]}"
-            folder = workdir / f"seed-{seed}" / f"trl-{trainer}"
+            folder = workdir / f"seed-{seed}"  # the run goes into its trl-<trainer> folder
             runs.setdefault(name, []).append(run_trl(args.trl_python, trainer, pipeline, args, seed, env, folder))
         for i, row in enumerate(rows):
             folder = workdir / f"seed-{seed}" / f"ctrl-{i}-{row['plugin']}"
@@ -167,12 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": {name: summary(r, args.rise, args.window) for name, r in runs.items()},
         "runs": runs,
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "time_to_reward.json").write_text(json.dumps(report, indent=1))
-    text = markdown(report)
-    (out / "time_to_reward.md").write_text(text)
-    print(text, end="")
+    vs_trl.write_report(report, markdown(report), Path(args.output), "time_to_reward")
     return report
 
 

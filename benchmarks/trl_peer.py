@@ -184,8 +184,8 @@ def main() -> None:
         "epoch_s": walls,
         "epoch_reward": rewards,  # the mean reward of the images the epoch drew (DDPO) or trained on (AlignProp)
         "epoch_cpu_s": cpus,
-        "s_per_epoch": statistics.median(walls[1:]),
-        "cpu_s_per_epoch": statistics.median(cpus[1:]),
+        "s_per_epoch": statistics.median(walls[1:] or walls),
+        "cpu_s_per_epoch": statistics.median(cpus[1:] or cpus),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "lora_parameters": sum(p.numel() for p in trainer.trainable_layers),
         "lora_moved": moved > 0,  # trl's LoRA starts with B = 0: no change would mean no training

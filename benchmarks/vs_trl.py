@@ -65,6 +65,8 @@ from pathlib import Path
 from speed import PLUGINS, PROMPTS, make_pipeline
 from speed import config as speed_config
 
+from ctrl.tuning import mean_std
+
 HERE = Path(__file__).resolve().parent
 TRL_VERSION = "0.23."
 TRL_NAMES = {"ddpo": "DDPO", "alignprop": "AlignProp"}
@@ -196,13 +198,34 @@ def throughput(walls: list[float]) -> float:
     return statistics.mean(walls[1:] or walls)
 
 
-def run_trl(python: str, trainer: str, pipeline: str, args, env: dict, workdir: Path, seed: int = 0) -> dict:
-    directory = workdir / f"trl-{trainer}"
+def setup(threads: int, workdir: Path) -> tuple[str, dict, dict]:
+    """The shared pipeline (built into ``workdir``), and the environments of trl's and ctrl's processes (threads
+    pinned, offline; ctrl's with benchmarks/ on its path for speed.py's reward and clock)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    pipeline = make_pipeline(workdir / "tiny-sd")
+    add_model_index(pipeline)
+    ctrl_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))}
+    return pipeline, env, ctrl_env
+
+
+def write_report(report: dict, text: str, out: Path, name: str) -> None:
+    """``<out>/<name>.json`` (every figure) and ``<out>/<name>.md`` (``text``), and ``text`` printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(text)
+    print(text, end="")
+
+
+def run_trl(python, trainer, pipeline, args, env, workdir: Path, seed=0, epochs=None, extra=()) -> dict:
+    """trl_peer.py's run of ``trainer`` in ``workdir/trl-<trainer>`` for ``epochs`` (default ``args.epochs``)
+    with ``extra`` arguments: its JSON, s/epoch as :func:`throughput`."""
+    directory, epochs = workdir / f"trl-{trainer}", epochs or args.epochs
     directory.mkdir(parents=True, exist_ok=True)
     cmd = [python, str(HERE / "trl_peer.py"), "--trainer", trainer, "--pipeline", pipeline]
-    cmd += ["--prompts", json.dumps(PROMPTS), "--epochs", str(args.epochs), "--threads", str(args.threads)]
-    cmd += ["--seed", str(seed)]
-    print(f"trl {TRL_NAMES[trainer]}: {args.epochs} epochs ...", flush=True)
+    cmd += ["--prompts", json.dumps(PROMPTS), "--epochs", str(epochs), "--threads", str(args.threads)]
+    cmd += ["--seed", str(seed), *extra]
+    print(f"trl {TRL_NAMES[trainer]}: {epochs} epochs {' '.join(extra)}...", flush=True)
     run = timed(cmd, directory / "stdout.log", directory / "stderr.log", env, directory)
     lines = [line for line in (directory / "stdout.log").read_text().splitlines() if line.startswith("{")]
     if run["returncode"] or not lines:
@@ -278,7 +301,7 @@ def spread(values: list[float | None]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (0 for one value) of a figure over the repeats; None if any is None."""
     if not values or any(v is None for v in values):
         return None, None
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean_std(values)
 
 
 def summarise(rows: list[dict], repeats: list[dict]) -> None:
@@ -398,12 +421,7 @@ def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
         "loadavg_start": os.getloadavg(),
     }
     git = git_state()  # at the start: the code that runs
-    threads = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    pipeline = make_pipeline(workdir / "tiny-sd")
-    add_model_index(pipeline)
-    ctrl_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))}
+    pipeline, env, ctrl_env = setup(args.threads, workdir)
     write_configs(rows, pipeline, workdir / "configs")
     for row in rows:
         row["trl"] = trl_trainer(row["plugin"])
@@ -422,12 +440,7 @@ def measure(args, rows: list[dict], trl_version: str, workdir: Path) -> dict:
     report["trl_version_checked"] = trl_version
     report["rows"], report["runs"] = rows, repeats
     report["loadavg_end"] = os.getloadavg()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vs_trl.json").write_text(json.dumps(report, indent=1))
-    text = table(report)
-    (out / "vs_trl.md").write_text(text)
-    print(text, end="")
+    write_report(report, table(report), Path(args.output), "vs_trl")
     return report
 
 
