@@ -85,6 +85,11 @@ class ControlModule(L.LightningModule):
         lr_scheduler: a torch learning-rate scheduler (e.g. ``torch.optim.lr_scheduler.LinearLR``), stepped
             once per rollout (once every ``accumulate`` rollouts: per rollout of the accumulated batch), so its
             ``total_iters`` / ``T_max`` count those. Default: constant rates.
+        compile: compile the policy's networks (:meth:`DiffusionPolicy.networks`: the denoiser, a control head) with
+            ``torch.compile``: true for its default backend (inductor: a C++ compiler on CPU, triton on a GPU), or
+            a backend's name (``torch.compiler.list_backends``). The first calls of each shape and adapter state
+            compile (tens of seconds to minutes); later ones run the compiled code. A backend that cannot compile
+            on the run's device is refused when the run starts, before any step. Checkpoints are unchanged.
         guidance: the old name of ``control_scale`` (works, with a notice; classifier-free guidance is the
             policy's ``guidance_scale``).
     """
@@ -108,6 +113,7 @@ class ControlModule(L.LightningModule):
         weight_decay: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool | str = False,
         guidance: float | None = None,
     ):
         super().__init__()
@@ -117,7 +123,7 @@ class ControlModule(L.LightningModule):
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
         self._check_settings(policy, reward, algorithm, num_steps, eta, steps)
         self._check_training(max_grad_norm, accumulate, max_bad_steps, kl_log_interval)
-        self.kl_log_interval = kl_log_interval
+        self.compile_backend = self._check_compile(compile, policy)
         self._num_stochastic = len(make_grid(policy.scheduler, num_steps, eta).controlled_steps)
         self.algorithm_context = AlgorithmContext(
             policy.num_labels, self._num_stochastic, gradient_checkpointing=gradient_checkpointing
@@ -131,7 +137,7 @@ class ControlModule(L.LightningModule):
         self.gradient_checkpointing, self.weight_decay = gradient_checkpointing, weight_decay
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.max_grad_norm, self.max_bad_steps, self.bad_steps = max_grad_norm, max_bad_steps, 0
-        self.accumulate = accumulate
+        self.accumulate, self.kl_log_interval = accumulate, kl_log_interval
         # updates whose gradients wait for the next optimizer step, rollouts since the scheduler's last step
         self._pending_updates, self._pending_rollouts = 0, 0
         self._restored_grads: dict[str, Tensor] = {}  # a checkpoint's pending gradients, until training starts
@@ -143,12 +149,11 @@ class ControlModule(L.LightningModule):
         # the pretrained model, which for Stable Diffusion is gigabytes.
         self.strict_loading = False
         self.baselines: dict[str, dict[str, float]] = {}  # the pretrained model's figures per stage (val, test)
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}  # the last evaluation's figures, and its stage
         self.last_stage = "val"
-        # what LogSamples logs: the last training rollout (conditions [B], x0 [B, ...], detached) and the policy's
-        # samples of the last evaluation (stage, images [N, C, H, W], conditions [N], rewards [N]), which it takes
-        self.rollout_samples: tuple[Tensor, Tensor] | None = None
-        self.eval_samples: tuple[str, Tensor, Tensor, Tensor] | None = None
+        # what LogSamples logs, None until there is one: the last training rollout (conditions [B], x0 [B, ...],
+        # detached) and the last evaluation's samples (stage, images [N, C, H, W], conditions [N], rewards [N])
+        self.rollout_samples, self.eval_samples = None, None
 
     def _check_settings(self, policy, reward, algorithm, num_steps, eta, eval_steps) -> None:
         """The sampler's settings against the policy, reward and algorithm (one message each)."""
@@ -221,6 +226,51 @@ class ControlModule(L.LightningModule):
         if kl_log_interval is not None and kl_log_interval < 1:
             raise SettingError(self, "kl_log_interval", f"must be >= 1 (rollouts) or null, got {kl_log_interval}.")
 
+    def _check_compile(self, compile: bool | str, policy: DiffusionPolicy) -> str | None:
+        """The torch.compile backend ``compile`` names (None: no compilation)."""
+        if compile is False:
+            return None
+        backends = torch.compiler.list_backends(exclude_tags=())
+        backend = "inductor" if compile is True else compile
+        if backend not in backends:
+            raise SettingError(
+                self,
+                "compile",
+                f"'{compile}' is not a torch.compile backend; give true (inductor), false, or one of "
+                f"{torch.compiler.list_backends()} (or {[b for b in backends if 'eager' in b]}).",
+            )
+        if not policy.networks():
+            raise SettingError(
+                self,
+                "compile",
+                f"is {compile}, but {type(policy).__name__} calls no network (its steps are closed-form); set it "
+                "false.",
+            )
+        return backend
+
+    def _compile_networks(self) -> None:
+        """Compile the policy's networks in place (their parameters and state-dict names stay as they are), once a
+        small function compiled and ran forward and backward with the backend on the run's device: a backend that
+        cannot compile there is refused here, before any step, not in the middle of the first rollout."""
+        device = self.trainer.strategy.root_device
+        try:
+            probe = torch.compile(lambda v: torch.sin(v) * 2, backend=self.compile_backend, fullgraph=True)
+            probe(torch.ones(4, device=device, requires_grad=True)).sum().backward()
+        except Exception as err:  # inductor raises many kinds: no C++ compiler, no triton, an unsupported device
+            while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
+                err = inner  # dynamo wraps the backend's own error (BackendCompilerFailed)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise SettingError(
+                self,
+                "compile",
+                f"torch.compile with backend '{self.compile_backend}' cannot compile on {device} "
+                f"({type(err).__name__}: {first}); set it false, or install what the backend needs (inductor: a "
+                "C++ compiler on CPU, triton on a GPU).",
+            ) from None
+        for network in self.policy.networks():
+            network.compile(backend=self.compile_backend)
+        self._compiled = True
+
     @staticmethod
     def _check_learning_rates(policy, algorithm) -> None:
         """Every trained part's learning rate must be > 0. The error names the part's own setting: ``<part>_lr``
@@ -249,6 +299,8 @@ class ControlModule(L.LightningModule):
                 "drawn for training must be the policy's label set: make them equal."
             )
         self.algorithm.check_data(getattr(datamodule, "hparams", {}).get("group_size"))
+        if self.compile_backend and not getattr(self, "_compiled", False):  # once, whichever stage comes first
+            self._compile_networks()
         if self.trainer.world_size > 1:
             self.algorithm_context.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
 

@@ -81,6 +81,11 @@ class DiffusionPolicy(nn.Module, ABC):
         ``reward_prompts(labels)`` for a reward that reads prompts (:func:`ctrl.rewards.base.call_reward`)."""
         return call_reward(reward, images, self.reward_labels(labels), self.reward_prompts(labels))
 
+    def networks(self) -> list[nn.Module]:
+        """The networks :meth:`predict` calls at every step (the denoiser, a control head): what ``model.compile``
+        compiles. Empty here: a policy whose steps are closed-form has nothing worth compiling."""
+        return []
+
     @abstractmethod
     def param_groups(self) -> list[dict]:
         """Trainable parameters as optimizer groups, each with its own ``lr`` and a ``name``."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
@@ -331,6 +331,9 @@ class StableDiffusion3Policy(DiffusionPolicy):
         if self.decode_checkpointing and torch.is_grad_enabled() and x0.requires_grad:
             return checkpoint(self._decode, x0, use_reentrant=False)
         return self._decode(x0)
+
+    def networks(self) -> list[nn.Module]:
+        return [self.transformer]
 
     def param_groups(self) -> list[dict]:
         return [dict(name="lora", params=self.lora.parameters(), lr=self.lrs["lora"])]

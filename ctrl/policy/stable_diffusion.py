@@ -314,6 +314,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
             return checkpoint(self._decode, x0, use_reentrant=False)
         return self._decode(x0)
 
+    def networks(self) -> list[nn.Module]:
+        return [self.unet]
+
     def param_groups(self) -> list[dict]:
         groups = []
         if self.lora_rank > 0:

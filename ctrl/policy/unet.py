@@ -238,6 +238,9 @@ class UNetPolicy(DiffusionPolicy):
         active = (labels != self.null_label).to(x.dtype).view(-1, 1, 1, 1)
         return eps_pre + (control_scale * active) * correction, eps_pre
 
+    def networks(self) -> list[nn.Module]:
+        return [self.unet] if self.head is None else [self.unet, self.head]
+
     def param_groups(self) -> list[dict]:
         groups = []
         if self.label_embedding:
