@@ -4,6 +4,7 @@ compute floor (the same UNet calls timed alone, in the same run).
 
     python benchmarks/speed.py --threads 1                     # every plugin, CPU
     python benchmarks/speed.py --plugins PPO DirectBackprop --epochs 4 --output benchmarks/speed
+    python benchmarks/speed.py --threads 1 --compile inductor      # the policy's UNet compiled (model.compile)
 
 Workload (each plugin; the DDPO / AlignProp settings of trl 0.23.1's trainers): a tiny random Stable
 Diffusion pipeline built offline (UNet 793k parameters, 16x16 latents, 32x32 images), 50 DDIM steps, eta 1,
@@ -64,8 +65,8 @@ def make_pipeline(directory: Path) -> str:
     return make_tiny_sd(directory, unet=unet, vae=dict(block_out_channels=(32, 64)), text=text)
 
 
-def config(plugin: str, pipeline: str, epochs: int) -> dict:
-    """The ``ctrl fit`` config of the workload for ``plugin``."""
+def config(plugin: str, pipeline: str, epochs: int, compile: str | None = None) -> dict:
+    """The ``ctrl fit`` config of the workload for ``plugin`` (``compile``: a torch.compile backend for the UNet)."""
     direct = plugin == "DirectBackprop"
     reward = {"class_path": "__main__.ImageGradient"} if direct else {"class_path": "ctrl.rewards.JpegCompressibility"}
     model = {
@@ -87,6 +88,7 @@ def config(plugin: str, pipeline: str, epochs: int) -> dict:
         },
         "reward": reward,
         "algorithm": PLUGINS[plugin],
+        "compile": compile or False,
     }
     data = {"batch_size": 4, "group_size": 1, "batches_per_epoch": 2, "eval_per_label": 1}
     trainer = {
@@ -182,13 +184,13 @@ def floor_seconds(module, calls: list[tuple[int, bool]]) -> float:
     return sum(cost[c] for c in calls)
 
 
-def worker(plugin: str, pipeline: str, epochs: int) -> dict:
+def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict:
     from ctrl.commands import main
 
     meter = Meter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "run.yaml"
-        path.write_text(json.dumps(config(plugin, pipeline, epochs)))  # JSON is YAML
+        path.write_text(json.dumps(config(plugin, pipeline, epochs, compile)))  # JSON is YAML
         cli = main(["--config", str(path), "--trainer.default_root_dir", tmp], run=False)
         cli.trainer.callbacks.append(meter)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -196,7 +198,7 @@ def worker(plugin: str, pipeline: str, epochs: int) -> dict:
     floor = floor_seconds(cli.model, last)
     sec = statistics.median(meter.epochs[1:])
     return {
-        "plugin": plugin,
+        "plugin": plugin + (f" compiled ({compile})" if compile else ""),
         "s_per_epoch": sec,
         "s_per_image": sec / images,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -212,17 +214,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/speed")
+    parser.add_argument("--compile", help="a torch.compile backend for the UNet (model.compile), e.g. inductor")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for plugin in args.plugins:
         if plugin not in PLUGINS:
             parser.error(f"--plugins: '{plugin}' is not a plugin of this workload; choose from {sorted(PLUGINS)}.")
+    if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(
+            f"--compile: '{args.compile}' is not a torch.compile backend; choose from "
+            f"{torch.compiler.list_backends()}."
+        )
     if args.epochs < 2:
         parser.error(f"--epochs: at least 2 (the first is not timed), got {args.epochs}.")
     torch.set_num_threads(args.threads)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.pipeline, args.epochs)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.pipeline, args.epochs, args.compile)), flush=True)
         return []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 str(args.epochs),
                 "--threads",
                 str(args.threads),
+                *(["--compile", args.compile] if args.compile else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

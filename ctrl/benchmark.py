@@ -5,7 +5,9 @@ Three kinds of rows, in this order: the pretrained model (the baseline), inferen
 (:mod:`ctrl.inference_time`, on the same pretrained model and reward) and fine-tuning rows (``ctrl fit`` runs
 of control configs, one per plugin). Whatever a row needs trained (a fine-tuned policy; the conditional model
 of classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/``, and reused
-unless ``retrain``; an inference-time method only loads what it is given. Every method samples the same
+unless ``retrain``; an inference-time method only loads what it is given. Each row's samples are kept too
+(``runs/rows/``), so a benchmark stopped part way resumes where it stopped: a row is sampled anew only when its
+method's settings, seeds or trained model differ, or with ``retrain``. Every method samples the same
 labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true
 labeller of the label set) scores them all.
 
@@ -33,6 +35,8 @@ the same images each time, and adds ``curve.md``, ``curve.csv`` and ``accuracy_l
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import inspect
 import json
 import math
@@ -40,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import ActionConfigFile
@@ -167,11 +172,14 @@ class _Table:
     """The rows of one benchmark: every method draws the same labels with the same seeds, scored by the
     reference row's (the first fine-tuning row's) reward and evaluator."""
 
-    def __init__(self, base, per_label: int, seed: int, progress: tqdm, **tags):
-        """``per_label`` samples per label from seeds ``seed, seed + 1, ...``; ``tags`` go into every row."""
+    def __init__(self, base, per_label: int, seed: int, progress: tqdm, kept: Path | None = None, **tags):
+        """``per_label`` samples per label from seeds ``seed, seed + 1, ...``; ``tags`` go into every row.
+        ``kept``: the folder where each row's samples are kept (:meth:`sampled`; None: nowhere)."""
         self.base, self.num_steps, self.progress, self.tags = base, base.eval_num_steps, progress, tags
         self.labels = torch.arange(base.policy.num_labels).repeat_interleave(per_label)
         self.seeds = torch.arange(len(self.labels)) + seed
+        draws = f"seed_{seed}_per_label_{per_label}_steps_{self.num_steps}_eta_{base.eta:g}"
+        self.kept = None if kept is None else kept / draws
         self.rows: list[dict] = []
         self.panels: list[tuple[str, Tensor, Tensor]] = []
 
@@ -188,6 +196,26 @@ class _Table:
             seconds += time.perf_counter() - start
             self.progress.update()
         return torch.cat(out), seconds / len(self.labels)
+
+    def sampled(self, key: str, produce: Callable[[], tuple[Tensor, float, dict]]) -> tuple[Tensor, float, dict]:
+        """``produce()``: the samples ``[N, ...]``, seconds per image and further figures of a row, kept in the table's
+        folder under ``key`` (what identifies the row's method, setting and trained model) and read back from there
+        instead when an earlier run of the benchmark left them: an interrupted benchmark resumes where it stopped,
+        each row sampled once. (Scores are always computed anew from the samples.)"""
+        if self.kept is None:
+            return produce()
+        path = self.kept / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
+        if path.is_file():
+            kept = torch.load(path, weights_only=True)
+            if kept["key"] == key:
+                self.progress.update(len(self.labels.unique()))
+                return kept["samples"], kept["seconds"], kept["figures"]
+        samples, seconds, found = produce()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save({"key": key, "samples": samples.cpu(), "seconds": seconds, "figures": found}, partial)
+        partial.replace(path)  # a run stopped while writing leaves no half file behind
+        return samples, seconds, found
 
     def record(self, name: str, samples: Tensor, sampling_s: float, training_s: float, kl=None, **extra) -> dict:
         images = self.base.policy.decode(samples)
@@ -225,7 +253,7 @@ class _Table:
         for n in [self.num_steps, *steps]:
             name = "pretrained" if n == self.num_steps else f"pretrained steps={n}"
             draw = lambda y, s, n=n: self.base.generate(y, s, 0.0, n).samples  # noqa: E731
-            samples, seconds, calls = self.counted(name, self.base.policy, draw)
+            samples, seconds, calls = self.sampled(name, lambda m=name, d=draw: self.counted(m, self.base.policy, d))
             rows.append(self.record(name, samples, seconds, 0.0, **calls))
         return rows[0]
 
@@ -237,37 +265,55 @@ class _Table:
             calls.append(guided.denoiser_calls_per_image * len(y))
             return guided.samples
 
-        samples, seconds = self.draw(name, draw)
-        calls = sum(calls) / len(self.labels)
-        return self.record(name, samples, seconds, training_s, denoiser_calls_per_image=calls, **extra)
+        def produce():
+            samples, seconds = self.draw(name, draw)
+            return samples, seconds, {"denoiser_calls_per_image": sum(calls) / len(self.labels)}
 
-    def fine_tuned(self, name: str, module, training_s: float, scales: list[float], steps=(), **extra) -> dict:
-        """The fitted ``module`` at its own control scale, then at each of ``scales``, then at its own scale with
-        each of ``steps`` sampling steps: the first row."""
-        rows, own = [], module.control_scale
-        variants = [(own, self.num_steps, name)] + [(g, self.num_steps, f"{name} gamma={g:g}") for g in scales]
-        variants += [(own, n, f"{name} steps={n}") for n in steps]
+        settings = {k: v for k, v in sorted(vars(sampler).items()) if isinstance(v, (bool, int, float, str))}
+        key = f"{name} {settings} {extra.get('setting')} model trained {training_s:.6f} s"
+        samples, seconds, found = self.sampled(key, produce)
+        return self.record(name, samples, seconds, training_s, **found, **extra)
+
+    def fine_tuned(self, name: str, fitted, training_s: float, scales: list[float], steps=(), **extra) -> dict:
+        """The fitted module (``fitted()``, loaded only if a row must be sampled) at its own control scale (None),
+        then at each of ``scales``, then at its own scale with each of ``steps`` sampling steps: the first row."""
+        rows = []
+        variants = [(None, self.num_steps, name)] + [(g, self.num_steps, f"{name} gamma={g:g}") for g in scales]
+        variants += [(None, n, f"{name} steps={n}") for n in steps]
         for scale, n, row in variants:
             kls = []
 
             def draw(y, s, scale=scale, n=n, kls=kls):
-                trajectory = module.generate(y, s, scale, n)
+                module = fitted()
+                trajectory = module.generate(y, s, module.control_scale if scale is None else scale, n)
                 kls.append(trajectory.kl.sum(1))
                 return trajectory.samples
 
-            samples, seconds, calls = self.counted(row, module.policy, draw)
-            rows.append(self.record(row, samples, seconds, training_s, kl=torch.cat(kls).mean(), **calls, **extra))
+            def produce(row=row, draw=draw, kls=kls):
+                samples, seconds, calls = self.counted(row, fitted().policy, draw)
+                return samples, seconds, {**calls, "kl": float(torch.cat(kls).mean())}
+
+            key = f"{row} {extra.get('setting')} trained {training_s:.6f} s"  # a model trained anew: another key
+            samples, seconds, found = self.sampled(key, produce)
+            rows.append(self.record(row, samples, seconds, training_s, **found, **extra))
         return rows[0]
 
 
-def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str):
-    """The module of a fine-tuning row, trained in ``folder`` (or reloaded from its finished run there), and its
-    training seconds."""
+def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str) -> tuple[Callable[[], Any], float]:
+    """A fine-tuning row trained in ``folder`` unless a finished run is there: a function giving its module (a
+    finished run is reloaded only when first asked for: rows already kept need no model) and its training seconds."""
     training_s, cli = run.train(folder, retrain, *extra)
-    if cli is None:
+    if cli is not None:
+        module = cli.model.eval()
+        return (lambda: module), training_s
+
+    @functools.cache
+    def reload():
         last = folder / "checkpoints" / "last.ckpt"
         cli = run.cli(folder, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false", *extra)
-    return cli.model.eval(), training_s
+        return cli.model.eval()
+
+    return reload, training_s
 
 
 def _check_sweep(owner: str, sweep: list | None) -> None:
@@ -355,10 +401,14 @@ class _Plan:
         return folder / f"seed_{seed}" if seed is not None else folder
 
     def fit(self, run: FitRun, setting: int, seed: int | None):
-        """The row fitted at ``setting`` with training seed ``seed`` (None: the config's), and its seconds."""
+        """The row fitted at ``setting`` with training seed ``seed`` (None: the config's): :func:`_fitted`."""
         extra = [*run.settings()[setting], *([] if seed is None else ["--seed_everything", str(seed)])]
         extra += [] if seed is None else ["--data.seed", str(seed)]
         return _fitted(run, self.folder(run, setting, seed), self.retrain, *extra)
+
+    def kept(self) -> Path | None:
+        """Where the rows' samples are kept (``runs/rows``, :meth:`_Table.sampled`); None with ``retrain``."""
+        return None if self.retrain else self.runs / "rows"
 
     def tuned(self) -> bool:
         return any(len(v) > 1 for v in self.sweeps.values())
@@ -368,7 +418,7 @@ def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: t
     """Each method with several settings tries them on the validation seeds from ``seed``; the index chosen by
     the one rule (:func:`ctrl.tuning.choose`, Frechet at most ``rule`` x the pretrained model's) per method,
     and the sweep's rows (``setting``, ``chosen``)."""
-    table = _Table(base, per_label, seed, progress, split="validation")
+    table = _Table(base, per_label, seed, progress, plan.kept(), split="validation")
     base_frechet = table.pretrained()["frechet"]
     tried: dict[str, list[dict]] = {}
     for name, variants in plan.variants.items():
@@ -382,8 +432,8 @@ def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: t
             tried[run.name] = []
             for k, setting in enumerate(run.settings()):
                 progress.set_postfix_str(f"{run.name}: training setting {k}")
-                module, training_s = plan.fit(run, k, seed_)
-                tried[run.name].append(table.fine_tuned(run.name, module, training_s, [], setting=_describe(setting)))
+                fitted, training_s = plan.fit(run, k, seed_)
+                tried[run.name].append(table.fine_tuned(run.name, fitted, training_s, [], setting=_describe(setting)))
     chosen = {}
     for name, rows in tried.items():
         chosen[name] = choose([r["accuracy"] for r in rows], [r["frechet"] for r in rows], base_frechet, rule)
@@ -397,7 +447,7 @@ def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: t
 def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, progress) -> _Table:
     """Repeat ``r`` on the test seeds from ``seed``: every method at its chosen setting, the fine-tuning rows
     trained with the r-th training seed; ``trained`` holds the inference-time methods' model seconds."""
-    table = _Table(base, per_label, seed, progress, repeat=r)
+    table = _Table(base, per_label, seed, progress, plan.kept(), repeat=r)
     table.pretrained(plan.eval_steps)
     for name, variants in plan.variants.items():
         k = chosen.get(name, 0)
@@ -405,9 +455,9 @@ def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, prog
     for i, run in enumerate(plan.fine_tuning):
         k = chosen.get(run.name, 0)
         progress.set_postfix_str(f"{run.name}: training")
-        module, training_s = plan.fit(run, k, plan.training_seeds[r] if plan.training_seeds else None)
+        fitted, training_s = plan.fit(run, k, plan.training_seeds[r] if plan.training_seeds else None)
         setting = _describe(run.settings()[k])
-        table.fine_tuned(run.name, module, training_s, scales if i == 0 else [], plan.eval_steps, setting=setting)
+        table.fine_tuned(run.name, fitted, training_s, scales if i == 0 else [], plan.eval_steps, setting=setting)
     return table
 
 

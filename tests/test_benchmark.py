@@ -257,9 +257,10 @@ def test_bad_benchmark_config_is_refused_before_training(case, change, expected,
     assert not list(Path(config["output"]).glob("labelled_*"))  # no size of a curve trained anything
 
 
-def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path, tiny_pretrained):
+def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path, tiny_pretrained, monkeypatch):
     """Two settings of a fine-tuning row and of an inference-time method tried on validation seeds, one kept by
-    the rule; then two repeats (training seeds 0 and 1, each on its own test seeds): mean and std per method."""
+    the rule; then two repeats (training seeds 0 and 1, each on its own test seeds): mean and std per method. Run
+    again, it resumes from what it kept (:func:`_resumes`)."""
     from ctrl.tuning import choose
 
     path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
@@ -306,6 +307,34 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     assert calls["pretrained steps=2"] == calls["DirectBackprop steps=2"] == 2  # eval_num_steps [3, 2]: 2 steps too
     for figure in ("accuracy_frechet.png", "accuracy_calls.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    _resumes(path, config, raw, monkeypatch)
+
+
+def _resumes(path, config, raw: list[dict], monkeypatch) -> None:
+    """The same benchmark run again samples nothing and trains nothing (every row and fit was kept) and writes the
+    same figures; with one method's setting changed, only that method's rows are sampled anew."""
+    from ctrl import benchmark as module
+
+    sampled, draw = [], module._Table.draw
+    monkeypatch.setattr(module._Table, "draw", lambda table, name, d: sampled.append(name) or draw(table, name, d))
+    cli = module.FitRun.cli
+
+    def no_fit(run, folder, subcommand=None, *extra):
+        assert subcommand != "fit", f"{run.name} was trained again"
+        return cli(run, folder, subcommand, *extra)
+
+    monkeypatch.setattr(module.FitRun, "cli", no_fit)
+    benchmark(["--config", str(path)])
+    assert sampled == []
+    with open(Path(config["output"]) / "results.csv") as f:
+        assert list(csv.DictReader(f)) == raw  # every figure, the sampling seconds too
+    config["inference_time"] = [
+        {**m, "init_args": {"step_size": 0.25}} if m["class_path"].endswith("MPGD") else m
+        for m in config["inference_time"]
+    ]
+    path.write_text(yaml.safe_dump(config))
+    benchmark(["--config", str(path)])
+    assert sampled == ["MPGD", "MPGD"]  # one per repeat
 
 
 def _tiny_reward_classifier() -> dict:

@@ -1,5 +1,5 @@
-"""benchmarks/vs_trl.py without trl: bad input is refused in one line before anything runs, and the ctrl configs it
-writes parse (every row, extra arguments included) with the settings the comparison depends on."""
+"""benchmarks/vs_trl.py (and speed.py) without trl: bad input is refused in one line before anything runs, and the
+ctrl configs it writes parse (every row, extra arguments included) with the settings the comparison depends on."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def test_refusals(tmp_path):
     assert "give PLUGIN:ARGS" in _refusal(["--trl-python", sys.executable, "--ctrl-extra", "PPO"])
     assert "--epochs: at least 2" in _refusal(["--trl-python", sys.executable, "--epochs", "1"])
     assert "--repeats: at least 1" in _refusal(["--trl-python", sys.executable, "--repeats", "0"])
+
+
+def test_speed_refuses_a_plugin_or_backend_that_does_not_exist(capsys):
+    import speed
+
+    for argv, expected in [
+        (["--plugins", "Nope"], "--plugins: 'Nope' is not a plugin of this workload"),
+        (["--compile", "indcutor"], "--compile: 'indcutor' is not a torch.compile backend"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            speed.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and expected in err[-1], err
 
 
 def test_each_repeat_gives_its_own_ratio():
