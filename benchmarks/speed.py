@@ -4,7 +4,7 @@ compute floor (the same UNet calls timed alone, in the same run).
 
     python benchmarks/speed.py --threads 1                     # every plugin, CPU
     python benchmarks/speed.py --plugins PPO DirectBackprop --epochs 4 --output benchmarks/speed
-    python benchmarks/speed.py --threads 1 --compile inductor      # the policy's UNet compiled (model.compile)
+    python benchmarks/speed.py --threads 1 --compile inductor --output benchmarks/speed_compiled   # model.compile
 
 Workload (each plugin; the DDPO / AlignProp settings of trl 0.23.1's trainers): a tiny random Stable
 Diffusion pipeline built offline (UNet 793k parameters, 16x16 latents, 32x32 images), 50 DDIM steps, eta 1,
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from ctrl.module import compile_backends
 from ctrl.rewards.base import Reward
 
 PLUGINS = {
@@ -198,7 +199,8 @@ def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict
     floor = floor_seconds(cli.model, last)
     sec = statistics.median(meter.epochs[1:])
     return {
-        "plugin": plugin + (f" compiled ({compile})" if compile else ""),
+        "plugin": plugin,
+        "compile": compile,
         "s_per_epoch": sec,
         "s_per_image": sec / images,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -221,11 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for plugin in args.plugins:
         if plugin not in PLUGINS:
             parser.error(f"--plugins: '{plugin}' is not a plugin of this workload; choose from {sorted(PLUGINS)}.")
-    if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
-        parser.error(
-            f"--compile: '{args.compile}' is not a torch.compile backend; choose from "
-            f"{torch.compiler.list_backends()}."
-        )
+    if args.compile and args.compile not in compile_backends():
+        parser.error(f"--compile: '{args.compile}' is not a torch.compile backend; choose from {compile_backends()}.")
     if args.epochs < 2:
         parser.error(f"--epochs: at least 2 (the first is not timed), got {args.epochs}.")
     torch.set_num_threads(args.threads)
@@ -264,7 +263,8 @@ def write(rows: list[dict], out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(rows, indent=1))
     lines = [
-        f"threads {args.threads}, {args.epochs} epochs (median of the last {args.epochs - 1})",
+        f"threads {args.threads}, {args.epochs} epochs (median of the last {args.epochs - 1}), UNet compiled: "
+        f"{args.compile or 'no'}",
         "",
         "| plugin | s/epoch | s/image | peak RSS MiB | UNet calls / image | floor s/epoch | overhead |",
         "|---|---|---|---|---|---|---|",

@@ -6,8 +6,9 @@ Three kinds of rows, in this order: the pretrained model (the baseline), inferen
 of control configs, one per plugin). Whatever a row needs trained (a fine-tuned policy; the conditional model
 of classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/``, and reused
 unless ``retrain``; an inference-time method only loads what it is given. Each row's samples are kept too
-(``runs/rows/``), so a benchmark stopped part way resumes where it stopped: a row is sampled anew only when its
-method's settings, seeds or trained model differ, or with ``retrain``. Every method samples the same
+(``runs/rows/``), so a benchmark stopped part way resumes where it stopped: a row is sampled anew when its method's
+settings, the seeds, the first row's config or the weights it loads (the pretrained model, the reward), or the
+row's trained model differ, and with ``retrain``. Every method samples the same
 labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true
 labeller of the label set) scores them all.
 
@@ -142,13 +143,35 @@ def _describe(setting) -> str:
     return " ".join(setting) or "as configured"
 
 
+def _settings_of(sampler: GuidedSampler) -> dict:
+    """An inference-time method's constructor settings, read back from the instance."""
+    names = [p for p in inspect.signature(type(sampler).__init__).parameters if p != "self" and hasattr(sampler, p)]
+    return {p: getattr(sampler, p) for p in names}
+
+
 def _variants(sampler: GuidedSampler, sweep: list[dict] | None) -> list[GuidedSampler]:
     """The inference-time method at each setting of its sweep (None: itself): a new instance per setting, built
     from its own settings with the setting's values over them (so every value is checked as the config's)."""
     if sweep is None:
         return [sampler]
-    names = [p for p in inspect.signature(type(sampler).__init__).parameters if p != "self" and hasattr(sampler, p)]
-    return [type(sampler)(**{**{p: getattr(sampler, p) for p in names}, **setting}) for setting in sweep]
+    return [type(sampler)(**{**_settings_of(sampler), **setting}) for setting in sweep]
+
+
+def _fingerprint(run: FitRun, *extra: str) -> str:
+    """What a fit config makes of its samples: its file's text and the overrides (sha1)."""
+    text = Path(run.config).read_text() if Path(run.config).is_file() else run.config
+    return hashlib.sha1(repr((text, run.args, extra)).encode()).hexdigest()[:16]
+
+
+def _weights_fingerprint(*modules) -> str:
+    """The weights and buffers of ``modules`` (sha1): the pretrained model and the reward a base config loads, so
+    a file replaced under the same path is noticed."""
+    digest = hashlib.sha1()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) -> dict[str, float]:
@@ -168,18 +191,28 @@ def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) ->
     return out
 
 
+@dataclass
+class _RowStore:
+    """Where a benchmark keeps its rows' samples: ``folder``; ``base``: the fingerprint of the config and weights
+    every row shares (:meth:`_Plan.rows`); ``reuse``: read kept rows back (False: sample anew, keep the new)."""
+
+    folder: Path
+    base: str
+    reuse: bool = True
+
+
 class _Table:
     """The rows of one benchmark: every method draws the same labels with the same seeds, scored by the
     reference row's (the first fine-tuning row's) reward and evaluator."""
 
-    def __init__(self, base, per_label: int, seed: int, progress: tqdm, kept: Path | None = None, **tags):
+    def __init__(self, base, per_label: int, seed: int, progress: tqdm, rows: _RowStore | None = None, **tags):
         """``per_label`` samples per label from seeds ``seed, seed + 1, ...``; ``tags`` go into every row.
-        ``kept``: the folder where each row's samples are kept (:meth:`sampled`; None: nowhere)."""
+        ``rows``: where each row's samples are kept (:meth:`sampled`; None: nowhere)."""
         self.base, self.num_steps, self.progress, self.tags = base, base.eval_num_steps, progress, tags
         self.labels = torch.arange(base.policy.num_labels).repeat_interleave(per_label)
         self.seeds = torch.arange(len(self.labels)) + seed
         draws = f"seed_{seed}_per_label_{per_label}_steps_{self.num_steps}_eta_{base.eta:g}"
-        self.kept = None if kept is None else kept / draws
+        self.store = None if rows is None else replace(rows, folder=rows.folder / draws)
         self.rows: list[dict] = []
         self.panels: list[tuple[str, Tensor, Tensor]] = []
 
@@ -199,17 +232,18 @@ class _Table:
 
     def sampled(self, key: str, produce: Callable[[], tuple[Tensor, float, dict]]) -> tuple[Tensor, float, dict]:
         """``produce()``: the samples ``[N, ...]``, seconds per image and further figures of a row, kept in the table's
-        folder under ``key`` (what identifies the row's method, setting and trained model) and read back from there
-        instead when an earlier run of the benchmark left them: an interrupted benchmark resumes where it stopped,
-        each row sampled once. (Scores are always computed anew from the samples.)"""
-        if self.kept is None:
+        folder under ``key`` (what identifies the row's method and settings, the base config and weights, and its
+        trained model) and read back from there instead when an earlier run of the benchmark left them: an
+        interrupted benchmark resumes where it stopped. (Scores are always computed anew from the samples.)"""
+        if self.store is None:
             return produce()
-        path = self.kept / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
-        if path.is_file():
-            kept = torch.load(path, weights_only=True)
-            if kept["key"] == key:
+        key = f"{key} | base {self.store.base}"
+        path = self.store.folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
+        if self.store.reuse and path.is_file():
+            stored = torch.load(path, weights_only=True)
+            if stored["key"] == key:
                 self.progress.update(len(self.labels.unique()))
-                return kept["samples"], kept["seconds"], kept["figures"]
+                return stored["samples"], stored["seconds"], stored["figures"]
         samples, seconds, found = produce()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
@@ -253,7 +287,7 @@ class _Table:
         for n in [self.num_steps, *steps]:
             name = "pretrained" if n == self.num_steps else f"pretrained steps={n}"
             draw = lambda y, s, n=n: self.base.generate(y, s, 0.0, n).samples  # noqa: E731
-            samples, seconds, calls = self.sampled(name, lambda m=name, d=draw: self.counted(m, self.base.policy, d))
+            samples, seconds, calls = self.sampled(name, lambda: self.counted(name, self.base.policy, draw))  # noqa: B023
             rows.append(self.record(name, samples, seconds, 0.0, **calls))
         return rows[0]
 
@@ -269,14 +303,13 @@ class _Table:
             samples, seconds = self.draw(name, draw)
             return samples, seconds, {"denoiser_calls_per_image": sum(calls) / len(self.labels)}
 
-        settings = {k: v for k, v in sorted(vars(sampler).items()) if isinstance(v, (bool, int, float, str))}
-        key = f"{name} {settings} {extra.get('setting')} model trained {training_s:.6f} s"
+        key = f"{name} {sorted(_settings_of(sampler).items())!r} model trained {training_s:.6f} s"
         samples, seconds, found = self.sampled(key, produce)
         return self.record(name, samples, seconds, training_s, **found, **extra)
 
-    def fine_tuned(self, name: str, fitted, training_s: float, scales: list[float], steps=(), **extra) -> dict:
-        """The fitted module (``fitted()``, loaded only if a row must be sampled) at its own control scale (None),
-        then at each of ``scales``, then at its own scale with each of ``steps`` sampling steps: the first row."""
+    def fine_tuned(self, name: str, fitted: _Fitted, scales: list[float], steps=(), **extra) -> dict:
+        """The fitted module at its own control scale (None), then at each of ``scales``, then at its own scale with
+        each of ``steps`` sampling steps: the first row."""
         rows = []
         variants = [(None, self.num_steps, name)] + [(g, self.num_steps, f"{name} gamma={g:g}") for g in scales]
         variants += [(None, n, f"{name} steps={n}") for n in steps]
@@ -284,36 +317,48 @@ class _Table:
             kls = []
 
             def draw(y, s, scale=scale, n=n, kls=kls):
-                module = fitted()
+                module = fitted.module()
                 trajectory = module.generate(y, s, module.control_scale if scale is None else scale, n)
                 kls.append(trajectory.kl.sum(1))
                 return trajectory.samples
 
             def produce(row=row, draw=draw, kls=kls):
-                samples, seconds, calls = self.counted(row, fitted().policy, draw)
+                samples, seconds, calls = self.counted(row, fitted.module().policy, draw)
                 return samples, seconds, {**calls, "kl": float(torch.cat(kls).mean())}
 
-            key = f"{row} {extra.get('setting')} trained {training_s:.6f} s"  # a model trained anew: another key
-            samples, seconds, found = self.sampled(key, produce)
-            rows.append(self.record(row, samples, seconds, training_s, **found, **extra))
+            samples, seconds, found = self.sampled(f"{row} {fitted.source}", produce)
+            rows.append(self.record(row, samples, seconds, fitted.training_s, **found, **extra))
         return rows[0]
 
 
-def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str) -> tuple[Callable[[], Any], float]:
-    """A fine-tuning row trained in ``folder`` unless a finished run is there: a function giving its module (a
-    finished run is reloaded only when first asked for: rows already kept need no model) and its training seconds."""
+@dataclass
+class _Fitted:
+    """A fine-tuning row's trained model: ``module()`` gives it (a finished run is reloaded only when first asked
+    for: rows already kept need no model); ``source`` identifies it (its config's :func:`_fingerprint` and training
+    seconds: a model trained anew is another)."""
+
+    module: Callable[[], Any]
+    training_s: float
+    source: str
+
+
+def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str) -> _Fitted:
+    """A fine-tuning row trained in ``folder`` unless a finished run is there."""
     training_s, cli = run.train(folder, retrain, *extra)
+    source = f"config {_fingerprint(run, *extra)} trained {training_s:.6f} s"
     if cli is not None:
         module = cli.model.eval()
-        return (lambda: module), training_s
+        return _Fitted(lambda: module, training_s, source)
 
     @functools.cache
     def reload():
         last = folder / "checkpoints" / "last.ckpt"
-        cli = run.cli(folder, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false", *extra)
-        return cli.model.eval()
+        validated = run.cli(
+            folder, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false", *extra
+        )
+        return validated.model.eval()
 
-    return reload, training_s
+    return _Fitted(reload, training_s, source)
 
 
 def _check_sweep(owner: str, sweep: list | None) -> None:
@@ -400,31 +445,35 @@ class _Plan:
         folder = folder / f"setting_{setting}" if run.sweep is not None else folder
         return folder / f"seed_{seed}" if seed is not None else folder
 
-    def fit(self, run: FitRun, setting: int, seed: int | None):
+    def fit(self, run: FitRun, setting: int, seed: int | None) -> _Fitted:
         """The row fitted at ``setting`` with training seed ``seed`` (None: the config's): :func:`_fitted`."""
         extra = [*run.settings()[setting], *([] if seed is None else ["--seed_everything", str(seed)])]
         extra += [] if seed is None else ["--data.seed", str(seed)]
         return _fitted(run, self.folder(run, setting, seed), self.retrain, *extra)
 
-    def kept(self) -> Path | None:
-        """Where the rows' samples are kept (``runs/rows``, :meth:`_Table.sampled`); None with ``retrain``."""
-        return None if self.retrain else self.runs / "rows"
+    def rows(self, base) -> _RowStore:
+        """Where the rows' samples are kept (``runs/rows``, :meth:`_Table.sampled`), for the base config's ``base``
+        module; with ``retrain`` they are written but not read."""
+        first = self.fine_tuning[0]
+        fingerprint = f"{_fingerprint(first, *first.settings()[0])} {_weights_fingerprint(base.policy, base.reward)}"
+        return _RowStore(self.runs / "rows", fingerprint, reuse=not self.retrain)
 
     def tuned(self) -> bool:
         return any(len(v) > 1 for v in self.sweeps.values())
 
 
-def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: tqdm) -> tuple[dict, list[dict]]:
+def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress) -> tuple[dict, list[dict]]:
     """Each method with several settings tries them on the validation seeds from ``seed``; the index chosen by
     the one rule (:func:`ctrl.tuning.choose`, Frechet at most ``rule`` x the pretrained model's) per method,
-    and the sweep's rows (``setting``, ``chosen``)."""
-    table = _Table(base, per_label, seed, progress, plan.kept(), split="validation")
+    and the sweep's rows (``setting``, ``chosen``). ``trained``: the inference-time methods' model seconds."""
+    table = _Table(base, per_label, seed, progress, plan.rows(base), split="validation")
     base_frechet = table.pretrained()["frechet"]
     tried: dict[str, list[dict]] = {}
     for name, variants in plan.variants.items():
         if len(variants) > 1:
             tried[name] = [
-                table.inference_time(v, 0.0, setting=_describe(d)) for v, d in zip(variants, plan.sweeps[name])
+                table.inference_time(v, trained.get(name, 0.0), setting=_describe(d))
+                for v, d in zip(variants, plan.sweeps[name])
             ]
     for run in plan.fine_tuning:
         if len(run.settings()) > 1:
@@ -432,8 +481,8 @@ def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: t
             tried[run.name] = []
             for k, setting in enumerate(run.settings()):
                 progress.set_postfix_str(f"{run.name}: training setting {k}")
-                fitted, training_s = plan.fit(run, k, seed_)
-                tried[run.name].append(table.fine_tuned(run.name, fitted, training_s, [], setting=_describe(setting)))
+                fitted = plan.fit(run, k, seed_)
+                tried[run.name].append(table.fine_tuned(run.name, fitted, [], setting=_describe(setting)))
     chosen = {}
     for name, rows in tried.items():
         chosen[name] = choose([r["accuracy"] for r in rows], [r["frechet"] for r in rows], base_frechet, rule)
@@ -447,7 +496,7 @@ def _tune(plan: _Plan, base, per_label: int, seed: int, rule: float, progress: t
 def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, progress) -> _Table:
     """Repeat ``r`` on the test seeds from ``seed``: every method at its chosen setting, the fine-tuning rows
     trained with the r-th training seed; ``trained`` holds the inference-time methods' model seconds."""
-    table = _Table(base, per_label, seed, progress, plan.kept(), repeat=r)
+    table = _Table(base, per_label, seed, progress, plan.rows(base), repeat=r)
     table.pretrained(plan.eval_steps)
     for name, variants in plan.variants.items():
         k = chosen.get(name, 0)
@@ -455,9 +504,10 @@ def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, prog
     for i, run in enumerate(plan.fine_tuning):
         k = chosen.get(run.name, 0)
         progress.set_postfix_str(f"{run.name}: training")
-        fitted, training_s = plan.fit(run, k, plan.training_seeds[r] if plan.training_seeds else None)
-        setting = _describe(run.settings()[k])
-        table.fine_tuned(run.name, fitted, training_s, scales if i == 0 else [], plan.eval_steps, setting=setting)
+        fitted = plan.fit(run, k, plan.training_seeds[r] if plan.training_seeds else None)
+        table.fine_tuned(
+            run.name, fitted, scales if i == 0 else [], plan.eval_steps, setting=_describe(run.settings()[k])
+        )
     return table
 
 
@@ -549,7 +599,7 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
     with tqdm(total=total, desc="benchmark", unit="label") as progress:
         trained = _train_baseline_models(plan, baseline_models, progress)
         chosen, sweep_rows = (
-            _tune(plan, base, per_label, validation_seed, rule, progress) if plan.tuned() else ({}, [])
+            _tune(plan, base, per_label, validation_seed, rule, trained, progress) if plan.tuned() else ({}, [])
         )
         tables = [
             _repeat(plan, base, per_label, seed + r * count, r, chosen, trained, scales, progress)

@@ -36,6 +36,24 @@ def _qualified(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def compile_backends() -> list[str]:
+    """Every backend ``torch.compile`` takes by name here (``model.compile``): inductor, cudagraphs, the debugging
+    ones (eager, aot_eager, ...) and any a library registered."""
+    return sorted(torch.compiler.list_backends(exclude_tags=()))
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The error at the bottom of a chain of wrapped ones (dynamo wraps a backend's own in BackendCompilerFailed)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "inner_exception", None) or err.__cause__
+        if inner is None:
+            break
+        err = inner
+    return err
+
+
 class RunStopped(RuntimeError):
     """A run stopped on purpose (e.g. too many steps with non-finite rewards); the message says why and what to do."""
 
@@ -123,7 +141,7 @@ class ControlModule(L.LightningModule):
         steps = eval_num_steps if isinstance(eval_num_steps, list) else [eval_num_steps or num_steps]
         self._check_settings(policy, reward, algorithm, num_steps, eta, steps)
         self._check_training(max_grad_norm, accumulate, max_bad_steps, kl_log_interval)
-        self.compile_backend = self._check_compile(compile, policy)
+        self.compile_backend, self._compiled = self._check_compile(compile, policy), False
         self._num_stochastic = len(make_grid(policy.scheduler, num_steps, eta).controlled_steps)
         self.algorithm_context = AlgorithmContext(
             policy.num_labels, self._num_stochastic, gradient_checkpointing=gradient_checkpointing
@@ -149,7 +167,7 @@ class ControlModule(L.LightningModule):
         # the pretrained model, which for Stable Diffusion is gigabytes.
         self.strict_loading = False
         self.baselines: dict[str, dict[str, float]] = {}  # the pretrained model's figures per stage (val, test)
-        self.last_metrics: dict[str, float] = {}  # the last evaluation's figures, and its stage
+        self.last_metrics: dict[str, float] = {}  # the last evaluation's figures (last_stage: its stage)
         self.last_stage = "val"
         # what LogSamples logs, None until there is one: the last training rollout (conditions [B], x0 [B, ...],
         # detached) and the last evaluation's samples (stage, images [N, C, H, W], conditions [N], rewards [N])
@@ -230,14 +248,13 @@ class ControlModule(L.LightningModule):
         """The torch.compile backend ``compile`` names (None: no compilation)."""
         if compile is False:
             return None
-        backends = torch.compiler.list_backends(exclude_tags=())
         backend = "inductor" if compile is True else compile
-        if backend not in backends:
+        if backend not in compile_backends():
             raise SettingError(
                 self,
                 "compile",
                 f"'{compile}' is not a torch.compile backend; give true (inductor), false, or one of "
-                f"{torch.compiler.list_backends()} (or {[b for b in backends if 'eager' in b]}).",
+                f"{compile_backends()}.",
             )
         if not policy.networks():
             raise SettingError(
@@ -257,8 +274,7 @@ class ControlModule(L.LightningModule):
             probe = torch.compile(lambda v: torch.sin(v) * 2, backend=self.compile_backend, fullgraph=True)
             probe(torch.ones(4, device=device, requires_grad=True)).sum().backward()
         except Exception as err:  # inductor raises many kinds: no C++ compiler, no triton, an unsupported device
-            while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
-                err = inner  # dynamo wraps the backend's own error (BackendCompilerFailed)
+            err = _innermost(err)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise SettingError(
                 self,
@@ -299,7 +315,7 @@ class ControlModule(L.LightningModule):
                 "drawn for training must be the policy's label set: make them equal."
             )
         self.algorithm.check_data(getattr(datamodule, "hparams", {}).get("group_size"))
-        if self.compile_backend and not getattr(self, "_compiled", False):  # once, whichever stage comes first
+        if self.compile_backend and not self._compiled:  # once, whichever stage comes first
             self._compile_networks()
         if self.trainer.world_size > 1:
             self.algorithm_context.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")

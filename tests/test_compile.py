@@ -1,17 +1,19 @@
 """``model.compile``: the policy's networks compiled by torch.compile give the eager predictions and gradients (the
-adapter switch between the policy's and the pretrained model's calls included), a run trains and checkpoints the
-same names compiled, and a backend that is unknown or cannot compile is refused in one line before any step.
+adapter switch between the policy's and the pretrained model's calls included), a run trains through compiled graphs
+and checkpoints the same names, and a backend that is unknown or cannot compile is refused in one line before any
+step.
 
 The equality check compiles with ``aot_eager`` (dynamo's graph capture and AOT autograd, without inductor's C++
 build), which is what could go wrong on our side: a graph that missed the adapter switch or the grad mode; the run
-with ``eager`` (graph capture only), which is what the setting itself does. Inductor on this
-workload is measured in benchmarks/vs_trl.py."""
+with a counting backend (graph capture only). Inductor on the trl workload is measured by benchmarks/speed.py
+--compile and vs_trl.py --ctrl-extra."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import error_line, randomize_lora, tiny_sd_args
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 from ctrl.algorithms import PPO
 from ctrl.commands import main
@@ -41,10 +43,11 @@ def test_compiled_networks_give_the_eager_predictions_and_gradients(tiny_sd):
     torch.manual_seed(1)
     x, t, labels = torch.randn(3, *policy.sample_shape), torch.tensor([100, 500, 900]), torch.tensor([0, 3, 1])
     eager = _predictions_and_gradients(policy, x, t, labels)
+    counter = CompileCounterWithBackend("aot_eager")
     for network in policy.networks():
-        network.compile(backend="aot_eager")
+        network.compile(backend=counter)
     compiled = _predictions_and_gradients(policy, x, t, labels)
-    assert policy.unet._compiled_call_impl is not None  # the calls above went through the compiled network
+    assert counter.frame_count >= 2  # the calls above went through compiled graphs (adapters on and off at least)
     assert len(compiled) == len(eager) > 4  # LoRA and the class embedding received gradients, both times
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -53,9 +56,11 @@ def test_compiled_networks_give_the_eager_predictions_and_gradients(tiny_sd):
 
 def test_a_compiled_run_trains_and_checkpoints_the_same_names(tmp_path, tiny_sd):
     args = tiny_sd_args("aesthetic_ddpo", tmp_path, tiny_sd, ["--model.reward", "ctrl.rewards.JpegCompressibility"])
-    cli = main(["fit", *args, "--model.compile", "eager", "--model.kl_log_interval", "null"])
+    counter = CompileCounter()  # dynamo's graph capture, each graph run as captured; counted
+    torch._dynamo.register_backend(counter, name="ctrl_test_counted")
+    cli = main(["fit", *args, "--model.compile", "ctrl_test_counted", "--model.kl_log_interval", "null"])
     module = cli.model
-    assert cli.trainer.global_step >= 2 and module.policy.unet._compiled_call_impl is not None
+    assert cli.trainer.global_step >= 2 and counter.frame_count >= 3  # the probe, rollouts (no grad), updates
     lora_b = [p for n, p in module.policy.unet.named_parameters() if "lora_B" in n]
     assert max(float(p.detach().abs().max()) for p in lora_b) > 0  # it trained
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
