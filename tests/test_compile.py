@@ -58,7 +58,8 @@ def test_a_compiled_run_trains_and_checkpoints_the_same_names(tmp_path, tiny_sd)
     args = tiny_sd_args("aesthetic_ddpo", tmp_path, tiny_sd, ["--model.reward", "ctrl.rewards.JpegCompressibility"])
     counter = CompileCounter()  # dynamo's graph capture, each graph run as captured; counted
     torch._dynamo.register_backend(counter, name="ctrl_test_counted")
-    cli = main(["fit", *args, "--model.compile", "ctrl_test_counted", "--model.kl_log_interval", "null"])
+    no_eval = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]  # only the training calls
+    cli = main(["fit", *args, "--model.compile", "ctrl_test_counted", "--model.kl_log_interval", "null", *no_eval])
     module = cli.model
     assert cli.trainer.global_step >= 2 and counter.frame_count >= 3  # the probe, rollouts (no grad), updates
     lora_b = [p for n, p in module.policy.unet.named_parameters() if "lora_B" in n]
