@@ -147,7 +147,7 @@ class Meter(EpochClock):
         self.calls: list[list[tuple[int, bool]]] = [[]]  # per epoch
 
     def on_fit_start(self, trainer, module):
-        hook = module.policy.unet.register_forward_hook
+        hook = module.policy.networks()[0].register_forward_hook  # the denoiser
         self.hook = hook(lambda _, args, __: self.calls[-1].append((len(args[0]), torch.is_grad_enabled())))
 
     def on_fit_end(self, trainer, module):

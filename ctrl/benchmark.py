@@ -268,10 +268,10 @@ class _Table:
     def counted(self, name: str, policy, draw: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, float, dict]:
         """:meth:`draw` with the samples through ``policy``'s denoising network counted by a forward hook (a CFG
         pair counts two): the samples, the seconds per image and ``{denoiser_calls_per_image: ...}`` (empty for a
-        policy without a ``unet``). Every call counts, those made only for the KL to the pretrained chain too: a
-        policy whose control is inside the network (LoRA, a label embedding) shows two per step, a residual head
-        on the pretrained eps one."""
-        net, seen = getattr(policy, "unet", None), []
+        policy without networks, :meth:`DiffusionPolicy.networks`). Every call counts, those made only for the KL to
+        the pretrained chain too: a policy whose control is inside the network (LoRA, a label embedding) shows two
+        per step, a residual head on the pretrained eps one."""
+        net, seen = next(iter(policy.networks()), None), []
         hook = net.register_forward_hook(lambda _, args, __: seen.append(len(args[0]))) if net is not None else None
         try:
             samples, seconds = self.draw(name, draw)
@@ -438,6 +438,7 @@ class _Plan:
     retrain: bool
     training_seeds: list[int] | None
     eval_steps: list[int] = field(default_factory=list)  # the first row's further step counts (model.eval_num_steps)
+    store: _RowStore | None = None  # where the rows' samples are kept (:meth:`keep_rows`)
 
     def folder(self, run: FitRun, setting: int, seed: int | None) -> Path:
         """``runs/<name>[/setting_<i>][/seed_<s>]``: a row without a sweep or seeds keeps ``runs/<name>``."""
@@ -451,12 +452,12 @@ class _Plan:
         extra += [] if seed is None else ["--data.seed", str(seed)]
         return _fitted(run, self.folder(run, setting, seed), self.retrain, *extra)
 
-    def rows(self, base) -> _RowStore:
-        """Where the rows' samples are kept (``runs/rows``, :meth:`_Table.sampled`), for the base config's ``base``
-        module; with ``retrain`` they are written but not read."""
+    def keep_rows(self, base) -> None:
+        """Keep the rows' samples in ``runs/rows`` (:meth:`_Table.sampled`), keyed by the first row's config and
+        the base config's ``base`` module's weights (hashed once here); with ``retrain`` written but not read."""
         first = self.fine_tuning[0]
         fingerprint = f"{_fingerprint(first, *first.settings()[0])} {_weights_fingerprint(base.policy, base.reward)}"
-        return _RowStore(self.runs / "rows", fingerprint, reuse=not self.retrain)
+        self.store = _RowStore(self.runs / "rows", fingerprint, reuse=not self.retrain)
 
     def tuned(self) -> bool:
         return any(len(v) > 1 for v in self.sweeps.values())
@@ -466,7 +467,7 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress) -> tuple[
     """Each method with several settings tries them on the validation seeds from ``seed``; the index chosen by
     the one rule (:func:`ctrl.tuning.choose`, Frechet at most ``rule`` x the pretrained model's) per method,
     and the sweep's rows (``setting``, ``chosen``). ``trained``: the inference-time methods' model seconds."""
-    table = _Table(base, per_label, seed, progress, plan.rows(base), split="validation")
+    table = _Table(base, per_label, seed, progress, plan.store, split="validation")
     base_frechet = table.pretrained()["frechet"]
     tried: dict[str, list[dict]] = {}
     for name, variants in plan.variants.items():
@@ -496,7 +497,7 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress) -> tuple[
 def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, progress) -> _Table:
     """Repeat ``r`` on the test seeds from ``seed``: every method at its chosen setting, the fine-tuning rows
     trained with the r-th training seed; ``trained`` holds the inference-time methods' model seconds."""
-    table = _Table(base, per_label, seed, progress, plan.rows(base), repeat=r)
+    table = _Table(base, per_label, seed, progress, plan.store, repeat=r)
     table.pretrained(plan.eval_steps)
     for name, variants in plan.variants.items():
         k = chosen.get(name, 0)
@@ -582,6 +583,7 @@ def _checked(b: dict) -> tuple[_Plan, object, list[float]]:
     plan = _plan(b["fine_tuning"], inference_time, models, runs, b["retrain"], b["training_seeds"], sweeps)
     base = _checked_base(plan, inference_time, models, b["same_target"])
     plan.eval_steps = list(base.extra_eval_num_steps)
+    plan.keep_rows(base)
     count = base.policy.num_labels * b["per_label"]
     check_seeds("seed", b["seed"], count * len(b["training_seeds"] or [None]), "test")
     if plan.tuned():

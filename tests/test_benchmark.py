@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,13 @@ def _resumes(path, config, raw: list[dict], monkeypatch) -> None:
     path.write_text(yaml.safe_dump(config))
     benchmark(["--config", str(path)])
     assert sampled == ["MPGD", "MPGD"]  # one per repeat
+    # A fit trained again (its folder gone) is a new model: its rows are sampled anew, nobody else's
+    shutil.rmtree(Path(config["output"]) / "runs" / "DirectBackprop" / "setting_0" / "seed_1", ignore_errors=True)
+    shutil.rmtree(Path(config["output"]) / "runs" / "DirectBackprop" / "setting_1" / "seed_1", ignore_errors=True)
+    sampled.clear()
+    monkeypatch.setattr(module.FitRun, "cli", cli)  # that fit trains
+    benchmark(["--config", str(path)])
+    assert sampled == ["DirectBackprop", "DirectBackprop steps=2"]  # repeat 1's rows, trained with seed 1
 
 
 def _tiny_reward_classifier() -> dict:

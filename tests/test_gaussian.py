@@ -93,6 +93,7 @@ def _assert_reaches(metrics, tolerance: float) -> None:
 
 
 # The second world's score-function and RAFT runs take 1-2.5 minutes each on 2 cores: `python -m pytest -m slow`.
+# ContinuousTimePG's shipped-world run (2.5 minutes) is there too; the suite checks it on the flow world below.
 SLOW = pytest.mark.slow
 
 
@@ -102,7 +103,7 @@ SLOW = pytest.mark.slow
         ("direct", "shipped"),
         ("ppo", "shipped"),
         ("raft", "shipped"),
-        ("continuous", "shipped"),
+        pytest.param("continuous", "shipped", marks=SLOW),
         ("direct", "other"),
         pytest.param("ppo", "other", marks=SLOW),
         pytest.param("raft", "other", marks=SLOW),

@@ -82,8 +82,9 @@ class DiffusionPolicy(nn.Module, ABC):
         return call_reward(reward, images, self.reward_labels(labels), self.reward_prompts(labels))
 
     def networks(self) -> list[nn.Module]:
-        """The networks :meth:`predict` calls at every step (the denoiser, a control head): what ``model.compile``
-        compiles. Empty here: a policy whose steps are closed-form has nothing worth compiling."""
+        """The networks :meth:`predict` calls at every step, the denoiser first (then a control head): what
+        ``model.compile`` compiles, and the first is where denoiser calls are counted. Empty here: a policy whose
+        steps are closed-form has no network to compile or count."""
         return []
 
     @abstractmethod
