@@ -59,9 +59,8 @@ def run_trl(python: str, trainer: str, pipeline: str, args, seed: int, env: dict
 
 
 def run_ctrl(row: dict, seed: int, env: dict, folder: Path) -> dict:
-    seeded = {**row, "args": [*row["args"], "--seed_everything", str(seed)]}
     print(f"seed {seed}: ctrl {row['name']} ...", flush=True)
-    run = vs_trl.run_ctrl(seeded, 10**6, env, folder)
+    run = vs_trl.run_ctrl(vs_trl.seeded(row, seed), 10**6, env, folder)
     figures = json.loads((folder / vs_trl.EPOCH_TIMES).read_text())
     return {
         "epoch_s": figures["epoch_s"],

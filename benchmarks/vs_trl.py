@@ -124,6 +124,12 @@ def parse_extra(spec: str) -> dict:
     return {"plugin": plugin, "args": shlex.split(rest), "base": False}
 
 
+def seeded(row: dict, seed: int) -> dict:
+    """``row`` run with ``seed`` as trl's ``--seed`` is: the weights' initialisation (``seed_everything``) and the
+    training chains' noise and the algorithm's draws (``data.seed``; seed_everything alone leaves them)."""
+    return {**row, "args": [*row["args"], "--seed_everything", str(seed), "--data.seed", str(seed)]}
+
+
 def ctrl_config(plugin: str, pipeline: str) -> dict:
     """The ``ctrl fit`` config of ``plugin`` on the workload: speed.py's, with every setting the comparison
     depends on spelled out, the image-gradient reward importable from a child process (``speed`` on
@@ -399,11 +405,11 @@ def repeat(r: int, args, rows: list[dict], pipeline: str, env: dict, ctrl_env: d
     """Repeat ``r``: both trl trainers and every ctrl row, all seeded ``r`` (ctrl's rows first when r is odd)."""
     print(f"repeat {r + 1} of {args.repeats}", flush=True)
     folder = workdir / f"repeat-{r}"
-    seeded = [{**row, "args": [*row["args"], "--seed_everything", str(r)]} for row in rows]
     sides = {
         "trl": lambda: {t: run_trl(args.trl_python, t, pipeline, args, env, folder, seed=r) for t in TRL_NAMES},
         "ctrl": lambda: [
-            run_ctrl(row, args.epochs, ctrl_env, folder / f"ctrl-{i}-{row['plugin']}") for i, row in enumerate(seeded)
+            run_ctrl(seeded(row, r), args.epochs, ctrl_env, folder / f"ctrl-{i}-{row['plugin']}")
+            for i, row in enumerate(rows)
         ],
     }
     order = ["ctrl", "trl"] if r % 2 else ["trl", "ctrl"]

@@ -91,11 +91,14 @@ def test_configs_parse(tmp_path, capsys, monkeypatch):
     rows += [vs_trl.parse_extra("PPO:--model.algorithm.init_args.alpha 0.1")]
     vs_trl.write_configs(rows, str(tmp_path / "tiny-sd"), tmp_path / "configs")
     printed = []
+    rows = [vs_trl.seeded(row, 3) for row in rows]  # as each repeat runs them
     for row in rows:
         with pytest.raises(SystemExit) as done:
             main(["fit", "--config", row["config"], *row["args"], "--print_config"])
         assert done.value.code == 0
         printed.append(yaml.safe_load(capsys.readouterr().out))
+    # the seed reaches the weights' initialisation and the training chains alike, as trl's --seed does
+    assert all(config["seed_everything"] == 3 and config["data"]["init_args"]["seed"] == 3 for config in printed)
     model = [config["model"]["init_args"] for config in printed]
     ppo, direct, steps, alpha = (m["algorithm"] for m in model)
     assert ppo["class_path"] == "ctrl.algorithms.PPO"
