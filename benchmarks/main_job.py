@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ctrl.commands import main
+from ctrl.seeds import run_seed_args
 from ctrl.tuning import choose
 
 METRICS = ("accuracy", "macro_f1", "min_class_accuracy", "frechet", "frechet_floor", "kid", "kl")
@@ -63,10 +64,7 @@ def run(args, overrides: list[str]) -> None:
             [
                 "fit",
                 *(arg for config in args.config for arg in ("--config", config)),
-                "--seed_everything",
-                str(seed),
-                "--data.seed",
-                str(seed),
+                *run_seed_args(seed),
                 "--trainer.default_root_dir",
                 str(out / "runs" / f"seed_{seed}"),
                 "--trainer.logger",

@@ -5,10 +5,11 @@ workload of benchmarks/vs_trl.py, not only its seconds per epoch.
 
 (V: the venv with trl that vs_trl.py's docstring makes.) For each seed, in turn: trl's AlignPropTrainer and
 ctrl's DirectBackprop (``--workloads alignprop``), and/or trl's DDPOTrainer and ctrl's PPO (``ddpo``), plus any
-``--ctrl-extra PLUGIN:ARGS`` row (ctrl's best plugin with its settings), each in its own process on the same
-tiny pipeline with the same settings and learning rates as vs_trl.py, trained until the epoch that passes
-``--minutes`` of training time (the same rule on both sides: the sum of the in-process epoch times, set-up
-excluded). Every epoch's mean reward is recorded (trl: the rewards its reward function returned; ctrl: its
+``--ctrl-extra PLUGIN:ARGS`` row (ctrl's best plugin with its settings) and ``--trl-extra TRAINER:ARGS`` row
+(trl's trainer with trl_peer.py's further settings, e.g. ``alignprop:--truncation last``), each in its own
+process on the same tiny pipeline with the same settings and learning rates as vs_trl.py, trained until the epoch
+that passes ``--minutes`` of training time (the same rule on both sides: the sum of the in-process epoch times,
+set-up excluded). Every epoch's mean reward is recorded (trl: the rewards its reward function returned; ctrl: its
 ``train/reward``).
 
 The rise: an epoch reaches it when the mean reward of the last ``--window`` epochs is at least the run's own
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -52,9 +54,22 @@ def ctrl_config(row: dict, pipeline: str, minutes: float) -> dict:
     return config
 
 
-def run_trl(python: str, trainer: str, pipeline: str, args, seed: int, env: dict, folder: Path) -> dict:
-    minutes = ["--minutes", str(args.minutes)]
-    result = vs_trl.run_trl(python, trainer, pipeline, args, env, folder, seed=seed, epochs=10**6, extra=minutes)
+def trl_extra(spec: str) -> dict:
+    """``TRAINER:ARGS`` -> a trl row: trl_peer.py's TRAINER with ARGS added (e.g. ``alignprop:--truncation last``)."""
+    trainer, colon, rest = spec.partition(":")
+    if trainer.strip() not in WORKLOADS or not colon or not rest.strip():
+        vs_trl.refuse(
+            f"--trl-extra '{spec}': give TRAINER:ARGS with TRAINER one of {sorted(WORKLOADS)}, e.g. "
+            "'alignprop:--truncation last'."
+        )
+    return {"trainer": trainer.strip(), "args": shlex.split(rest)}
+
+
+def run_trl(row: dict, pipeline: str, args, seed: int, env: dict, folder: Path) -> dict:
+    extra = [*row["args"], "--minutes", str(args.minutes)]
+    result = vs_trl.run_trl(
+        args.trl_python, row["trainer"], pipeline, args, env, folder, seed=seed, epochs=10**6, extra=extra
+    )
     return {k: result[k] for k in ("epoch_s", "epoch_reward", "peak_rss_mib")}
 
 
@@ -108,7 +123,14 @@ def arguments(argv):
     parser.add_argument("--minutes", type=float, default=30.0, help="training time per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--window", type=int, default=3, help="epochs averaged when testing the rise")
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=["alignprop"])
+    parser.add_argument(
+        "--workloads",
+        nargs="*",
+        choices=sorted(WORKLOADS),
+        default=["alignprop"],
+        help="each one's trl trainer and ctrl plugin as released; none: only the --trl-extra and --ctrl-extra rows",
+    )
+    parser.add_argument("--trl-extra", action="append", default=[], metavar="TRAINER:ARGS")
     parser.add_argument("--ctrl-extra", action="append", default=[], metavar="PLUGIN:ARGS")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", help="where the pipeline, configs and logs go (default: under --output)")
@@ -127,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = arguments(argv)
     rows = [{"plugin": WORKLOADS[w], "args": [], "base": True} for w in args.workloads]
     rows += [vs_trl.parse_extra(spec) for spec in args.ctrl_extra]
+    trl_rows = [{"trainer": w, "args": []} for w in args.workloads] + [trl_extra(s) for s in args.trl_extra]
+    if not rows and not trl_rows:
+        vs_trl.refuse("--workloads: none given and no --trl-extra or --ctrl-extra row: nothing to run.")
     vs_trl.check_trl_python(args.trl_python)
     workdir = Path(args.workdir or Path(args.output) / "work").resolve()
     pipeline, env, ctrl_env = vs_trl.setup(args.threads, workdir)
@@ -137,10 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         Path(row["config"]).write_text(json.dumps(ctrl_config(row, pipeline, args.minutes), indent=1))
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:  # every trainer of a seed in turn, so a slow spell of the machine falls on all
-        for trainer in args.workloads:
-            name = f"trl {vs_trl.TRL_NAMES[trainer]}"
-            folder = workdir / f"seed-{seed}"  # the run goes into its trl-<trainer> folder
-            runs.setdefault(name, []).append(run_trl(args.trl_python, trainer, pipeline, args, seed, env, folder))
+        for i, row in enumerate(trl_rows):
+            name = f"trl {vs_trl.TRL_NAMES[row['trainer']]} {' '.join(row['args'])}".strip()
+            folder = workdir / f"seed-{seed}" / f"trl-{i}"  # the run goes into its trl-<trainer> folder
+            runs.setdefault(name, []).append(run_trl(row, pipeline, args, seed, env, folder))
         for i, row in enumerate(rows):
             folder = workdir / f"seed-{seed}" / f"ctrl-{i}-{row['plugin']}"
             runs.setdefault(f"ctrl {row['name']}", []).append(run_ctrl(row, seed, ctrl_env, folder))

@@ -15,7 +15,8 @@ Settings (trl's names): 50 DDIM steps, eta 1, guidance 5, mixed precision "no" (
 (4 per batch, 2 batches), no checkpoint written. DDPO: sample_batch_size 4 x sample_num_batches_per_epoch 2,
 train_batch_size 2, train_timestep_fraction 1 (every step trained), 1 inner epoch, reward -(JPEG size in kB
 at quality 95). AlignProp: train_batch_size 4 x train_gradient_accumulation_steps 2, truncated_backprop_rand
-with (0, 50) (trl's default) and gradient checkpointing (trl's rgb_with_grad default), reward
+with (0, 50) (trl's default; ``--truncation last``: the last step only) and gradient checkpointing (trl's
+rgb_with_grad default), reward
 -100 (mean |dI/dx| + mean |dI/dy|) of the image in [0, 1].
 """
 
@@ -36,7 +37,16 @@ def arguments(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, help="stop after the epoch that passes this much training time")
+    parser.add_argument(
+        "--truncation",
+        choices=("random", "last"),
+        default="random",
+        help="AlignProp: random (trl's default truncated_backprop_rand over (0, 50)) or last (truncated_backprop_rand "
+        "false, truncated_backprop_timestep 49: only the last step's UNet call carries gradient, as DRaFT-1)",
+    )
     args = parser.parse_args(argv)
+    if args.trainer == "ddpo" and args.truncation != "random":
+        parser.error(f"--truncation {args.truncation}: AlignProp's setting; DDPO backpropagates no chain.")
     if args.epochs < 2:
         parser.error(f"--epochs: at least 2 (the first is not timed), got {args.epochs}.")
     if args.minutes is not None and args.minutes <= 0:
@@ -153,8 +163,9 @@ def main() -> None:
         config = AlignPropConfig(
             train_batch_size=BATCH,
             train_gradient_accumulation_steps=BATCHES,
-            truncated_backprop_rand=True,
+            truncated_backprop_rand=args.truncation == "random",
             truncated_rand_backprop_minmax=(0, STEPS),
+            truncated_backprop_timestep=STEPS - 1,  # read only when not random: step i < 49 is detached
             **shared,
         )
         trainer = AlignPropTrainer(config, recorded(gradient_reward), prompt_fn, pipeline)
@@ -180,6 +191,7 @@ def main() -> None:
         "trainer": args.trainer,
         "versions": versions(),
         "threads": torch.get_num_threads(),
+        "truncation": args.truncation if args.trainer == "alignprop" else None,
         "setup_s": setup_s,
         "epoch_s": walls,
         "epoch_reward": rewards,  # the mean reward of the images the epoch drew (DDPO) or trained on (AlignProp)

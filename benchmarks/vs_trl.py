@@ -65,6 +65,7 @@ from pathlib import Path
 from speed import PLUGINS, PROMPTS, make_pipeline
 from speed import config as speed_config
 
+from ctrl.seeds import run_seed_args
 from ctrl.tuning import mean_std
 
 HERE = Path(__file__).resolve().parent
@@ -126,8 +127,8 @@ def parse_extra(spec: str) -> dict:
 
 def seeded(row: dict, seed: int) -> dict:
     """``row`` run with ``seed`` as trl's ``--seed`` is: the weights' initialisation (``seed_everything``) and the
-    training chains' noise and the algorithm's draws (``data.seed``; seed_everything alone leaves them)."""
-    return {**row, "args": [*row["args"], "--seed_everything", str(seed), "--data.seed", str(seed)]}
+    training chains' noise and the algorithm's draws (:func:`ctrl.seeds.run_seed_args`)."""
+    return {**row, "args": [*row["args"], *run_seed_args(seed)]}
 
 
 def ctrl_config(plugin: str, pipeline: str) -> dict:

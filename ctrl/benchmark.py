@@ -58,7 +58,7 @@ from ctrl.errors import SettingError, located_in, renamed_setting
 from ctrl.images import grid_image
 from ctrl.inference_time import GuidedSampler
 from ctrl.parser import CtrlArgumentParser
-from ctrl.seeds import TEST, VALIDATION, check_seeds
+from ctrl.seeds import TEST, VALIDATION, check_seeds, run_seed_args
 from ctrl.tuning import MAX_SETTINGS, choose, mean_std
 
 COLUMNS = (
@@ -448,8 +448,7 @@ class _Plan:
 
     def fit(self, run: FitRun, setting: int, seed: int | None) -> _Fitted:
         """The row fitted at ``setting`` with training seed ``seed`` (None: the config's): :func:`_fitted`."""
-        extra = [*run.settings()[setting], *([] if seed is None else ["--seed_everything", str(seed)])]
-        extra += [] if seed is None else ["--data.seed", str(seed)]
+        extra = [*run.settings()[setting], *([] if seed is None else run_seed_args(seed))]
         return _fitted(run, self.folder(run, setting, seed), self.retrain, *extra)
 
     def keep_rows(self, base) -> None:

@@ -36,6 +36,13 @@ def chain_seed(seed: int, epoch: int, index: int) -> int:
     return derived_seed("training chain", seed, epoch, index)
 
 
+def run_seed_args(seed: int) -> list[str]:
+    """The command-line settings that make ``seed`` a run's seed: ``seed_everything`` seeds the weights'
+    initialisation, ``data.seed`` the training chains' noise and the algorithm's draws (seed_everything alone
+    leaves those at the config's ``data.seed``)."""
+    return ["--seed_everything", str(seed), "--data.seed", str(seed)]
+
+
 def check_seeds(setting: str, first: int, count: int, kind: str) -> None:
     """Refuse ``count`` consecutive seeds from ``first`` (given as ``setting``) that leave the ``kind`` range."""
     allowed = SETS[kind]

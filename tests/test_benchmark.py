@@ -308,10 +308,10 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     assert calls["pretrained steps=2"] == calls["DirectBackprop steps=2"] == 2  # eval_num_steps [3, 2]: 2 steps too
     for figure in ("accuracy_frechet.png", "accuracy_calls.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
-    _resumes(path, config, raw, monkeypatch)
+    _resumes(path, config, raw, runs / f"setting_{k}" / "seed_1", monkeypatch)
 
 
-def _resumes(path, config, raw: list[dict], monkeypatch) -> None:
+def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> None:
     """The same benchmark run again samples nothing and trains nothing (every row and fit was kept) and writes the
     same figures; with one method's setting changed, only that method's rows are sampled anew."""
     from ctrl import benchmark as module
@@ -337,8 +337,7 @@ def _resumes(path, config, raw: list[dict], monkeypatch) -> None:
     benchmark(["--config", str(path)])
     assert sampled == ["MPGD", "MPGD"]  # one per repeat
     # A fit trained again (its folder gone) is a new model: its rows are sampled anew, nobody else's
-    shutil.rmtree(Path(config["output"]) / "runs" / "DirectBackprop" / "setting_0" / "seed_1", ignore_errors=True)
-    shutil.rmtree(Path(config["output"]) / "runs" / "DirectBackprop" / "setting_1" / "seed_1", ignore_errors=True)
+    shutil.rmtree(chosen_fit)  # the chosen setting's second training seed: the only one with a seed_1
     sampled.clear()
     monkeypatch.setattr(module.FitRun, "cli", cli)  # that fit trains
     benchmark(["--config", str(path)])

@@ -154,6 +154,9 @@ def test_time_to_reward_reads_the_rise_and_refuses_bad_input():
         (["--rise", "1", "--minutes", "0"], "--minutes: a positive training time"),
         (["--rise", "1", "--seeds", "1", "1"], "--seeds: give distinct seeds"),
         (["--rise", "1", "--window", "0"], "--window and --threads: at least 1"),
+        (["--rise", "1", "--trl-extra", "dpo:--truncation last"], "--trl-extra 'dpo:--truncation last': give"),
+        (["--rise", "1", "--trl-extra", "alignprop"], "--trl-extra 'alignprop': give TRAINER:ARGS"),
+        (["--rise", "1", "--workloads"], "--workloads: none given and no --trl-extra or --ctrl-extra row"),
     ):
         with pytest.raises(SystemExit) as done:
             time_to_reward.main(argv)
