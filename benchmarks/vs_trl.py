@@ -24,7 +24,9 @@ batches of 4, no KL, no checkpoints, no validation.
   DDPO / PPO: -(JPEG size in kB at quality 95), minibatches of 2 chains, every timestep, 1 inner epoch,
     clip range 1e-4.
   AlignProp / DirectBackprop: -100 (mean |dI/dx| + mean |dI/dy|) of the image in [0, 1] (speed.ImageGradient
-    on ctrl's side), a random number of backpropagated steps K ~ U{1..50}, gradient checkpointing.
+    on ctrl's side), a random number of backpropagated steps K ~ U{1..50}, gradient checkpointing, one
+    optimizer step per epoch (the 2 batches accumulated: trl's train_gradient_accumulation_steps 2, ctrl's
+    model.accumulate 2).
 
 How each side is timed, the same way on both: each trainer runs --epochs epochs in its own process; the
 first is a warm-up, and s/epoch is the mean wall time of the others (the throughput: their total over their
@@ -142,6 +144,8 @@ def ctrl_config(plugin: str, pipeline: str) -> dict:
     if plugin == "DirectBackprop":
         model["reward"] = {"class_path": "speed.ImageGradient"}
         model["policy"]["init_args"]["lora_lr"] = 1e-3  # AlignPropConfig.train_learning_rate
+        # train_gradient_accumulation_steps 2: trl takes one optimizer step per epoch of 2 batches, so ctrl too
+        model["accumulate"] = 2
     else:
         model["policy"]["init_args"]["lora_lr"] = 3e-4  # DDPOConfig.train_learning_rate
     if plugin == "PPO":
