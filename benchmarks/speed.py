@@ -9,11 +9,11 @@ compute floor (the same UNet calls timed alone, in the same run).
 Workload (each plugin; the DDPO / AlignProp settings of trl 0.23.1's trainers): a tiny random Stable
 Diffusion pipeline built offline (UNet 793k parameters, 16x16 latents, 32x32 images), 50 DDIM steps, eta 1,
 classifier-free guidance 5, LoRA rank 4 on to_q/to_k/to_v/to_out.0, 8 images per epoch as 2 rollouts of 4,
-fp32, no KL (alpha 0: neither trainer has one), no checkpoints, no validation. Score-function plugins: the
-JPEG-size reward, minibatches of 2, every timestep; DirectBackprop: a differentiable image-gradient reward,
-K ~ U{1..50} backpropagated steps with gradient checkpointing. Each plugin runs in its own process (peak RSS
-is its own); s/epoch is the median over the epochs after the first. Writes ``<output>/speed.json`` and
-``<output>/speed.md``.
+fp32, no KL (alpha 0: neither trainer has one; ctrl's KL log is off, as trl computes none), no checkpoints, no
+validation. Score-function plugins: the JPEG-size reward, minibatches of 2, every timestep; DirectBackprop: a
+differentiable image-gradient reward, K ~ U{1..50} backpropagated steps with gradient checkpointing. Each plugin
+runs in its own process (peak RSS is its own); s/epoch is the median over the epochs after the first. Writes
+``<output>/speed.json`` and ``<output>/speed.md``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def config(plugin: str, pipeline: str, epochs: int, compile: str | None = None) 
         "num_steps": 50,
         "eta": 1.0,
         "eval_pretrained": False,
+        "kl_log_interval": None,  # trl computes no KL; ctrl's log of it is one pretrained pass per logged rollout
         "max_grad_norm": 1.0,
         "gradient_checkpointing": direct,
         "policy": {
@@ -195,7 +196,7 @@ def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict
         cli = main(["--config", str(path), "--trainer.default_root_dir", tmp], run=False)
         cli.trainer.callbacks.append(meter)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    images, last = 8, meter.calls[-1]  # the last epoch's calls (the first may hold a KL logging pass)
+    images, last = 8, meter.calls[-1]  # the last epoch's calls
     floor = floor_seconds(cli.model, last)
     sec = statistics.median(meter.epochs[1:])
     return {

@@ -94,8 +94,9 @@ class ControlModule(L.LightningModule):
         max_bad_steps: stop the run once this many training steps had a NaN or Inf reward (such samples
             are always dropped and counted; None: never stop).
         kl_log_interval: when the algorithm's objective has no KL (alpha = 0), rollouts skip the pretrained
-            model; the KL of every this-many-th rollout is still computed (one pass without gradients) and
-            logged as ``train/kl`` (None: never).
+            model; the KL of every this-many-th rollout is still computed afterwards (the pretrained model's
+            pass without gradients; the rollout keeps the policy's means for it) and logged as ``train/kl``
+            (None: never).
         weight_decay: weight decay of the default optimizer (AdamW).
         optimizer: any torch optimizer, the LightningCLI way (``class_path: torch.optim.SGD`` with its
             ``init_args``); it receives the parameter groups with their own learning rates (per part, set in
@@ -354,6 +355,9 @@ class ControlModule(L.LightningModule):
     def _train_on(self, labels: Tensor, seeds: Tensor) -> None:
         optimizer = self.optimizers()
         plan, pretrained = self.algorithm.gradient_plan(self._num_stochastic), self.algorithm.needs_pretrained
+        # a deterministic chain has no KL; at alpha 0 it is logged every kl_log_interval rollouts, afterwards
+        logs_kl = not pretrained and self.eta > 0 and self.kl_log_interval
+        logs_kl = bool(logs_kl) and (self._rollouts[0] - 1) % self.kl_log_interval == 0
         with torch.set_grad_enabled(plan.steps > 0 or plan.kl_steps > 0):
             trajectory = sample(
                 self.policy,
@@ -366,13 +370,14 @@ class ControlModule(L.LightningModule):
                 noise=self._fixed_noise(seeds, self.num_steps),
                 gradient_checkpointing=self.gradient_checkpointing,
                 pretrained=pretrained,
+                keep_means=logs_kl,
             )
         # a copy: x0 is a view of all the chain's latents, which it would keep alive into the next rollout
         self.rollout_samples = (labels, trajectory.samples.detach().clone())
         stats = {}
-        logs_kl = not pretrained and self.eta > 0 and self.kl_log_interval  # a deterministic chain has no KL
-        if logs_kl and (self._rollouts[0] - 1) % self.kl_log_interval == 0:
-            stats["kl"] = chain_kl(self.policy, trajectory).sum(1).mean()  # the rollout policy's, before updates
+        if logs_kl:  # the rollout policy's, before updates: one pretrained call per step
+            stats["kl"] = chain_kl(self.policy, trajectory).sum(1).mean()
+            trajectory.means = None  # no algorithm reads them
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
             out = self._accumulate(optimizer, batch)

@@ -79,6 +79,8 @@ class Trajectory:
         pre_means: ``[B, N, C, H, W]``; the pretrained model's mean of each step at the stored x_k (no
             gradient), so that an update re-evaluating a stored step needs only the policy's call.
         kl, ref_log_probs and pre_means are None for a rollout sampled without the pretrained model.
+        means: ``[B, N, C, H, W]``; the policy's own mean of each step (no gradient), kept only when the sampler
+            is asked to (``keep_means``): with it, :func:`chain_kl` needs only the pretrained model's call.
         labels: ``[B]``; the condition (label index) of each chain.
         grid: the step coefficients (:class:`StepGrid`: timesteps ``[N]`` from noise to data, sigmas), so that
             an algorithm can re-evaluate any stored step with :func:`step_means`.
@@ -91,6 +93,7 @@ class Trajectory:
     labels: Tensor
     grid: StepGrid
     pre_means: Tensor | None = None
+    means: Tensor | None = None
 
     @property
     def timesteps(self) -> Tensor:
@@ -124,6 +127,7 @@ class Trajectory:
             self.labels[index],
             self.grid,
             pick(self.pre_means),
+            pick(self.means),
         )
 
     def kl_to_go(self) -> Tensor:
@@ -439,7 +443,8 @@ def _blocks_means(
 @torch.no_grad()
 def chain_kl(policy, trajectory: Trajectory) -> Tensor:
     """``[B, N]``: the exact per-step KL of a stored rollout to the pretrained chain, both means evaluated at the
-    stored states without gradients (the KL of a rollout sampled without the pretrained model)."""
+    stored states without gradients (the KL of a rollout sampled without the pretrained model). A rollout that
+    kept its policy means (``sample(keep_means=True)``) costs only the pretrained model's call per step."""
     kls = []
     for k in range(trajectory.num_steps):
         s = float(trajectory.grid.sigma[k])
@@ -447,7 +452,11 @@ def chain_kl(policy, trajectory: Trajectory) -> Tensor:
         if s == 0:
             kls.append(torch.zeros(len(x), device=x.device))
             continue
-        mean, mean_pre = step_means(policy, x, trajectory.grid, k, trajectory.labels)
+        if trajectory.means is None:
+            mean, mean_pre = step_means(policy, x, trajectory.grid, k, trajectory.labels)
+        else:  # at control scale 0 the policy's output is the pretrained model's: one network call
+            mean = trajectory.means[:, k]
+            mean_pre, _ = step_means(policy, x, trajectory.grid, k, trajectory.labels, control_scale=0.0)
         kls.append(gaussian_kl(mean, mean_pre, s))
     return torch.stack(kls, 1)
 
@@ -509,6 +518,7 @@ def sample(
     kl_grad_steps: int = 0,
     gradient_checkpointing: bool = False,
     pretrained: bool = True,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Sample ``len(labels)`` chains from ``policy``: a :class:`Trajectory` with log-probabilities and KL per step.
 
@@ -529,11 +539,12 @@ def sample(
         gradient_checkpointing: recompute each step's network call in the backward pass.
         pretrained: also evaluate the pretrained model (the KL, ``ref_log_probs``, ``pre_means``); False
             skips that network call where the policy can, and leaves those fields None.
+        keep_means: also store the policy's step means (``Trajectory.means``, for :func:`chain_kl`).
     """
     grid = make_grid(policy.scheduler, num_steps, eta)
     noise = _chain_noise(noise, generator, (len(labels), num_steps + 1, *policy.sample_shape), labels.device)
     x = noise[:, 0]
-    latents, records, pre_means = [x], [], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
+    latents, records, pre_means, means = [x], [], [], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
     controlled = grid.controlled_steps
     first_grad_step = _window_start(controlled, grad_steps, num_steps)
     weights = dict(zip(controlled, grad_weights.tolist())) if grad_weights is not None else {}
@@ -551,7 +562,10 @@ def sample(
             x_next = mean + s * noise[:, k + 1] if s > 0 else mean
             records.append(_transition(x_next, mean, mean_pre, s))
             pre_means.append(None if mean_pre is None else mean_pre.detach())
+            means.append(mean.detach() if keep_means else None)
         x = x_next.detach() if kl_only else x_next
         latents.append(x)
     log_probs, ref_log_probs, kls = (_stacked(list(r)) for r in zip(*records))
-    return Trajectory(torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid, _stacked(pre_means))
+    return Trajectory(
+        torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid, _stacked(pre_means), _stacked(means)
+    )

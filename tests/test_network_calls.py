@@ -4,12 +4,15 @@ KL can still be computed afterwards, equal to the one the sampler gives."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from conftest import randomize_lora
+from torch.utils.data import DataLoader
 
 from ctrl.algorithms import PPO, RAFT
-from ctrl.policy import StableDiffusionPolicy, UNetPolicy
+from ctrl.module import ControlModule
+from ctrl.policy import AnalyticGaussian, StableDiffusionPolicy, UNetPolicy
 from ctrl.rewards import GaussianLogLikelihood
 from ctrl.sampling import chain_kl, sample
 
@@ -24,9 +27,10 @@ class Counter:
         module.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
 
-def _rollout(policy, pretrained: bool, labels=None):
+def _rollout(policy, pretrained: bool, labels=None, keep_means=False):
     labels = torch.tensor([0, 1]) if labels is None else labels
-    return sample(policy, labels, STEPS, 1.0, generator=torch.Generator().manual_seed(0), pretrained=pretrained)
+    generator = torch.Generator().manual_seed(0)
+    return sample(policy, labels, STEPS, 1.0, generator=generator, pretrained=pretrained, keep_means=keep_means)
 
 
 @pytest.fixture
@@ -47,6 +51,17 @@ def test_a_rollout_without_the_pretrained_model_makes_half_the_calls(sd_policy):
     assert lean.kl is None and lean.ref_log_probs is None and lean.pre_means is None
     # the KL computed afterwards, without gradients, is the sampler's
     torch.testing.assert_close(chain_kl(sd_policy, lean), full.kl, atol=1e-4, rtol=1e-3)
+
+
+def test_a_rollout_that_kept_its_means_needs_only_the_pretrained_call_for_its_kl(sd_policy):
+    full = _rollout(sd_policy, pretrained=True)
+    lean = _rollout(sd_policy, pretrained=False, keep_means=True)
+    assert lean.means.shape == lean.latents[:, 1:].shape and not lean.means.requires_grad
+    counter = Counter(sd_policy.unet)
+    kl = chain_kl(sd_policy, lean)
+    assert counter.calls == STEPS  # the pretrained model's only; recomputing both would take 2 * STEPS
+    assert float(full.kl.abs().min()) > 0  # a LoRA that moved: the equality below is not 0 = 0
+    torch.testing.assert_close(kl, full.kl, atol=1e-4, rtol=1e-3)
 
 
 def test_the_null_label_still_needs_the_pretrained_model(sd_policy):
@@ -79,3 +94,30 @@ def test_tilted_raft_reuses_the_rollout_pretrained_means(tiny_pretrained):
     counter = Counter(policy.unet)
     algorithm.loss(batch, policy, None)
     assert counter.calls == len(batch.steps)
+
+
+def test_the_logged_kl_at_alpha_0_is_the_rollouts_exact_kl():
+    """``model.kl_log_interval`` 1 at alpha 0: ``train/kl`` of the first rollout is the KL the sampler gives when it
+    evaluates the pretrained model beside the policy, for the same chains, before any update."""
+    policy = AnalyticGaussian(dim=2, mean=[1.0, -0.5], std=0.8, num_buckets=STEPS, num_labels=2)
+    with torch.no_grad():  # a policy away from the pretrained one: its KL is not 0
+        policy.weight.normal_(generator=torch.Generator().manual_seed(1)).mul_(0.3)
+        policy.bias.normal_(generator=torch.Generator().manual_seed(2)).mul_(0.3)
+    reward = GaussianLogLikelihood(y=[2.0, 1.0])
+    module = ControlModule(policy, reward, PPO(alpha=0.0), num_steps=STEPS, kl_log_interval=1)
+    labels, seeds = torch.tensor([0, 1, 0, 1]), torch.tensor([5, 6, 7, 8])
+    with torch.no_grad():
+        noise = module._fixed_noise(seeds, STEPS)
+        expected = sample(policy, labels, STEPS, module.eta, noise=noise, pretrained=True).kl.sum(1).mean()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader([(labels, seeds)], batch_size=None))
+    assert float(expected) > 1e-3
+    torch.testing.assert_close(trainer.callback_metrics["train/kl"], expected, atol=1e-6, rtol=1e-5)

@@ -111,6 +111,7 @@ def test_configs_parse(tmp_path, capsys, monkeypatch):
     assert model[1]["gradient_checkpointing"] is True and model[0]["gradient_checkpointing"] is False
     # optimizer steps per epoch as trl's: AlignProp one (2 batches accumulated), DDPO one per minibatch of 2
     assert model[1]["accumulate"] == 2 and model[0]["accumulate"] == 1
+    assert model[0]["kl_log_interval"] is None and model[1]["kl_log_interval"] is None  # trl computes no KL
     assert steps["init_args"]["steps_per_call"] == 5 and alpha["init_args"]["alpha"] == 0.1
     for config, m in zip(printed, model):
         assert (m["num_steps"], m["eta"], m["policy"]["init_args"]["guidance_scale"]) == (50, 1.0, 5.0)
