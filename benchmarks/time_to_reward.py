@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -56,13 +55,8 @@ def ctrl_config(row: dict, pipeline: str, minutes: float) -> dict:
 
 def trl_extra(spec: str) -> dict:
     """``TRAINER:ARGS`` -> a trl row: trl_peer.py's TRAINER with ARGS added (e.g. ``alignprop:--truncation last``)."""
-    trainer, colon, rest = spec.partition(":")
-    if trainer.strip() not in WORKLOADS or not colon or not rest.strip():
-        vs_trl.refuse(
-            f"--trl-extra '{spec}': give TRAINER:ARGS with TRAINER one of {sorted(WORKLOADS)}, e.g. "
-            "'alignprop:--truncation last'."
-        )
-    return {"trainer": trainer.strip(), "args": shlex.split(rest)}
+    trainer, args = vs_trl.parse_spec("--trl-extra", spec, WORKLOADS, "trainer", "alignprop:--truncation last")
+    return {"trainer": trainer, "args": args}
 
 
 def run_trl(row: dict, pipeline: str, args, seed: int, env: dict, folder: Path) -> dict:

@@ -116,15 +116,23 @@ def check_trl_python(python: str | None) -> str:
     return version
 
 
+def parse_spec(option: str, spec: str, allowed, kind: str, example: str) -> tuple[str, list[str]]:
+    """``KEY:ARGS`` of ``option`` -> ``(KEY, ARGS split as a shell does)``; refused in one line naming ``option``
+    when KEY is not in ``allowed`` (a ``kind``, e.g. "plugin") or ARGS is missing (``example`` shows the form)."""
+    key, colon, rest = spec.partition(":")
+    key = key.strip()
+    if key not in allowed:
+        refuse(f"{option} '{spec}': '{key}' is not a {kind} of this workload; choose from {sorted(allowed)}.")
+    if not colon or not rest.strip():
+        refuse(f"{option} '{spec}': give {kind.upper()}:ARGS, e.g. '{example}'.")
+    return key, shlex.split(rest)
+
+
 def parse_extra(spec: str) -> dict:
     """``PLUGIN:ARGS`` -> a row: PLUGIN's workload with ARGS added to ``ctrl fit``."""
-    plugin, colon, rest = spec.partition(":")
-    plugin = plugin.strip()
-    if plugin not in PLUGINS:
-        refuse(f"--ctrl-extra '{spec}': '{plugin}' is not a plugin of this workload; choose from {sorted(PLUGINS)}.")
-    if not colon or not rest.strip():
-        refuse(f"--ctrl-extra '{spec}': give PLUGIN:ARGS, e.g. 'PPO:--model.algorithm.init_args.steps_per_call 5'.")
-    return {"plugin": plugin, "args": shlex.split(rest), "base": False}
+    example = "PPO:--model.algorithm.init_args.steps_per_call 5"
+    plugin, args = parse_spec("--ctrl-extra", spec, PLUGINS, "plugin", example)
+    return {"plugin": plugin, "args": args, "base": False}
 
 
 def seeded(row: dict, seed: int) -> dict:
@@ -141,6 +149,10 @@ def ctrl_config(plugin: str, pipeline: str) -> dict:
     config["trainer"]["precision"] = "32-true"
     model = config["model"]["init_args"]
     model["policy"]["init_args"]["dtype"] = "float32"
+    # trl's pipeline starts LoRA's A as N(0, 1/rank^2) (peft's default is Kaiming-uniform, a smaller first step);
+    # both configs' AdamW decay the weights by 1e-4
+    model["policy"]["init_args"]["lora_init"] = "gaussian"
+    model["weight_decay"] = 1e-4
     if plugin == "DirectBackprop":
         model["reward"] = {"class_path": "speed.ImageGradient"}
         model["policy"]["init_args"]["lora_lr"] = 1e-3  # AlignPropConfig.train_learning_rate

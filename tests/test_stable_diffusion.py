@@ -176,6 +176,25 @@ def test_conditions_are_prompt_class_pairs(tiny_sd):
     torch.testing.assert_close(eps, eps_pre)
 
 
+def test_lora_init_gaussian_starts_a_as_trl_does(tiny_sd):
+    """``lora_init: gaussian``: A ~ N(0, 1/rank^2) as trl's trainers start it (peft's default is Kaiming-uniform
+    within 1/sqrt(fan_in), a different scale of the first updates); B is zero either way, so the policy starts
+    as the pretrained model."""
+    rank = 4
+    for init in ("default", "gaussian"):
+        policy = StableDiffusionPolicy(tiny_sd, prompts=["a cat"], lora_rank=rank, lora_init=init)
+        factors = dict(policy.unet.named_parameters())
+        a = [p.detach() for n, p in factors.items() if "lora_A." in n]
+        assert all(float(p.abs().max()) == 0 for n, p in factors.items() if "lora_B." in n) and a
+        if init == "gaussian":
+            assert abs(float(torch.cat([w.flatten() for w in a]).std()) * rank - 1) < 0.05
+            assert any(float(w.abs().max()) > w.shape[1] ** -0.5 for w in a)  # outside Kaiming's bound
+        else:
+            assert all(float(w.abs().max()) <= w.shape[1] ** -0.5 for w in a)
+    with pytest.raises(ValueError, match=r"^StableDiffusionPolicy\.lora_init: 'pissa' is not one of \['default', "):
+        StableDiffusionPolicy(tiny_sd, prompts=["a cat"], lora_init="pissa")
+
+
 def test_guidance_branches_get_the_right_prompt_class_and_adapter(tiny_sd):
     """eps against classifier-free guidance written out by hand: the pretrained model (adapters off, null
     class) and the policy (adapters on; the conditional branch with the chain's prompt and class, the

@@ -112,6 +112,8 @@ def test_configs_parse(tmp_path, capsys, monkeypatch):
     # optimizer steps per epoch as trl's: AlignProp one (2 batches accumulated), DDPO one per minibatch of 2
     assert model[1]["accumulate"] == 2 and model[0]["accumulate"] == 1
     assert model[0]["kl_log_interval"] is None and model[1]["kl_log_interval"] is None  # trl computes no KL
+    # trl's LoRA start (A ~ N(0, 1/rank^2)) and AdamW weight decay (1e-4), on both workloads
+    assert all(m["policy"]["init_args"]["lora_init"] == "gaussian" and m["weight_decay"] == 1e-4 for m in model)
     assert steps["init_args"]["steps_per_call"] == 5 and alpha["init_args"]["alpha"] == 0.1
     for config, m in zip(printed, model):
         assert (m["num_steps"], m["eta"], m["policy"]["init_args"]["guidance_scale"]) == (50, 1.0, 5.0)
@@ -157,8 +159,11 @@ def test_time_to_reward_reads_the_rise_and_refuses_bad_input():
         (["--rise", "1", "--minutes", "0"], "--minutes: a positive training time"),
         (["--rise", "1", "--seeds", "1", "1"], "--seeds: give distinct seeds"),
         (["--rise", "1", "--window", "0"], "--window and --threads: at least 1"),
-        (["--rise", "1", "--trl-extra", "dpo:--truncation last"], "--trl-extra 'dpo:--truncation last': give"),
-        (["--rise", "1", "--trl-extra", "alignprop"], "--trl-extra 'alignprop': give TRAINER:ARGS"),
+        (
+            ["--rise", "1", "--trl-extra", "dpo:--truncation last"],
+            "--trl-extra 'dpo:--truncation last': 'dpo' is not a trainer of this workload",
+        ),
+        (["--rise", "1", "--trl-extra", "alignprop"], "--trl-extra 'alignprop': give TRAINER:ARGS, e.g."),
         (["--rise", "1", "--workloads"], "--workloads: none given and no --trl-extra or --ctrl-extra row"),
     ):
         with pytest.raises(SystemExit) as done:

@@ -37,6 +37,18 @@ class AdapterSwitch:
                 layer.enable_adapters(on)
 
 
+#: how a new adapter's A matrix starts (B is zero either way, so training starts at the pretrained model): peft's
+#: ``init_lora_weights`` of each name. "default": Kaiming-uniform (peft's and diffusers' default); "gaussian":
+#: normal with std 1 / rank, as trl's DDPO and AlignProp trainers start theirs.
+LORA_INITS = {"default": True, "gaussian": "gaussian"}
+
+
+def check_lora_init(owner, init: str) -> None:
+    """Refuse a ``lora_init`` that is not in :data:`LORA_INITS` (before anything is loaded)."""
+    if init not in LORA_INITS:
+        raise SettingError(owner, "lora_init", f"'{init}' is not one of {sorted(LORA_INITS)}.")
+
+
 #: the LoRA loader of each network a policy adapts: ``lora_state_dict`` reads a folder as that pipeline does
 LOADERS = {"unet": StableDiffusionLoraLoaderMixin, "transformer": SD3LoraLoaderMixin}
 
@@ -124,9 +136,11 @@ class LoraNetwork:
         self.config: LoraConfig | None = None
         self.switch: AdapterSwitch | None = None
 
-    def add(self, rank: int, alpha: float, targets: list[str]) -> LoraConfig:
-        """A peft adapter (LoraConfig ``rank``, ``alpha``, ``targets``) on the network, its weights in float32 (under
-        bfloat16/float16 frozen weights); targets that match no module are refused."""
+    def add(self, rank: int, alpha: float, targets: list[str], init: str = "default") -> LoraConfig:
+        """A peft adapter (LoraConfig ``rank``, ``alpha``, ``targets``, A started as :data:`LORA_INITS` ``init``) on
+        the network, its weights in float32 (under bfloat16/float16 frozen weights); targets that match no module
+        and unknown inits are refused."""
+        check_lora_init(self.owner, init)
         names = [n for n, _ in self.model.named_modules()]
         missing = [m for m in targets if not any(n == m or n.endswith("." + m) for n in names)]
         if missing:
@@ -135,7 +149,7 @@ class LoraNetwork:
                 "lora_target_modules",
                 f"{missing} match no module of the {self.name}; name its Linear/Conv2d modules, e.g. {self.examples}.",
             )
-        self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=LORA_INITS[init])
         self.model.add_adapter(self.config)
         self.switch = AdapterSwitch(self.model)
         for name, p in self.model.named_parameters():  # trainable weights in float32 under bf16/fp16 bases

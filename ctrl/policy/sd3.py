@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokeniz
 from ctrl.assets import local_directory
 from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError, setting
-from ctrl.policy.adapters import LoraNetwork
+from ctrl.policy.adapters import LoraNetwork, check_lora_init
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.policy.loading import component_class, is_flow_matching, load_component
 from ctrl.prompts import load_prompts
@@ -138,6 +138,8 @@ class StableDiffusion3Policy(DiffusionPolicy):
         max_sequence_length: T5 tokens per prompt (the pipeline's ``max_sequence_length``, 256 by default).
         lora_rank, lora_alpha, lora_target_modules: peft LoraConfig of the transformer adapter (lora_alpha
             defaults to the rank, or to init_lora's alpha).
+        lora_init: how a new adapter's A matrix starts, B being zero: "default" (peft's Kaiming-uniform) or
+            "gaussian" (std 1 / rank, trl's DDPO and AlignProp); it sets the effective step of the first updates.
         init_lora: a diffusers LoRA folder to start the adapter from (what ``ctrl export`` and ExportLora write, or
             any transformer LoRA ``StableDiffusion3Pipeline.load_lora_weights`` reads) instead of zero; it must have
             rank ``lora_rank`` and exactly this transformer's ``lora_target_modules`` layers.
@@ -159,12 +161,14 @@ class StableDiffusion3Policy(DiffusionPolicy):
         lora_rank: int = 4,
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = None,
+        lora_init: str = "default",
         lora_lr: float = 3e-4,
         decode_checkpointing: bool = True,
         init_lora: str | None = None,
     ):
         super().__init__()
         self._check_settings(dtype, lora_rank, guidance_scale, max_sequence_length)
+        check_lora_init(self, lora_init)
         with setting(self, "prompts", prompts):
             self.prompts = load_prompts(prompts)
         with setting(self, "pretrained", pretrained):
@@ -196,7 +200,7 @@ class StableDiffusion3Policy(DiffusionPolicy):
         self.lora = LoraNetwork(self, self.transformer, "transformer", "transformer", PIPELINE, examples)
         start, alpha = self.lora.read_init(init_lora, lora_rank, lora_alpha) if init_lora else (None, None)
         self.lora_config = self.lora.add(
-            lora_rank, lora_alpha or alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS
+            lora_rank, lora_alpha or alpha or lora_rank, lora_target_modules or DEFAULT_LORA_TARGETS, lora_init
         )
         self._adapters = self.lora.switch
         if start is not None:

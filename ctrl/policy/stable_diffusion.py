@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ctrl.assets import local_directory
 from ctrl.dtypes import DTYPES
 from ctrl.errors import SettingError, setting
-from ctrl.policy.adapters import LoraNetwork
+from ctrl.policy.adapters import LoraNetwork, check_lora_init
 from ctrl.policy.base import DiffusionPolicy
 from ctrl.policy.loading import component_class, is_flow_matching, load_component
 from ctrl.prompts import load_prompts
@@ -105,6 +105,8 @@ class StableDiffusionPolicy(DiffusionPolicy):
         variant: weights variant to load (e.g. "fp16"), None for the default files.
         lora_rank, lora_alpha, lora_target_modules: peft LoraConfig of the UNet adapter
             (lora_rank 0: no LoRA; lora_alpha defaults to the rank, or to init_lora's alpha).
+        lora_init: how a new adapter's A matrix starts, B being zero: "default" (peft's Kaiming-uniform) or
+            "gaussian" (std 1 / rank, trl's DDPO and AlignProp); it sets the effective step of the first updates.
         init_lora: a diffusers LoRA folder to start the adapter from (what ``ctrl export`` and ExportLora write,
             or any UNet LoRA ``StableDiffusionPipeline.load_lora_weights`` reads) instead of zero; it must have
             rank ``lora_rank`` and exactly this UNet's ``lora_target_modules`` layers. Its
@@ -126,6 +128,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         lora_rank: int = 4,
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = None,
+        lora_init: str = "default",
         lora_lr: float = 3e-4,
         embedding_lr: float = 1e-2,
         decode_checkpointing: bool = True,
@@ -133,6 +136,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
     ):
         super().__init__()
         self._check_settings(dtype, num_classes, lora_rank, guidance_scale)
+        check_lora_init(self, lora_init)
         with setting(self, "prompts", prompts):
             self.prompts = load_prompts(prompts)
         with setting(self, "pretrained", pretrained):
@@ -168,7 +172,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         start, alpha = self.lora.read_init(init_lora, lora_rank, lora_alpha) if init_lora else (None, None)
         if lora_rank > 0:
             targets = lora_target_modules or DEFAULT_LORA_TARGETS
-            self.lora_config = self.lora.add(lora_rank, lora_alpha or alpha or lora_rank, targets)
+            self.lora_config = self.lora.add(lora_rank, lora_alpha or alpha or lora_rank, targets, lora_init)
             self._adapters = self.lora.switch
         if start is not None:
             self._load_init_lora(init_lora, start)
