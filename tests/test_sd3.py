@@ -143,6 +143,18 @@ def test_exported_lora_images_match_diffusers(tmp_path, tiny_sd3):
     torch.testing.assert_close(pretrained, base, atol=1e-4, rtol=0)
 
 
+def test_lora_init_gaussian_starts_the_transformers_lora_as_trl_does(tiny_sd3):
+    """The SD3 policy's ``lora_init``: A ~ N(0, 1/rank^2) under "gaussian", B zero; an unknown init refused."""
+    rank = 4
+    policy = StableDiffusion3Policy(tiny_sd3, prompts=["a cat"], lora_rank=rank, lora_init="gaussian")
+    factors = dict(policy.transformer.named_parameters())
+    a = torch.cat([p.detach().flatten() for n, p in factors.items() if "lora_A." in n])
+    assert abs(float(a.std()) * rank - 1) < 0.05
+    assert all(float(p.abs().max()) == 0 for n, p in factors.items() if "lora_B." in n)
+    with pytest.raises(ValueError, match=r"^StableDiffusion3Policy\.lora_init: 'olora' is not one of"):
+        StableDiffusion3Policy(tiny_sd3, prompts=["a cat"], lora_init="olora")
+
+
 def test_a_pipeline_of_the_other_kind_is_refused_in_one_line(tmp_path, tiny_sd, tiny_sd3, monkeypatch, capsys):
     """An SD 1.5 directory in configs/sd3/ppo.yaml and an SD3 directory in configs/sd15/aesthetic_ddpo.yaml: one
     ``ctrl: error:`` line naming model.policy.pretrained and the policy to use, before any training."""
