@@ -375,9 +375,9 @@ class ControlModule(L.LightningModule):
         # a copy: x0 is a view of all the chain's latents, which it would keep alive into the next rollout
         self.rollout_samples = (labels, trajectory.samples.detach().clone())
         stats = {}
-        if logs_kl:  # the rollout policy's, before updates: one pretrained call per step
-            stats["kl"] = chain_kl(self.policy, trajectory).sum(1).mean()
-            trajectory.means = None  # no algorithm reads them
+        if logs_kl:  # the rollout policy's, before updates; a policy that evaluated the pretrained model anyway has it
+            kl = trajectory.kl if trajectory.kl is not None else chain_kl(self.policy, trajectory)
+            stats["kl"], trajectory.means = kl.sum(1).mean(), None  # no algorithm reads the means
         out = None
         for batch in self.algorithm.updates(trajectory, self.policy, self.reward):
             out = self._accumulate(optimizer, batch)

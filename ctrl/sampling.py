@@ -79,8 +79,8 @@ class Trajectory:
         pre_means: ``[B, N, C, H, W]``; the pretrained model's mean of each step at the stored x_k (no
             gradient), so that an update re-evaluating a stored step needs only the policy's call.
         kl, ref_log_probs and pre_means are None for a rollout sampled without the pretrained model.
-        means: ``[B, N, C, H, W]``; the policy's own mean of each step (no gradient), kept only when the sampler
-            is asked to (``keep_means``): with it, :func:`chain_kl` needs only the pretrained model's call.
+        means: ``[B, N, C, H, W]``; the sampling policy's mean of each step (no gradient, at the sampler's control
+            scale), kept only when asked (``keep_means``): with it, :func:`chain_kl` needs only the pretrained call.
         labels: ``[B]``; the condition (label index) of each chain.
         grid: the step coefficients (:class:`StepGrid`: timesteps ``[N]`` from noise to data, sigmas), so that
             an algorithm can re-evaluate any stored step with :func:`step_means`.
@@ -529,12 +529,10 @@ def sample(
         eta: stochasticity (DDIM's in [0, 1], a flow's noise level >= 0); 0: deterministic, every step controlled.
         control_scale: gamma in ``out = out_pre + gamma * (out_theta - out_pre)``; 1 samples the policy.
         noise: ``[B, N+1, C, H, W]`` standard normal draws (x_T, each step's z); else drawn from ``generator``.
-        grad_steps: how many of the LAST controlled steps carry gradients (0: none; the number of
-            controlled steps or more: the whole chain); earlier steps run under no_grad and their output
-            is detached (truncated backprop). A deterministic last step (sigma = 0) of a stochastic chain has
-            no control and is not counted. Fields of :class:`GradientPlan`, as are the next two.
-        grad_weights: ``[S]`` multiplier of the parameter gradient of each controlled step (in sampling
-            order) when it is in the window (None: 1).
+        grad_steps: how many of the LAST controlled steps carry gradients (0: none; all or more: the whole chain);
+            earlier steps run under no_grad, their output detached (truncated backprop); a deterministic last step
+            (sigma = 0) of a stochastic chain is not controlled, nor counted. With the next two, a GradientPlan.
+        grad_weights: ``[S]`` multiplier of each controlled step's parameter gradient in the window (None: 1).
         kl_grad_steps: the first steps, outside the window, whose KL keeps its direct gradient.
         gradient_checkpointing: recompute each step's network call in the backward pass.
         pretrained: also evaluate the pretrained model (the KL, ``ref_log_probs``, ``pre_means``); False
@@ -544,7 +542,7 @@ def sample(
     grid = make_grid(policy.scheduler, num_steps, eta)
     noise = _chain_noise(noise, generator, (len(labels), num_steps + 1, *policy.sample_shape), labels.device)
     x = noise[:, 0]
-    latents, records, pre_means, means = [x], [], [], []  # records: (log_prob, ref_log_prob, kl) per step, [B] each
+    latents, records = [x], []  # per step: log_prob, ref_log_prob, kl ([B] each), the pretrained and policy means
     controlled = grid.controlled_steps
     first_grad_step = _window_start(controlled, grad_steps, num_steps)
     weights = dict(zip(controlled, grad_weights.tolist())) if grad_weights is not None else {}
@@ -560,12 +558,9 @@ def sample(
                 policy, x, grid, k, labels, control_scale, gradient_checkpointing, weight, pretrained
             )
             x_next = mean + s * noise[:, k + 1] if s > 0 else mean
-            records.append(_transition(x_next, mean, mean_pre, s))
-            pre_means.append(None if mean_pre is None else mean_pre.detach())
-            means.append(mean.detach() if keep_means else None)
+            kept = (None if mean_pre is None else mean_pre.detach(), mean.detach() if keep_means else None)
+            records.append((*_transition(x_next, mean, mean_pre, s), *kept))
         x = x_next.detach() if kl_only else x_next
         latents.append(x)
-    log_probs, ref_log_probs, kls = (_stacked(list(r)) for r in zip(*records))
-    return Trajectory(
-        torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid, _stacked(pre_means), _stacked(means)
-    )
+    log_probs, ref_log_probs, kls, pre_means, means = (_stacked(list(r)) for r in zip(*records))
+    return Trajectory(torch.stack(latents, 1), log_probs, kls, ref_log_probs, labels, grid, pre_means, means)

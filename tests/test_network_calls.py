@@ -64,6 +64,18 @@ def test_a_rollout_that_kept_its_means_needs_only_the_pretrained_call_for_its_kl
     torch.testing.assert_close(kl, full.kl, atol=1e-4, rtol=1e-3)
 
 
+def test_a_unet_lora_policy_kl_from_kept_means_needs_only_the_pretrained_call(tiny_pretrained):
+    policy = UNetPolicy(tiny_pretrained, num_labels=2, label_embedding=False, lora_rank=2)
+    randomize_lora(policy.unet)
+    full = _rollout(policy, pretrained=True)
+    lean = _rollout(policy, pretrained=False, keep_means=True)
+    counter = Counter(policy.unet)
+    kl = chain_kl(policy, lean)
+    assert counter.calls == len(lean.stochastic_steps)  # one call per stochastic step, not two
+    assert float(full.kl.sum()) > 0 and all(p.requires_grad for n, p in policy.unet.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(kl, full.kl, atol=1e-4, rtol=1e-3)
+
+
 def test_the_null_label_still_needs_the_pretrained_model(sd_policy):
     counter = Counter(sd_policy.unet)
     _rollout(sd_policy, pretrained=False, labels=torch.tensor([0, sd_policy.null_label]))

@@ -167,8 +167,7 @@ class StableDiffusion3Policy(DiffusionPolicy):
         init_lora: str | None = None,
     ):
         super().__init__()
-        self._check_settings(dtype, lora_rank, guidance_scale, max_sequence_length)
-        check_lora_init(self, lora_init)
+        self._check_settings(dtype, lora_rank, guidance_scale, max_sequence_length, lora_init)
         with setting(self, "prompts", prompts):
             self.prompts = load_prompts(prompts)
         with setting(self, "pretrained", pretrained):
@@ -206,7 +205,10 @@ class StableDiffusion3Policy(DiffusionPolicy):
         if start is not None:
             self.lora.load_init(init_lora, start)
 
-    def _check_settings(self, dtype: str, lora_rank: int, guidance_scale: float, max_sequence_length: int) -> None:
+    def _check_settings(
+        self, dtype: str, lora_rank: int, guidance_scale: float, max_sequence_length: int, lora_init: str
+    ) -> None:
+        check_lora_init(self, lora_init)
         if dtype not in DTYPES:
             raise SettingError(self, "dtype", f"'{dtype}' is not one of {sorted(DTYPES)}.")
         if lora_rank <= 0:

@@ -135,8 +135,7 @@ class StableDiffusionPolicy(DiffusionPolicy):
         init_lora: str | None = None,
     ):
         super().__init__()
-        self._check_settings(dtype, num_classes, lora_rank, guidance_scale)
-        check_lora_init(self, lora_init)
+        self._check_settings(dtype, num_classes, lora_rank, guidance_scale, lora_init)
         with setting(self, "prompts", prompts):
             self.prompts = load_prompts(prompts)
         with setting(self, "pretrained", pretrained):
@@ -144,12 +143,8 @@ class StableDiffusionPolicy(DiffusionPolicy):
                 pretrained, DTYPES[dtype], variant
             )
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        resolution = self._resolution(resolution)
-        self.sample_shape = (
-            self.unet.config.in_channels,
-            resolution // self.vae_factor,
-            resolution // self.vae_factor,
-        )
+        side = self._resolution(resolution) // self.vae_factor
+        self.sample_shape = (self.unet.config.in_channels, side, side)
         self.num_classes, self.guidance_scale = num_classes, guidance_scale
         self.num_labels = len(self.prompts) * max(num_classes, 1)
         self.decode_checkpointing = decode_checkpointing
@@ -179,7 +174,10 @@ class StableDiffusionPolicy(DiffusionPolicy):
         if num_classes > 0:
             self.unet.class_embedding.requires_grad_(True)  # peft freezes all but the adapters
 
-    def _check_settings(self, dtype: str, num_classes: int, lora_rank: int, guidance_scale: float) -> None:
+    def _check_settings(
+        self, dtype: str, num_classes: int, lora_rank: int, guidance_scale: float, lora_init: str
+    ) -> None:
+        check_lora_init(self, lora_init)
         if dtype not in DTYPES:
             raise SettingError(self, "dtype", f"'{dtype}' is not one of {sorted(DTYPES)}.")
         if num_classes < 0:

@@ -221,6 +221,9 @@ class UNetPolicy(DiffusionPolicy):
             return eps + bias, None
         if self.lora_rank > 0:
             eps_pre = self._unet(x, t, null, adapters=False)
+            if control_scale == 0:  # the pretrained model alone; adapters back on (peft froze them while off)
+                self._adapters.set(True)
+                return eps_pre, eps_pre
             eps_theta = self._unet(x, t, labels, adapters=True)
         elif self.label_embedding:  # one batched call for both branches
             t2 = torch.cat([t, t]) if t.dim() else t
