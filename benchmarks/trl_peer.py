@@ -44,7 +44,14 @@ def arguments(argv=None):
         help="AlignProp: random (trl's default truncated_backprop_rand over (0, 50)) or last (truncated_backprop_rand "
         "false, truncated_backprop_timestep 49: only the last step's UNet call carries gradient, as DRaFT-1)",
     )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help="the trainer's train_learning_rate (default: trl's, 1e-3 for AlignProp and 3e-4 for DDPO)",
+    )
     args = parser.parse_args(argv)
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        parser.error(f"--learning-rate: a positive rate, got {args.learning_rate}.")
     if args.trainer == "ddpo" and args.truncation != "random":
         parser.error(f"--truncation {args.truncation}: AlignProp's setting; DDPO backpropagates no chain.")
     if args.epochs < 2:
@@ -149,6 +156,8 @@ def main() -> None:
         log_with=None,
         seed=args.seed,
     )
+    if args.learning_rate is not None:
+        shared["train_learning_rate"] = args.learning_rate
     if args.trainer == "ddpo":
         config = DDPOConfig(
             sample_batch_size=BATCH,
@@ -192,6 +201,7 @@ def main() -> None:
         "versions": versions(),
         "threads": torch.get_num_threads(),
         "truncation": args.truncation if args.trainer == "alignprop" else None,
+        "learning_rate": config.train_learning_rate,
         "setup_s": setup_s,
         "epoch_s": walls,
         "epoch_reward": rewards,  # the mean reward of the images the epoch drew (DDPO) or trained on (AlignProp)
