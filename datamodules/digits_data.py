@@ -19,18 +19,22 @@ heldout         360   evaluation: the Frechet distance's real images, never trai
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.decomposition import PCA
-from sklearn.svm import SVC
+
+if TYPE_CHECKING:
+    from sklearn.decomposition import PCA
+    from sklearn.svm import SVC
 
 SPLITS = {"pretrain": (0, 1000), "classifier": (1000, 1350), "calibration": (1350, 1437), "heldout": (1437, 1797)}
 
 
 @lru_cache(maxsize=4)
 def _all_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits  # here: scikit-learn costs ~30 MiB that a Stable Diffusion run never uses
+
     data = load_digits()
     order = np.random.RandomState(0).permutation(len(data.target))
     images = torch.tensor(data.images[order], dtype=torch.float32)[:, None] / 16.0
@@ -55,6 +59,9 @@ def digits_judge(image_size: int = 16, num_features: int = 20) -> tuple[SVC, PCA
     """The independent judge of digits: an RBF support-vector classifier on pixels and the principal
     components of pixels (the Frechet distance's feature space), both fitted on the pretrain split only,
     so the judge shares neither model family nor data with the reward classifier (classifier split)."""
+    from sklearn.decomposition import PCA
+    from sklearn.svm import SVC
+
     images, labels = digits_split("pretrain", image_size)
     pixels = images.flatten(1).numpy()
     svc = SVC(kernel="rbf", gamma="scale").fit(pixels, labels.numpy())
