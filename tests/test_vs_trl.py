@@ -3,6 +3,7 @@ ctrl configs it writes parse (every row, extra arguments included) with the sett
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -171,3 +172,17 @@ def test_time_to_reward_reads_the_rise_and_refuses_bad_input():
         assert str(done.value.code).startswith("vs_trl: " + expected.split(":")[0]) and expected in str(
             done.value.code
         )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning-rate", "0"], "--learning-rate: a positive rate, got 0.0."),
+        (["--trainer", "ddpo", "--truncation", "last"], "--truncation last: AlignProp's setting"),
+    ],
+)
+def test_trl_peer_refuses_a_bad_setting_in_one_line_before_importing_trl(extra, message):
+    """trl_peer.py checks its arguments before it imports torch or trl, so it answers here, in ctrl's venv."""
+    args = ["--trainer", "alignprop", "--pipeline", "x", "--prompts", "[]", *extra]
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "trl_peer.py"), *args], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1], run.stderr
