@@ -5,10 +5,13 @@ Three kinds of rows, in this order: the pretrained model (the baseline), inferen
 (:mod:`ctrl.inference_time`, on the same pretrained model and reward) and fine-tuning rows (``ctrl fit`` runs
 of control configs, one per plugin). Whatever a row needs trained (a fine-tuned policy; the conditional model
 of classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/``, and reused
-unless ``retrain``; an inference-time method only loads what it is given. Each row's samples are kept too
-(``runs/rows/``), so a benchmark stopped part way resumes where it stopped: a row is sampled anew when its method's
-settings, the seeds, the first row's config or the weights it loads (the pretrained model, the reward), or the
-row's trained model differ, and with ``retrain``. Every method samples the same
+unless ``retrain``; an inference-time method only loads what it is given. Each row's figures and the first
+samples of each label are kept in ``<output>/rows/`` (a few kB a row, beside the tables: commit it), and so is each
+fine-tuning fit's training time, so a benchmark stopped part way resumes where it stopped, on this machine or from
+a clone on another that lacks ``runs/``: every row of a fit (its validation row, its first repeat's test rows at
+every control scale and step count) is sampled as soon as it is trained, so no row needs its checkpoint later. A
+row is sampled anew when its method's settings, the seeds, the first row's config or the weights it loads (the
+pretrained model, the reward), or the row's trained model differ, and with ``retrain``. Every method samples the same
 labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true
 labeller of the label set) scores them all.
 
@@ -72,6 +75,8 @@ COLUMNS = (
     "sampling_s_per_image",
     "training_s",
 )
+#: samples per label that a row keeps for ``samples.png`` (a row's panel)
+PANEL_PER_LABEL = 8
 
 
 @dataclass
@@ -102,13 +107,15 @@ class FitRun:
         args = ["--config", self.config, *self.args, "--trainer.default_root_dir", str(folder), *extra]
         return commands.main([subcommand, *args] if subcommand else args, run=subcommand is not None)
 
-    def train(self, folder: Path, retrain: bool, *extra: str) -> tuple[float, commands.CtrlCLI | None]:
-        """Fit in ``folder`` unless a finished run is there: the training seconds and the fit's CLI (None
-        when the finished run was reused)."""
-        done, cli = folder / "train_seconds.json", None
+    def train(self, folder: Path, retrain: bool, *extra: str, done: Path | None = None):
+        """Fit in ``folder`` unless a finished run is there (``done``, its training seconds, exists; by default
+        ``<folder>/train_seconds.json``): the training seconds and the fit's CLI (None when the finished run was
+        reused)."""
+        done, cli = done or folder / "train_seconds.json", None
         if retrain or not done.is_file():
             start = time.perf_counter()
             cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
+            done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps({"seconds": time.perf_counter() - start}))
         return json.loads(done.read_text())["seconds"], cli
 
@@ -193,12 +200,16 @@ def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) ->
 
 @dataclass
 class _RowStore:
-    """Where a benchmark keeps its rows' samples: ``folder``; ``base``: the fingerprint of the config and weights
-    every row shares (:meth:`_Plan.rows`); ``reuse``: read kept rows back (False: sample anew, keep the new)."""
+    """Where a benchmark keeps its rows: ``folder``; ``base``: the fingerprint of the config and weights every row
+    shares (:meth:`_Plan.keep_rows`); ``reuse``: read kept rows back (False: sample anew, keep the new)."""
 
     folder: Path
     base: str
     reuse: bool = True
+
+    def fit_seconds(self, runs: Path, folder: Path) -> Path:
+        """Where the training seconds of the fit in ``folder`` (under ``runs``) are kept: the fit's mark of done."""
+        return self.folder / "fits" / folder.relative_to(runs).with_suffix(".json")
 
 
 class _Table:
@@ -207,10 +218,11 @@ class _Table:
 
     def __init__(self, base, per_label: int, seed: int, progress: tqdm, rows: _RowStore | None = None, **tags):
         """``per_label`` samples per label from seeds ``seed, seed + 1, ...``; ``tags`` go into every row.
-        ``rows``: where each row's samples are kept (:meth:`sampled`; None: nowhere)."""
+        ``rows``: where each row is kept (:meth:`row`; None: nowhere)."""
         self.base, self.num_steps, self.progress, self.tags = base, base.eval_num_steps, progress, tags
         self.labels = torch.arange(base.policy.num_labels).repeat_interleave(per_label)
         self.seeds = torch.arange(len(self.labels)) + seed
+        self.per_row = min(per_label, PANEL_PER_LABEL)
         draws = f"seed_{seed}_per_label_{per_label}_steps_{self.num_steps}_eta_{base.eta:g}"
         self.store = None if rows is None else replace(rows, folder=rows.folder / draws)
         self.rows: list[dict] = []
@@ -230,40 +242,49 @@ class _Table:
             self.progress.update()
         return torch.cat(out), seconds / len(self.labels)
 
-    def sampled(self, key: str, produce: Callable[[], tuple[Tensor, float, dict]]) -> tuple[Tensor, float, dict]:
-        """``produce()``: the samples ``[N, ...]``, seconds per image and further figures of a row, kept in the table's
-        folder under ``key`` (what identifies the row's method and settings, the base config and weights, and its
-        trained model) and read back from there instead when an earlier run of the benchmark left them: an
-        interrupted benchmark resumes where it stopped. (Scores are always computed anew from the samples.)"""
-        if self.store is None:
-            return produce()
+    def row(self, name: str, key: str, produce: Callable[[], tuple[Tensor, float, dict]], training_s: float, **extra):
+        """The row ``name``: ``produce()`` gives its samples ``[N, ...]``, seconds per image and further figures
+        (``kl``: the per-chain KL's mean), scored by the evaluator. The figures and the panel (the first
+        :data:`PANEL_PER_LABEL` images of each label, 8-bit) are kept in the table's folder under ``key`` (what
+        identifies the row's method and settings, the base config and weights, and its trained model) and read back
+        from there instead when an earlier run of the benchmark left them. ``extra`` goes into the row."""
+        scores, panel = self._kept(key) if self.store is not None and self.store.reuse else (None, None)
+        if scores is None:
+            samples, seconds, found = produce()
+            images = self.base.policy.decode(samples)
+            scores = _scores(self.base, images, self.labels, found.pop("kl", None))
+            scores.update(sampling_s_per_image=seconds, found=found)
+            panel = torch.cat([images[self.labels == y][: self.per_row] for y in self.labels.unique().tolist()])
+            panel = (panel.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            self._keep(key, scores, panel)
+        else:
+            self.progress.update(len(self.labels.unique()))
+        found = scores.pop("found")
+        row = {"method": name, **scores, "training_s": training_s, **self.tags, **found, **extra}
+        self.rows.append(row)
+        self.panels.append((name, panel.float() / 255, self.labels.unique().repeat_interleave(self.per_row)))
+        return row
+
+    def _path(self, key: str) -> tuple[str, Path]:
         key = f"{key} | base {self.store.base}"
-        path = self.store.folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
-        if self.store.reuse and path.is_file():
+        return key, self.store.folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
+
+    def _kept(self, key: str) -> tuple[dict | None, Tensor | None]:
+        key, path = self._path(key)
+        if path.is_file():
             stored = torch.load(path, weights_only=True)
             if stored["key"] == key:
-                self.progress.update(len(self.labels.unique()))
-                return stored["samples"], stored["seconds"], stored["figures"]
-        samples, seconds, found = produce()
+                return stored["scores"], stored["panel"]
+        return None, None
+
+    def _keep(self, key: str, scores: dict, panel: Tensor) -> None:
+        if self.store is None:
+            return
+        key, path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        torch.save({"key": key, "samples": samples.cpu(), "seconds": seconds, "figures": found}, partial)
+        torch.save({"key": key, "scores": {**scores, "found": dict(scores["found"])}, "panel": panel}, partial)
         partial.replace(path)  # a run stopped while writing leaves no half file behind
-        return samples, seconds, found
-
-    def record(self, name: str, samples: Tensor, sampling_s: float, training_s: float, kl=None, **extra) -> dict:
-        images = self.base.policy.decode(samples)
-        row = {
-            "method": name,
-            **_scores(self.base, images, self.labels, kl),
-            "sampling_s_per_image": sampling_s,
-            "training_s": training_s,
-            **self.tags,
-            **extra,
-        }
-        self.rows.append(row)
-        self.panels.append((name, images.cpu(), self.labels))
-        return row
 
     def counted(self, name: str, policy, draw: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, float, dict]:
         """:meth:`draw` with the samples through ``policy``'s denoising network counted by a forward hook (a CFG
@@ -287,8 +308,7 @@ class _Table:
         for n in [self.num_steps, *steps]:
             name = "pretrained" if n == self.num_steps else f"pretrained steps={n}"
             draw = lambda y, s, n=n: self.base.generate(y, s, 0.0, n).samples  # noqa: E731
-            samples, seconds, calls = self.sampled(name, lambda: self.counted(name, self.base.policy, draw))  # noqa: B023
-            rows.append(self.record(name, samples, seconds, 0.0, **calls))
+            rows.append(self.row(name, name, lambda: self.counted(name, self.base.policy, draw), 0.0))  # noqa: B023
         return rows[0]
 
     def inference_time(self, sampler: GuidedSampler, training_s: float, **extra) -> dict:
@@ -304,8 +324,7 @@ class _Table:
             return samples, seconds, {"denoiser_calls_per_image": sum(calls) / len(self.labels)}
 
         key = f"{name} {sorted(_settings_of(sampler).items())!r} model trained {training_s:.6f} s"
-        samples, seconds, found = self.sampled(key, produce)
-        return self.record(name, samples, seconds, training_s, **found, **extra)
+        return self.row(name, key, produce, training_s, **extra)
 
     def fine_tuned(self, name: str, fitted: _Fitted, scales: list[float], steps=(), **extra) -> dict:
         """The fitted module at its own control scale (None), then at each of ``scales``, then at its own scale with
@@ -326,8 +345,7 @@ class _Table:
                 samples, seconds, calls = self.counted(row, fitted.module().policy, draw)
                 return samples, seconds, {**calls, "kl": float(torch.cat(kls).mean())}
 
-            samples, seconds, found = self.sampled(f"{row} {fitted.source}", produce)
-            rows.append(self.record(row, samples, seconds, fitted.training_s, **found, **extra))
+            rows.append(self.row(row, f"{row} {fitted.source}", produce, fitted.training_s, **extra))
         return rows[0]
 
 
@@ -342,9 +360,9 @@ class _Fitted:
     source: str
 
 
-def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str) -> _Fitted:
-    """A fine-tuning row trained in ``folder`` unless a finished run is there."""
-    training_s, cli = run.train(folder, retrain, *extra)
+def _fitted(run: FitRun, folder: Path, done: Path, retrain: bool, *extra: str) -> _Fitted:
+    """A fine-tuning row trained in ``folder`` unless ``done`` (its training seconds) says it was."""
+    training_s, cli = run.train(folder, retrain, *extra, done=done)
     source = f"config {_fingerprint(run, *extra)} trained {training_s:.6f} s"
     if cli is not None:
         module = cli.model.eval()
@@ -353,6 +371,11 @@ def _fitted(run: FitRun, folder: Path, retrain: bool, *extra: str) -> _Fitted:
     @functools.cache
     def reload():
         last = folder / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"benchmark: {done} says {run.name} was trained in {folder}, but a row of it was not kept and "
+                f"its checkpoint {last} is not here (trained on another machine?); delete {done} to train it again."
+            )
         validated = run.cli(
             folder, "validate", "--ckpt_path", str(last), "--trainer.enable_progress_bar", "false", *extra
         )
@@ -449,23 +472,28 @@ class _Plan:
     def fit(self, run: FitRun, setting: int, seed: int | None) -> _Fitted:
         """The row fitted at ``setting`` with training seed ``seed`` (None: the config's): :func:`_fitted`."""
         extra = [*run.settings()[setting], *([] if seed is None else run_seed_args(seed))]
-        return _fitted(run, self.folder(run, setting, seed), self.retrain, *extra)
+        folder = self.folder(run, setting, seed)
+        done = folder / "train_seconds.json" if self.store is None else self.store.fit_seconds(self.runs, folder)
+        return _fitted(run, folder, done, self.retrain, *extra)
 
     def keep_rows(self, base) -> None:
-        """Keep the rows' samples in ``runs/rows`` (:meth:`_Table.sampled`), keyed by the first row's config and
-        the base config's ``base`` module's weights (hashed once here); with ``retrain`` written but not read."""
+        """Keep the rows and the fits' training seconds in ``<output>/rows`` (:meth:`_Table.row`), keyed by the
+        first row's config and the base config's ``base`` module's weights (hashed once here); with ``retrain``
+        written but not read."""
         first = self.fine_tuning[0]
         fingerprint = f"{_fingerprint(first, *first.settings()[0])} {_weights_fingerprint(base.policy, base.reward)}"
-        self.store = _RowStore(self.runs / "rows", fingerprint, reuse=not self.retrain)
+        self.store = _RowStore(self.runs.parent / "rows", fingerprint, reuse=not self.retrain)
 
     def tuned(self) -> bool:
         return any(len(v) > 1 for v in self.sweeps.values())
 
 
-def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress) -> tuple[dict, list[dict]]:
+def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, first: _Table, scales) -> tuple[dict, list]:
     """Each method with several settings tries them on the validation seeds from ``seed``; the index chosen by
     the one rule (:func:`ctrl.tuning.choose`, Frechet at most ``rule`` x the pretrained model's) per method,
-    and the sweep's rows (``setting``, ``chosen``). ``trained``: the inference-time methods' model seconds."""
+    and the sweep's rows (``setting``, ``chosen``). ``trained``: the inference-time methods' model seconds. Each
+    fit also samples its rows of the first repeat's table ``first`` (at ``scales`` for the first row) while it
+    is loaded, so that the repeat reads them back whichever setting is chosen, on any machine."""
     table = _Table(base, per_label, seed, progress, plan.store, split="validation")
     base_frechet = table.pretrained()["frechet"]
     tried: dict[str, list[dict]] = {}
@@ -483,6 +511,8 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress) -> tuple[
                 progress.set_postfix_str(f"{run.name}: training setting {k}")
                 fitted = plan.fit(run, k, seed_)
                 tried[run.name].append(table.fine_tuned(run.name, fitted, [], setting=_describe(setting)))
+                own = scales if run is plan.fine_tuning[0] else []
+                first.fine_tuned(run.name, fitted, own, plan.eval_steps, setting=_describe(setting))
     chosen = {}
     for name, rows in tried.items():
         chosen[name] = choose([r["accuracy"] for r in rows], [r["frechet"] for r in rows], base_frechet, rule)
@@ -567,7 +597,8 @@ def run_benchmark(
     tables, sweep_rows = _measure(plan, base, models, per_label, seed, validation_seed, max_frechet_ratio, scales)
     rows = [row for t in tables for row in t.rows]
     table = aggregate(rows)
-    write_outputs(table, rows, sweep_rows, tables[0].panels, Path(output), min(per_label, 8), max_frechet_ratio)
+    per_row = min(per_label, PANEL_PER_LABEL)
+    write_outputs(table, rows, sweep_rows, tables[0].panels, Path(output), per_row, max_frechet_ratio)
     return table
 
 
@@ -595,13 +626,15 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
     (validation seeds from ``validation_seed``), the inference-time methods' models trained first."""
     repeats, count = len(plan.training_seeds or [None]), base.policy.num_labels * per_label
     tries = sum(len(v) for v in plan.sweeps.values() if len(v) > 1) + 1 if plan.tuned() else 0
+    fits = [(len(r.settings()), i == 0) for i, r in enumerate(plan.fine_tuning) if len(r.settings()) > 1]
+    tries += sum(n * (1 + len(plan.eval_steps) + (len(scales) if first else 0)) for n, first in fits)
     rows = len(plan.sweeps) + 1 + len(scales) + len(plan.eval_steps) * (1 + len(plan.fine_tuning))
     total = (tries + repeats * rows) * base.policy.num_labels
     with tqdm(total=total, desc="benchmark", unit="label") as progress:
         trained = _train_baseline_models(plan, baseline_models, progress)
-        chosen, sweep_rows = (
-            _tune(plan, base, per_label, validation_seed, rule, trained, progress) if plan.tuned() else ({}, [])
-        )
+        first = _Table(base, per_label, seed, progress, plan.store)  # the first repeat's, for the fits tried
+        tune = (plan, base, per_label, validation_seed, rule, trained, progress, first, scales)
+        chosen, sweep_rows = _tune(*tune) if plan.tuned() else ({}, [])
         tables = [
             _repeat(plan, base, per_label, seed + r * count, r, chosen, trained, scales, progress)
             for r in range(repeats)

@@ -15,6 +15,7 @@ from conftest import make_tiny_classifier
 
 from ctrl.benchmark import main as benchmark
 from ctrl.cli import console
+from ctrl.seeds import TEST
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
 
@@ -308,12 +309,23 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     assert calls["pretrained steps=2"] == calls["DirectBackprop steps=2"] == 2  # eval_num_steps [3, 2]: 2 steps too
     for figure in ("accuracy_frechet.png", "accuracy_calls.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
-    _resumes(path, config, raw, runs / f"setting_{k}" / "seed_1", monkeypatch)
+    assert (out / "rows" / "fits" / "DirectBackprop" / f"setting_{k}" / "seed_1.json").is_file()
+    # both settings' first-repeat test rows were sampled right after each was trained: none needs its checkpoint
+    first = out / "rows" / f"seed_{TEST.start + 123_456}_per_label_2_steps_3_eta_1"
+    kept = [torch.load(f, weights_only=True)["key"] for f in first.glob("*.pt")]
+    assert sorted(key.split(" config ")[0] for key in kept if key.startswith("DirectBackprop")) == [
+        "DirectBackprop",
+        "DirectBackprop",
+        "DirectBackprop steps=2",
+        "DirectBackprop steps=2",
+    ]
+    _resumes(path, config, raw, out / "rows" / "fits" / "DirectBackprop" / f"setting_{k}" / "seed_1.json", monkeypatch)
 
 
 def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> None:
     """The same benchmark run again samples nothing and trains nothing (every row and fit was kept) and writes the
-    same figures; with one method's setting changed, only that method's rows are sampled anew."""
+    same figures, also from a clone that has ``rows/`` but not ``runs/`` (no checkpoint is read); with one method's
+    setting changed, only that method's rows are sampled anew."""
     from ctrl import benchmark as module
 
     sampled, draw = [], module._Table.draw
@@ -329,6 +341,13 @@ def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> No
     assert sampled == []
     with open(Path(config["output"]) / "results.csv") as f:
         assert list(csv.DictReader(f)) == raw  # every figure, the sampling seconds too
+    samples = (Path(config["output"]) / "samples.png").read_bytes()
+    shutil.rmtree(Path(config["output"]) / "runs")  # another machine: the committed rows/ only
+    benchmark(["--config", str(path)])
+    assert sampled == []
+    with open(Path(config["output"]) / "results.csv") as f:
+        assert list(csv.DictReader(f)) == raw
+    assert (Path(config["output"]) / "samples.png").read_bytes() == samples  # drawn from the rows' 8-bit panels
     config["inference_time"] = [
         {**m, "init_args": {"step_size": 0.25}} if m["class_path"].endswith("MPGD") else m
         for m in config["inference_time"]
@@ -336,8 +355,8 @@ def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> No
     path.write_text(yaml.safe_dump(config))
     benchmark(["--config", str(path)])
     assert sampled == ["MPGD", "MPGD"]  # one per repeat
-    # A fit trained again (its folder gone) is a new model: its rows are sampled anew, nobody else's
-    shutil.rmtree(chosen_fit)  # the chosen setting's second training seed: the only one with a seed_1
+    # A fit trained again (its mark of done gone) is a new model: its rows are sampled anew, nobody else's
+    chosen_fit.unlink()  # the chosen setting's second training seed: the only one with a seed_1
     sampled.clear()
     monkeypatch.setattr(module.FitRun, "cli", cli)  # that fit trains
     benchmark(["--config", str(path)])
