@@ -8,8 +8,9 @@ of classifier-free guidance: ``baseline_models``) is trained here, under ``<outp
 unless ``retrain``; an inference-time method only loads what it is given. Each row's figures and the first
 samples of each label are kept in ``<output>/rows/`` (a few kB a row, beside the tables: commit it), and so is each
 fine-tuning fit's training time, so a benchmark stopped part way resumes where it stopped, on this machine or from
-a clone on another that lacks ``runs/``: every row of a fit (its validation row, its first repeat's test rows at
-every control scale and step count) is sampled as soon as it is trained, so no row needs its checkpoint later. A
+a clone on another that lacks ``runs/``: every inference-time row (each repeat's, at the chosen setting) is sampled
+before the first fit, and every row of a fit (its validation row, its first repeat's test rows at every control
+scale and step count) as soon as it is trained, so no row needs a model from another machine later. A
 row is sampled anew when its method's settings, the seeds, the first row's config or the weights it loads (the
 pretrained model, the reward), or the row's trained model differ, and with ``retrain``. Every method samples the same
 labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true
@@ -320,6 +321,12 @@ class _Table:
             return guided.samples
 
         def produce():
+            if getattr(sampler, "requires_model", False) and not sampler.has_model():
+                raise FileNotFoundError(
+                    f"benchmark: {name}'s model was trained on another machine (rows/fits/{name}.json keeps its "
+                    f"training seconds) and is not under runs/, and a row of it is missing; delete that file to "
+                    "train it again."
+                )
             samples, seconds = self.draw(name, draw)
             return samples, seconds, {"denoiser_calls_per_image": sum(calls) / len(self.labels)}
 
@@ -488,12 +495,14 @@ class _Plan:
         return any(len(v) > 1 for v in self.sweeps.values())
 
 
-def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, first: _Table, scales) -> tuple[dict, list]:
+def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, tests: list[_Table], scales) -> tuple:
     """Each method with several settings tries them on the validation seeds from ``seed``; the index chosen by
     the one rule (:func:`ctrl.tuning.choose`, Frechet at most ``rule`` x the pretrained model's) per method,
-    and the sweep's rows (``setting``, ``chosen``). ``trained``: the inference-time methods' model seconds. Each
-    fit also samples its rows of the first repeat's table ``first`` (at ``scales`` for the first row) while it
-    is loaded, so that the repeat reads them back whichever setting is chosen, on any machine."""
+    and the sweep's rows (``setting``, ``chosen``). ``trained``: the inference-time methods' model seconds.
+
+    What can be sampled early is, so that the repeats read it back on any machine, with no model: each
+    inference-time method at its chosen setting in every repeat's table ``tests`` before any fit, and each fit's
+    rows of the first repeat (at ``scales`` for the first row) while it is loaded, whichever setting is chosen."""
     table = _Table(base, per_label, seed, progress, plan.store, split="validation")
     base_frechet = table.pretrained()["frechet"]
     tried: dict[str, list[dict]] = {}
@@ -503,6 +512,11 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, first: _T
                 table.inference_time(v, trained.get(name, 0.0), setting=_describe(d))
                 for v, d in zip(variants, plan.sweeps[name])
             ]
+    chosen = _choose(tried, base_frechet, rule)
+    for test in tests:
+        for name, variants in plan.variants.items():
+            k = chosen.get(name, 0)
+            test.inference_time(variants[k], trained.get(name, 0.0), setting=_describe(plan.sweeps[name][k]))
     for run in plan.fine_tuning:
         if len(run.settings()) > 1:
             seed_ = plan.training_seeds[0] if plan.training_seeds else None
@@ -512,7 +526,14 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, first: _T
                 fitted = plan.fit(run, k, seed_)
                 tried[run.name].append(table.fine_tuned(run.name, fitted, [], setting=_describe(setting)))
                 own = scales if run is plan.fine_tuning[0] else []
-                first.fine_tuned(run.name, fitted, own, plan.eval_steps, setting=_describe(setting))
+                tests[0].fine_tuned(run.name, fitted, own, plan.eval_steps, setting=_describe(setting))
+    chosen = _choose(tried, base_frechet, rule)
+    return chosen, [r for rows in tried.values() for r in rows]
+
+
+def _choose(tried: dict[str, list[dict]], base_frechet: float, rule: float) -> dict[str, int]:
+    """The setting :func:`ctrl.tuning.choose` keeps for each method of ``tried`` (its validation rows, marked
+    with ``chosen``, ``frechet_ratio`` and ``base_frechet``)."""
     chosen = {}
     for name, rows in tried.items():
         chosen[name] = choose([r["accuracy"] for r in rows], [r["frechet"] for r in rows], base_frechet, rule)
@@ -520,7 +541,7 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, first: _T
             row.update(
                 frechet_ratio=row["frechet"] / base_frechet, base_frechet=base_frechet, chosen=k == chosen[name]
             )
-    return chosen, [r for rows in tried.values() for r in rows]
+    return chosen
 
 
 def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, progress) -> _Table:
@@ -628,12 +649,13 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
     tries = sum(len(v) for v in plan.sweeps.values() if len(v) > 1) + 1 if plan.tuned() else 0
     fits = [(len(r.settings()), i == 0) for i, r in enumerate(plan.fine_tuning) if len(r.settings()) > 1]
     tries += sum(n * (1 + len(plan.eval_steps) + (len(scales) if first else 0)) for n, first in fits)
+    tries += repeats * len(plan.variants) if plan.tuned() else 0  # the inference-time rows sampled early
     rows = len(plan.sweeps) + 1 + len(scales) + len(plan.eval_steps) * (1 + len(plan.fine_tuning))
     total = (tries + repeats * rows) * base.policy.num_labels
     with tqdm(total=total, desc="benchmark", unit="label") as progress:
         trained = _train_baseline_models(plan, baseline_models, progress)
-        first = _Table(base, per_label, seed, progress, plan.store)  # the first repeat's, for the fits tried
-        tune = (plan, base, per_label, validation_seed, rule, trained, progress, first, scales)
+        tests = [_Table(base, per_label, seed + r * count, progress, plan.store) for r in range(repeats)]
+        tune = (plan, base, per_label, validation_seed, rule, trained, progress, tests, scales)
         chosen, sweep_rows = _tune(*tune) if plan.tuned() else ({}, [])
         tables = [
             _repeat(plan, base, per_label, seed + r * count, r, chosen, trained, scales, progress)
@@ -682,9 +704,12 @@ def _train_baseline_models(plan: _Plan, baseline_models: list[FitRun], progress:
     for model in baseline_models:
         progress.set_postfix_str(f"{model.name}: training its model")
         folder = plan.runs / model.name
-        seconds[model.name], _ = model.train(folder, plan.retrain, "--model.export_dir", str(folder / "model"))
-        for variant in plan.variants[model.name]:
-            variant.load(folder / "model")
+        done = plan.store.fit_seconds(plan.runs, folder) if plan.store is not None else None
+        args = ("--model.export_dir", str(folder / "model"))
+        seconds[model.name], _ = model.train(folder, plan.retrain, *args, done=done)
+        if (folder / "model").is_dir():  # else trained on another machine: only rows kept from there need it
+            for variant in plan.variants[model.name]:
+                variant.load(folder / "model")
     return seconds
 
 

@@ -269,16 +269,17 @@ def test_settings_are_chosen_on_validation_and_repeats_give_the_spread(tmp_path,
     row = config["fine_tuning"][0]
     row["args"] = [*row["args"], "--model.eval_num_steps", "[3, 2]"]  # sampled at 2 steps as well
     config["fine_tuning"] = [{**row, "sweep": [[], ["--model.policy.head_lr", "0.02"]]}]
-    config["inference_time"] = [m for m in config["inference_time"] if m["class_path"].endswith(("MPGD", "SMC"))]
+    kept = ("ClassifierFreeGuidance", "MPGD", "SMC")  # the first with its model, trained here
+    config["inference_time"] = [m for m in config["inference_time"] if m["class_path"].endswith(kept)]
     config.update(
-        baseline_models=[],
         control_scales=[],
         training_seeds=[0, 1],
         inference_sweeps={"SMC": [{}, {"num_particles": 2}]},
     )
     path.write_text(yaml.safe_dump(config))
     rows = benchmark(["--config", str(path)])
-    methods = ["pretrained", "pretrained steps=2", "MPGD", "SMC", "DirectBackprop", "DirectBackprop steps=2"]
+    methods = ["pretrained", "pretrained steps=2", "ClassifierFreeGuidance", "MPGD", "SMC"]
+    methods += ["DirectBackprop", "DirectBackprop steps=2"]
     assert [r["method"] for r in rows] == methods
     assert all(r["repeats"] == 2 for r in rows)
     out = Path(config["output"])
@@ -342,7 +343,7 @@ def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> No
     with open(Path(config["output"]) / "results.csv") as f:
         assert list(csv.DictReader(f)) == raw  # every figure, the sampling seconds too
     samples = (Path(config["output"]) / "samples.png").read_bytes()
-    shutil.rmtree(Path(config["output"]) / "runs")  # another machine: the committed rows/ only
+    shutil.rmtree(Path(config["output"]) / "runs")  # another machine: the committed rows/ only, no model there
     benchmark(["--config", str(path)])
     assert sampled == []
     with open(Path(config["output"]) / "results.csv") as f:
@@ -361,6 +362,14 @@ def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> No
     monkeypatch.setattr(module.FitRun, "cli", cli)  # that fit trains
     benchmark(["--config", str(path)])
     assert sampled == ["DirectBackprop", "DirectBackprop steps=2"]  # repeat 1's rows, trained with seed 1
+    # a row of a model that is not on this machine (runs/ went above): one message naming the file to delete
+    rows = (Path(config["output"]) / "rows").rglob("*.pt")
+    next(f for f in rows if torch.load(f, weights_only=True)["key"].startswith("ClassifierFree")).unlink()
+    expected = (
+        r"ClassifierFreeGuidance's model was trained on another machine \(rows/fits/ClassifierFreeGuidance\.json"
+    )
+    with pytest.raises(FileNotFoundError, match=expected + r".* delete that file to train it again"):
+        benchmark(["--config", str(path)])
 
 
 def _tiny_reward_classifier() -> dict:
