@@ -202,11 +202,13 @@ def _scores(module, images: Tensor, labels: Tensor, kl: Tensor | None = None) ->
 @dataclass
 class _RowStore:
     """Where a benchmark keeps its rows: ``folder``; ``base``: the fingerprint of the config and weights every row
-    shares (:meth:`_Plan.keep_rows`); ``reuse``: read kept rows back (False: sample anew, keep the new)."""
+    shares (:meth:`_Plan.keep_rows`); ``reuse``: read kept rows back (False: sample anew, keep the new, and read
+    back only those this run wrote, ``written``)."""
 
     folder: Path
     base: str
     reuse: bool = True
+    written: set[Path] = field(default_factory=set)  # shared by every table's copy (dataclasses.replace)
 
     def fit_seconds(self, runs: Path, folder: Path) -> Path:
         """Where the training seconds of the fit in ``folder`` (under ``runs``) are kept: the fit's mark of done."""
@@ -249,7 +251,7 @@ class _Table:
         :data:`PANEL_PER_LABEL` images of each label, 8-bit) are kept in the table's folder under ``key`` (what
         identifies the row's method and settings, the base config and weights, and its trained model) and read back
         from there instead when an earlier run of the benchmark left them. ``extra`` goes into the row."""
-        scores, panel = self._kept(key) if self.store is not None and self.store.reuse else (None, None)
+        scores, panel = self._kept(key) if self.store is not None else (None, None)
         if scores is None:
             samples, seconds, found = produce()
             images = self.base.policy.decode(samples)
@@ -272,7 +274,7 @@ class _Table:
 
     def _kept(self, key: str) -> tuple[dict | None, Tensor | None]:
         key, path = self._path(key)
-        if path.is_file():
+        if (self.store.reuse or path in self.store.written) and path.is_file():
             stored = torch.load(path, weights_only=True)
             if stored["key"] == key:
                 return stored["scores"], stored["panel"]
@@ -286,6 +288,7 @@ class _Table:
         partial = path.with_suffix(".partial")
         torch.save({"key": key, "scores": {**scores, "found": dict(scores["found"])}, "panel": panel}, partial)
         partial.replace(path)  # a run stopped while writing leaves no half file behind
+        self.store.written.add(path)
 
     def counted(self, name: str, policy, draw: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, float, dict]:
         """:meth:`draw` with the samples through ``policy``'s denoising network counted by a forward hook (a CFG
@@ -468,7 +471,8 @@ class _Plan:
     retrain: bool
     training_seeds: list[int] | None
     eval_steps: list[int] = field(default_factory=list)  # the first row's further step counts (model.eval_num_steps)
-    store: _RowStore | None = None  # where the rows' samples are kept (:meth:`keep_rows`)
+    store: _RowStore | None = None  # where the rows are kept (:meth:`keep_rows`)
+    fitted: dict[Path, _Fitted] = field(default_factory=dict)  # this run's fits, by folder (each trains once)
 
     def folder(self, run: FitRun, setting: int, seed: int | None) -> Path:
         """``runs/<name>[/setting_<i>][/seed_<s>]``: a row without a sweep or seeds keeps ``runs/<name>``."""
@@ -477,11 +481,14 @@ class _Plan:
         return folder / f"seed_{seed}" if seed is not None else folder
 
     def fit(self, run: FitRun, setting: int, seed: int | None) -> _Fitted:
-        """The row fitted at ``setting`` with training seed ``seed`` (None: the config's): :func:`_fitted`."""
+        """The row fitted at ``setting`` with training seed ``seed`` (None: the config's): :func:`_fitted`, once
+        per run of the benchmark (with ``retrain`` too)."""
         extra = [*run.settings()[setting], *([] if seed is None else run_seed_args(seed))]
         folder = self.folder(run, setting, seed)
-        done = folder / "train_seconds.json" if self.store is None else self.store.fit_seconds(self.runs, folder)
-        return _fitted(run, folder, done, self.retrain, *extra)
+        if folder not in self.fitted:
+            done = folder / "train_seconds.json" if self.store is None else self.store.fit_seconds(self.runs, folder)
+            self.fitted[folder] = _fitted(run, folder, done, self.retrain, *extra)
+        return self.fitted[folder]
 
     def keep_rows(self, base) -> None:
         """Keep the rows and the fits' training seconds in ``<output>/rows`` (:meth:`_Table.row`), keyed by the

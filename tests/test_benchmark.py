@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,21 @@ def _resumes(path, config, raw: list[dict], chosen_fit: Path, monkeypatch) -> No
     )
     with pytest.raises(FileNotFoundError, match=expected + r".* delete that file to train it again"):
         benchmark(["--config", str(path)])
+    # --retrain true: every model trained again, once (the model itself, two settings, the chosen one's seed 1),
+    # and every row sampled again, once (read back where a repeat needs it after the sweep sampled it)
+    fits, start = [], time.time_ns()
+
+    def counted(run, folder, subcommand=None, *extra):
+        fits.append(subcommand)
+        return cli(run, folder, subcommand, *extra)
+
+    monkeypatch.setattr(module.FitRun, "cli", counted)
+    sampled.clear()
+    benchmark(["--config", str(path), "--retrain", "true"])
+    assert [s for s in fits if s is not None] == ["fit"] * 4  # nothing reloaded either
+    rows = list((Path(config["output"]) / "rows").rglob("*.pt"))
+    # 5 validation rows, 6 inference-time test rows, 4 + 2 + 4 rows of repeats 0 and 1
+    assert len(sampled) == sum(f.stat().st_mtime_ns >= start for f in rows) == 21
 
 
 def _tiny_reward_classifier() -> dict:
