@@ -521,21 +521,26 @@ def _tune(plan: _Plan, base, per_label, seed, rule, trained, progress, tests: li
             ]
     chosen = _choose(tried, base_frechet, rule)
     for test in tests:
-        for name, variants in plan.variants.items():
-            k = chosen.get(name, 0)
-            test.inference_time(variants[k], trained.get(name, 0.0), setting=_describe(plan.sweeps[name][k]))
+        _inference_rows(test, plan, chosen, trained)
     for run in plan.fine_tuning:
         if len(run.settings()) > 1:
             seed_ = plan.training_seeds[0] if plan.training_seeds else None
-            tried[run.name] = []
+            fits = tried[run.name] = []
             for k, setting in enumerate(run.settings()):
                 progress.set_postfix_str(f"{run.name}: training setting {k}")
                 fitted = plan.fit(run, k, seed_)
-                tried[run.name].append(table.fine_tuned(run.name, fitted, [], setting=_describe(setting)))
+                fits.append(table.fine_tuned(run.name, fitted, [], setting=_describe(setting)))
                 own = scales if run is plan.fine_tuning[0] else []
                 tests[0].fine_tuned(run.name, fitted, own, plan.eval_steps, setting=_describe(setting))
-    chosen = _choose(tried, base_frechet, rule)
+            chosen.update(_choose({run.name: fits}, base_frechet, rule))
     return chosen, [r for rows in tried.values() for r in rows]
+
+
+def _inference_rows(table: _Table, plan: _Plan, chosen: dict[str, int], trained: dict[str, float]) -> None:
+    """Every inference-time method's row of ``table`` at its ``chosen`` setting (``trained``: its model's seconds)."""
+    for name, variants in plan.variants.items():
+        k = chosen.get(name, 0)
+        table.inference_time(variants[k], trained.get(name, 0.0), setting=_describe(plan.sweeps[name][k]))
 
 
 def _choose(tried: dict[str, list[dict]], base_frechet: float, rule: float) -> dict[str, int]:
@@ -556,9 +561,7 @@ def _repeat(plan: _Plan, base, per_label, seed, r, chosen, trained, scales, prog
     trained with the r-th training seed; ``trained`` holds the inference-time methods' model seconds."""
     table = _Table(base, per_label, seed, progress, plan.store, repeat=r)
     table.pretrained(plan.eval_steps)
-    for name, variants in plan.variants.items():
-        k = chosen.get(name, 0)
-        table.inference_time(variants[k], trained.get(name, 0.0), setting=_describe(plan.sweeps[name][k]))
+    _inference_rows(table, plan, chosen, trained)
     for i, run in enumerate(plan.fine_tuning):
         k = chosen.get(run.name, 0)
         progress.set_postfix_str(f"{run.name}: training")
