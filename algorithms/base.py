@@ -81,6 +81,12 @@ class Algorithm(nn.Module, ABC):
         it once the data module is known). ``group_size``: chains per drawn condition (``data.group_size``;
         None: the data does not say). Every grouping is accepted here."""
 
+    def off_target(self) -> str | None:
+        """Why this configuration's optimum is not the target ``p_pre(x) exp(r(x) / alpha) / Z`` (the setting, what it
+        does, and the value that keeps the target), or None when it is. A benchmark comparing methods at one target
+        refuses a row that answers."""
+        return None
+
     @property
     def needs_pretrained(self) -> bool:
         """Whether a rollout must evaluate the pretrained model: its KL enters the objective (alpha > 0). At

@@ -64,6 +64,22 @@ class DirectBackprop(Algorithm):
         self.backprop_steps = backprop_steps
         self.random_truncation, self.unbiased_truncation = random_truncation, unbiased_truncation
 
+    def off_target(self) -> str | None:
+        k, n = self.backprop_steps, self.context.num_stochastic
+        if k is None:
+            return None
+        if self.random_truncation and not self.unbiased_truncation:
+            return (
+                "unbiased_truncation=false scales each step's gradient by its chance of being in the window (a "
+                "reweighted objective); set unbiased_truncation: true"
+            )
+        if n is not None and k >= n:
+            return None  # every step can be in the window (random K: each step's gradient reweighted by 1 / P_d)
+        return (
+            f"backprop_steps={k} leaves the steps before the last {k} without the reward's gradient; set "
+            "backprop_steps: null (the whole chain)"
+        )
+
     def setup(self, policy, reward, context=None) -> None:
         super().setup(policy, reward, context)
         if not getattr(reward, "differentiable", False):

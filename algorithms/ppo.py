@@ -80,6 +80,19 @@ class PPO(MinibatchAlgorithm):
         self.per_condition, self.advantage_clip = per_condition, advantage_clip
         self.ratio_per_dimension = ratio_per_dimension
 
+    def off_target(self) -> str | None:
+        if self.advantage_mode == "standardize":
+            return (
+                "advantages=standardize divides each return by its group's spread, a KL weight that moves with it "
+                "(alpha x that spread); set advantages: center"
+            )
+        if self.advantage_clip is not None:
+            return (
+                f"advantage_clip={self.advantage_clip:g} caps each advantage, which bounds the reward's pull against "
+                "the exact KL's; set advantage_clip: null"
+            )
+        return None
+
     def _normalise(self, returns: Tensor, labels: Tensor) -> Tensor:
         """``[B, N]`` returns -> advantages ``[B, N]``: at each step, a chain's return minus the mean return of the
         OTHER chains of its group (its label with ``per_condition``, else the whole batch), over the GLOBAL batch:

@@ -66,6 +66,14 @@ class RAFT(MinibatchAlgorithm):
             raise SettingError(self, "keep_fraction", f"must lie in (0, 1], got {keep_fraction}.")
         self.selection, self.keep_fraction, self.per_condition = selection, keep_fraction, per_condition
 
+    def off_target(self) -> str | None:
+        if self.selection == "top":
+            return (
+                "selection=top fits the best keep_fraction, whose fixed point is the pretrained model truncated to "
+                "high rewards; set selection: tilted"
+            )
+        return None
+
     def _weights(self, trajectory, rewards: Tensor) -> Tensor:
         labels = trajectory.labels
         groups = (

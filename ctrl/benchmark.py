@@ -34,7 +34,9 @@ accuracy against denoiser calls per image, counted). The first fine-tuning row i
 
 The labelled-data curve (``labelled_per_class``, :func:`labelled_curve`) runs all of it once per size of the
 offline labelled set, the reward classifier and the conditional model of classifier-free guidance learning from
-the same images each time, and adds ``curve.md``, ``curve.csv`` and ``accuracy_labelled.png``.
+the same images each time (the whole set: the task as configured, in ``output`` itself; a cut to n per class in
+``<output>/labelled_<n>``), each method at the setting it kept on the whole set, and adds ``curve.md``,
+``curve.csv`` and ``accuracy_labelled.png``.
 """
 
 from __future__ import annotations
@@ -436,16 +438,30 @@ def _check_rows(
     return [row.cli(runs / row.name, None, *row.settings()[0]) for row in fine_tuning]
 
 
-def _check_target(alpha: float, fine_tuning: list[tuple[str, float]], samplers: list[GuidedSampler]) -> None:
-    """Refuse a fine-tuning setting (``(row name, its alpha)``) or an inference-time method whose strength names a
-    target (:attr:`GuidedSampler.tilt_setting`) at another KL weight than ``alpha``, in one line naming its
-    setting and the value that would match."""
-    for name, other in fine_tuning:
+def _check_target(alpha: float, fine_tuning: list[tuple[str, int, Any]], samplers: list[GuidedSampler]) -> None:
+    """Refuse a fine-tuning setting (``(row name, setting index, its module)``) or an inference-time method that
+    aims at another target than the tilt at KL weight ``alpha``, in one line naming its setting and the value
+    that would match: another KL weight, an algorithm setting whose optimum is not the tilt
+    (:meth:`Algorithm.off_target`) or a control scale other than 1; a method's strength that names another
+    target (:attr:`GuidedSampler.tilt_setting`)."""
+    for name, k, module in fine_tuning:
+        other, where = float(module.algorithm.alpha), f"fine_tuning '{name}'" + (f" (setting {k})" if k else "")
         if not math.isclose(other, alpha):
             raise ValueError(
-                f"fine_tuning '{name}': model.algorithm.alpha={other:g}, but the first row has {alpha:g}; methods "
+                f"{where}: model.algorithm.alpha={other:g}, but the first row has {alpha:g}; methods "
                 f"are compared at one target: add [--model.algorithm.init_args.alpha, '{alpha:g}'] to its args "
                 "(or sweep), or set same_target: false."
+            )
+        reason = module.algorithm.off_target()
+        reason = None if reason is None else f"model.algorithm.{reason}"
+        if reason is None and not math.isclose(module.control_scale, 1.0):
+            reason = (
+                f"model.control_scale={module.control_scale:g} samples another tilt than the one trained for; set 1"
+            )
+        if reason is not None:
+            raise ValueError(
+                f"{where}: {reason} (methods are compared at one target, the tilt at alpha {alpha:g}; "
+                "or set same_target: false)."
             )
     for sampler in samplers:
         target = sampler.target_alpha()
@@ -590,6 +606,7 @@ def run_benchmark(
     max_frechet_ratio: float = 1.5,
     labelled_per_class: list[int | None] | None = None,
     reward_classifiers: list[RewardClassifier] | None = None,
+    tune_each_size: bool = False,
 ) -> list[dict]:
     """Run every method and write the tables, CSVs and figures (module docstring); the table's rows.
 
@@ -614,23 +631,36 @@ def run_benchmark(
         validation_seed: the first validation seed of the sweeps (:mod:`ctrl.seeds`).
         max_frechet_ratio: the tuning rule's bound on a setting's Frechet distance, x the pretrained model's.
         labelled_per_class: the labelled-data curve (:func:`labelled_curve`): the whole benchmark once per size
-            of the offline labelled set (images per class; null: all of it), in ``<output>/labelled_<size>``.
+            of the offline labelled set (images per class, in ``<output>/labelled_<size>``; null: the task as
+            configured, from all of it, in ``<output>``).
         reward_classifiers: the classifiers the curve trains at each size (their file replaces the fine-tuning
             rows' reward classifier); each of ``baseline_models`` learns from the same cut.
+        tune_each_size: the curve tries every method's settings at each size; False: only at the largest, and
+            runs each method at the setting kept there at the others.
     """
-    given = {k: v for k, v in locals().items() if k not in ("labelled_per_class", "reward_classifiers")}
+    curve = ("labelled_per_class", "reward_classifiers", "tune_each_size")
+    given = {k: v for k, v in locals().items() if k not in curve}
     if labelled_per_class is not None:
-        return labelled_curve(labelled_per_class, reward_classifiers or [], given)
-    if reward_classifiers:
-        raise ValueError("reward_classifiers: only the labelled-data curve trains them; give labelled_per_class too.")
-    plan, base, scales = _checked(given)
-    models = baseline_models or []
-    tables, sweep_rows = _measure(plan, base, models, per_label, seed, validation_seed, max_frechet_ratio, scales)
+        return labelled_curve(labelled_per_class, reward_classifiers or [], given, tune_each_size)
+    for name, value in [("reward_classifiers", reward_classifiers), ("tune_each_size", tune_each_size)]:
+        if value:
+            raise ValueError(f"{name}: only the labelled-data curve has sizes; give labelled_per_class too.")
+    return _benchmark(given)[0]
+
+
+def _benchmark(b: dict) -> tuple[list[dict], dict[str, int]]:
+    """:func:`run_benchmark` on its arguments ``b`` (old names resolved, no curve): the table's rows and the
+    setting each method kept (index into its settings; a method with one setting is left out)."""
+    plan, base, scales = _checked(b)
+    models, rule = b["baseline_models"] or [], b["max_frechet_ratio"]
+    tables, sweep_rows, chosen = _measure(
+        plan, base, models, b["per_label"], b["seed"], b["validation_seed"], rule, scales
+    )
     rows = [row for t in tables for row in t.rows]
     table = aggregate(rows)
-    per_row = min(per_label, PANEL_PER_LABEL)
-    write_outputs(table, rows, sweep_rows, tables[0].panels, Path(output), per_row, max_frechet_ratio)
-    return table
+    per_row = min(b["per_label"], PANEL_PER_LABEL)
+    write_outputs(table, rows, sweep_rows, tables[0].panels, Path(b["output"]), per_row, rule)
+    return table, chosen
 
 
 def _checked(b: dict) -> tuple[_Plan, object, list[float]]:
@@ -652,9 +682,10 @@ def _checked(b: dict) -> tuple[_Plan, object, list[float]]:
     return plan, base, scales
 
 
-def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_seed, rule, scales) -> tuple[list, list]:
-    """The tables of every repeat (test seeds from ``seed``, each repeat the next ones) and the sweep's rows
-    (validation seeds from ``validation_seed``), the inference-time methods' models trained first."""
+def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_seed, rule, scales) -> tuple:
+    """The tables of every repeat (test seeds from ``seed``, each repeat the next ones), the sweep's rows
+    (validation seeds from ``validation_seed``) and each tuned method's chosen setting, the inference-time
+    methods' models trained first."""
     repeats, count = len(plan.training_seeds or [None]), base.policy.num_labels * per_label
     tries = sum(len(v) for v in plan.sweeps.values() if len(v) > 1) + 1 if plan.tuned() else 0
     fits = [(len(r.settings()), i == 0) for i, r in enumerate(plan.fine_tuning) if len(r.settings()) > 1]
@@ -671,7 +702,7 @@ def _measure(plan: _Plan, base, baseline_models, per_label, seed, validation_see
             _repeat(plan, base, per_label, seed + r * count, r, chosen, trained, scales, progress)
             for r in range(repeats)
         ]
-    return tables, sweep_rows
+    return tables, sweep_rows, chosen
 
 
 def _plan(fine_tuning, inference_time, baseline_models, runs, retrain, training_seeds, inference_sweeps) -> _Plan:
@@ -695,16 +726,16 @@ def _checked_base(plan: _Plan, inference_time: list[GuidedSampler], baseline_mod
     bases = _check_rows(plan.fine_tuning, inference_time, baseline_models, plan.runs)
     if same_target:
         rows = plan.fine_tuning
-        alphas = [(r.name, float(cli.model.algorithm.alpha)) for r, cli in zip(rows, bases)]
-        alphas += [(r.name, _setting_alpha(plan, r, k)) for r in rows for k in range(1, len(r.settings()))]
+        modules = [(r.name, 0, cli.model) for r, cli in zip(rows, bases)]
+        modules += [(r.name, k, _setting_module(plan, r, k)) for r in rows for k in range(1, len(r.settings()))]
         alpha = float(bases[0].model.algorithm.alpha)
-        _check_target(alpha, alphas, [v for vs in plan.variants.values() for v in vs])
+        _check_target(alpha, modules, [v for vs in plan.variants.values() for v in vs])
     return bases[0].model
 
 
-def _setting_alpha(plan: _Plan, run: FitRun, setting: int) -> float:
-    """The KL weight of a fine-tuning row at one of its settings (the row instantiated with it, nothing trained)."""
-    return float(run.cli(plan.runs / run.name, None, *run.settings()[setting]).model.algorithm.alpha)
+def _setting_module(plan: _Plan, run: FitRun, setting: int):
+    """A fine-tuning row's module at one of its settings (instantiated with it, nothing trained)."""
+    return run.cli(plan.runs / run.name, None, *run.settings()[setting]).model
 
 
 def _train_baseline_models(plan: _Plan, baseline_models: list[FitRun], progress: tqdm) -> dict[str, float]:
@@ -763,30 +794,62 @@ def _check_curve(sizes: list[int | None], classifiers: list[RewardClassifier], b
     return per_class
 
 
-def labelled_curve(sizes: list[int | None], classifiers: list[RewardClassifier], benchmark: dict) -> list[dict]:
-    """The labelled-data curve: for each size (images per class; None: the whole labelled split), the reward
-    classifiers and ``baseline_models`` learn from the same first ``size`` images of each class, then the whole
-    benchmark (``benchmark``: :func:`run_benchmark`'s other arguments) runs with them in
-    ``<output>/labelled_<size>``. Each size's classifier is trained once, with its config's seed; the repeats
-    (``training_seeds``) vary the methods. Writes ``curve.md`` (accuracy by method and size), ``curve.csv`` and
-    ``accuracy_labelled.png``; returns every size's table rows, tagged ``labelled_per_class``."""
+def labelled_curve(
+    sizes: list[int | None], classifiers: list[RewardClassifier], benchmark: dict, tune_each_size: bool = False
+) -> list[dict]:
+    """The labelled-data curve: the whole benchmark (``benchmark``: :func:`run_benchmark`'s other arguments) once
+    per size (images per class). None is the task as configured, in ``<output>`` itself (the rows' own reward
+    classifier, the baseline models' configs uncut: for the shipped tasks the ``classifiers``' configs trained on
+    the whole split). Each other size runs in ``<output>/labelled_<size>``, where each of ``classifiers`` (trained
+    once, with its config's seed; file and training seconds kept in that size's ``rows/fits/``) and the
+    ``baseline_models`` learn from the same first ``size`` images of each class; the repeats (``training_seeds``)
+    vary the methods. The largest size runs first; unless ``tune_each_size``, the setting each method keeps there
+    is the only one it runs at the other sizes (no validation sweep there). Writes ``curve.md`` (accuracy by method
+    and size), ``curve.csv`` and ``accuracy_labelled.png``; returns every size's table rows, tagged
+    ``labelled_per_class``."""
     per_class_images = _check_curve(sizes, classifiers, benchmark)
-    out, rows = Path(benchmark["output"]), []
-    for size, per_class in zip(sizes, per_class_images):
-        folder = out / f"labelled_{_size_name(size)}"
-        overrides = []
-        for classifier in classifiers:
-            path = folder / "runs" / classifier.name / "classifier.safetensors"
-            classifier.run().train(path.parent, benchmark["retrain"], *_cut(size), classifier.export, str(path))
-            overrides += [classifier.setting, str(path)]
-        given = dict(benchmark, output=str(folder))
-        given["fine_tuning"] = [replace(r, args=[*r.args, *overrides]) for r in benchmark["fine_tuning"]]
-        models = benchmark["baseline_models"] or []
-        given["baseline_models"] = [replace(m, args=[*m.args, *_cut(size)]) for m in models]
-        table = run_benchmark(**given)
-        rows += [{**r, "labelled_per_class": _size_name(size), "labelled_images": per_class} for r in table]
+    out, tables, chosen = Path(benchmark["output"]), {}, None
+    for i in sorted(range(len(sizes)), key=lambda i: -math.inf if sizes[i] is None else -sizes[i]):
+        given = _at_size(sizes[i], classifiers, benchmark)
+        tables[i], kept = _benchmark(given if chosen is None else _only(given, chosen))
+        chosen = None if tune_each_size else (kept if chosen is None else chosen)
+    rows = [
+        {**r, "labelled_per_class": _size_name(size), "labelled_images": per_class}
+        for i, (size, per_class) in enumerate(zip(sizes, per_class_images))
+        for r in tables[i]
+    ]
     _write_curve(rows, per_class_images, out)
     return rows
+
+
+def _at_size(size: int | None, classifiers: list[RewardClassifier], benchmark: dict) -> dict:
+    """The benchmark's arguments at one size of the curve (:func:`labelled_curve`), its classifiers trained."""
+    if size is None:
+        return dict(benchmark)
+    folder = Path(benchmark["output"]) / f"labelled_{_size_name(size)}"
+    overrides = []
+    for classifier in classifiers:
+        kept = folder / "rows" / "fits" / classifier.name  # committed with the rows: they are scored with it
+        path = kept / "classifier.safetensors"
+        args = (*_cut(size), classifier.export, str(path))
+        classifier.run().train(
+            folder / "runs" / classifier.name, benchmark["retrain"], *args, done=kept.with_suffix(".json")
+        )
+        overrides += [classifier.setting, str(path)]
+    given = dict(benchmark, output=str(folder))
+    given["fine_tuning"] = [replace(r, args=[*r.args, *overrides]) for r in benchmark["fine_tuning"]]
+    given["baseline_models"] = [replace(m, args=[*m.args, *_cut(size)]) for m in benchmark["baseline_models"] or []]
+    return given
+
+
+def _only(benchmark: dict, chosen: dict[str, int]) -> dict:
+    """The benchmark's arguments with each method of ``chosen`` cut to its chosen setting."""
+    rows = [
+        replace(r, sweep=[r.settings()[chosen[r.name]]]) if r.name in chosen else r for r in benchmark["fine_tuning"]
+    ]
+    sweeps = benchmark["inference_sweeps"] or {}
+    sweeps = {name: [sweep[chosen[name]]] if name in chosen else sweep for name, sweep in sweeps.items()}
+    return dict(benchmark, fine_tuning=rows, inference_sweeps=sweeps)
 
 
 def _write_curve(rows: list[dict], per_class: list[float], out: Path) -> None:

@@ -105,3 +105,21 @@ def test_ratio_per_dimension_divides_the_policy_gradient_by_the_dimension():
         grads.append(policy.bias.grad.clone())
     assert grads[0].abs().max() > 1e-3
     torch.testing.assert_close(grads[1] * 3, grads[0])
+
+
+def test_settings_that_leave_the_tilted_target_say_so():
+    """``off_target`` names the setting whose optimum is not p_pre exp(r / alpha) and the value that keeps it (the
+    closed-form checks in test_gaussian.py run the settings that answer None)."""
+    from ctrl.algorithms import GRPO, PPO, RAFT, ContinuousTimePG, DirectBackprop
+
+    assert PPO(advantages="standardize").off_target().startswith("advantages=standardize")
+    assert PPO(advantage_clip=5.0).off_target().startswith("advantage_clip=5 caps each advantage")
+    assert PPO().off_target() is None and ContinuousTimePG().off_target() is None
+    assert GRPO().off_target().startswith("advantages=standardize")  # GRPO's default, as its paper
+    assert GRPO(advantages="center", advantage_clip=None).off_target() is None
+    assert RAFT(selection="top").off_target().startswith("selection=top")
+    assert RAFT(selection="tilted").off_target() is None
+    assert DirectBackprop().off_target() is None
+    assert DirectBackprop(backprop_steps=3).off_target().startswith("backprop_steps=3 leaves the steps before")
+    biased = DirectBackprop(backprop_steps=3, random_truncation=True, unbiased_truncation=False)
+    assert biased.off_target().startswith("unbiased_truncation=false")

@@ -24,6 +24,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
 TASKS = {"class": 10, "compressibility": 2, "multitask": 4}
 
 
+# the shipped PPO config's standardised, clipped advantages aim elsewhere than the tilt (Algorithm.off_target)
+EXACT_PPO = ["--model.algorithm", json.dumps({"init_args": {"advantages": "center", "advantage_clip": None}})]
+
+SCALE_1 = ["--model.control_scale", "1.0"]
+
+
 def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
     """A benchmark config: ``task`` on the tiny 8x8 model and tiny classifiers, two fine-tuning rows, every
     guidance baseline (classifier-free guidance with a 3-step conditional model), 2 samples per label."""
@@ -69,8 +75,9 @@ def _tiny_config(tmp_path, tiny_pretrained, task: str = "compressibility"):
         "per_label": 2,
         "control_scales": [0.0, 2.0],
         "fine_tuning": [
-            {"name": "DirectBackprop", "config": str(CONFIGS / "control.yaml"), "args": tiny},
-            {"name": "PPO", "config": str(CONFIGS / "ppo.yaml"), "args": tiny},
+            # the shipped config samples at control scale 0.9; rows are compared at the trained tilt, 1
+            {"name": "DirectBackprop", "config": str(CONFIGS / "control.yaml"), "args": [*tiny, *SCALE_1]},
+            {"name": "PPO", "config": str(CONFIGS / "ppo.yaml"), "args": [*tiny, *EXACT_PPO]},
         ],
         "inference_time": [
             {"class_path": f"ctrl.inference_time.{name}", "init_args": args}
@@ -176,6 +183,22 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
             r"fine_tuning 'PPO': model\.algorithm\.alpha=0\.1, but the first row has 0\.2",
         ),
         (
+            "a fine-tuning row whose optimum is not the tilt",
+            lambda c: c["fine_tuning"][1]["args"].extend(["--model.algorithm.init_args.advantages", "standardize"]),
+            r"fine_tuning 'PPO': model\.algorithm\.advantages=standardize divides each return by its group's spread.* "
+            r"set advantages: center \(methods are compared at one target, the tilt at alpha 0\.2",
+        ),
+        (
+            "a swept setting whose optimum is not the tilt",
+            lambda c: c["fine_tuning"][1].update(sweep=[[], ["--model.algorithm.init_args.advantage_clip", "5"]]),
+            r"fine_tuning 'PPO' \(setting 1\): model\.algorithm\.advantage_clip=5 caps each advantage",
+        ),
+        (
+            "a fine-tuning row sampled at another control scale",
+            lambda c: c["fine_tuning"][0]["args"].extend(["--model.control_scale", "0.9"]),
+            r"fine_tuning 'DirectBackprop': model\.control_scale=0\.9 samples another tilt than the one trained for",
+        ),
+        (
             "an empty sweep",
             lambda c: c["fine_tuning"][1].update(sweep=[]),
             r"fine_tuning 'PPO'\.sweep: an empty sweep; give at least one setting",
@@ -198,7 +221,7 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
         (
             "a swept fine-tuning setting at another KL weight",
             lambda c: c["fine_tuning"][1].update(sweep=[[], ["--model.algorithm.init_args.alpha", "0.5"]]),
-            r"fine_tuning 'PPO': model\.algorithm\.alpha=0\.5, but the first row has 0\.2",
+            r"fine_tuning 'PPO' \(setting 1\): model\.algorithm\.alpha=0\.5, but the first row has 0\.2",
         ),
         (
             "training seeds given twice",
@@ -225,7 +248,12 @@ def test_every_method_has_a_row_in_range(task, tmp_path, tiny_pretrained):
         (
             "reward classifiers without the curve",
             lambda c: c.update(reward_classifiers=[_tiny_reward_classifier()]),
-            "reward_classifiers: only the labelled-data curve trains them; give labelled_per_class too",
+            "reward_classifiers: only the labelled-data curve has sizes; give labelled_per_class too",
+        ),
+        (
+            "tuning at each size without the curve",
+            lambda c: c.update(tune_each_size=True),
+            "tune_each_size: only the labelled-data curve has sizes; give labelled_per_class too",
         ),
         (
             "a bad test seed with the curve (refused before any classifier trains)",
@@ -395,36 +423,40 @@ def _tiny_reward_classifier() -> dict:
 
 
 def test_the_labelled_data_curve_cuts_the_classifier_and_the_cfg_model_alike(tmp_path, tiny_pretrained):
-    """At each size the reward classifier and classifier-free guidance's model learn from the same first n
-    images per class, the fine-tuning row is rewarded by that size's classifier, and the curve is written."""
-    from safetensors import safe_open
+    """At a cut size the reward classifier and classifier-free guidance's model learn from the same first n
+    images per class, the fine-tuning row is rewarded by that size's classifier, and every method runs only at
+    the setting it kept on the whole set (the task as configured, in the output folder itself)."""
+    from safetensors.torch import load_file
 
     path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
     config["fine_tuning"] = config["fine_tuning"][:1]
-    config["inference_time"] = config["inference_time"][:1]  # classifier-free guidance
+    config["fine_tuning"][0]["sweep"] = [[], ["--model.policy.head_lr", "0.02"]]
+    config["inference_time"] = [config["inference_time"][0], config["inference_time"][2]]  # CFG, MPGD
+    config["inference_sweeps"] = {"MPGD": [{"step_size": 0.5}, {"step_size": 2.0}]}
     config.update(control_scales=[], labelled_per_class=[2, None], reward_classifiers=[_tiny_reward_classifier()])
     path.write_text(yaml.safe_dump(config))
     rows = benchmark(["--config", str(path)])
-    out = Path(config["output"])
-    assert [(r["labelled_per_class"], r["method"]) for r in rows] == [
-        (size, method)
-        for size in ("2", "all")
-        for method in ("pretrained", "ClassifierFreeGuidance", "DirectBackprop")
-    ]
+    out, cut = Path(config["output"]), Path(config["output"]) / "labelled_2"
+    methods = ("pretrained", "ClassifierFreeGuidance", "MPGD", "DirectBackprop")
+    assert [(r["labelled_per_class"], r["method"]) for r in rows] == [(s, m) for s in ("2", "all") for m in methods]
     # 350 labelled images in the classifier split, 10 classes: "all" sits at 35 per class
     assert {r["labelled_per_class"]: r["labelled_images"] for r in rows} == {"2": 2.0, "all": 35.0}
-    weights = []
-    for size in ("2", "all"):
-        runs = out / f"labelled_{size}" / "runs"
-        classifier = runs / "reward_classifier" / "classifier.safetensors"
-        with safe_open(str(classifier), "pt") as f:
-            weights.append(f.get_tensor(next(iter(f.keys()))))
-        fit = yaml.safe_load((runs / "DirectBackprop" / "config.yaml").read_text())
-        assert fit["model"]["init_args"]["reward"]["init_args"]["path"] == str(classifier)
-        cfg = yaml.safe_load((runs / "ClassifierFreeGuidance" / "config.yaml").read_text())
-        assert cfg["data"]["init_args"]["labelled_per_class"] == (2 if size == "2" else None)
-        assert (out / f"labelled_{size}" / "table.md").is_file()
-    assert not torch.equal(*weights)  # two sizes, two classifiers
+    setting = {(r["labelled_per_class"], r["method"]): r.get("setting") for r in rows}
+    assert all(setting["2", m] == setting["all", m] for m in ("MPGD", "DirectBackprop"))
+    assert (out / "sweep.md").is_file() and not (cut / "sweep.md").exists()  # tried on the whole set only
+    assert len(list((out / "runs" / "DirectBackprop").glob("setting_*"))) == 2
+    assert len(list((cut / "runs" / "DirectBackprop").glob("setting_*"))) == 1
+    classifier = cut / "rows" / "fits" / "reward_classifier" / "classifier.safetensors"  # kept with the rows
+    whole = str(tmp_path / "class.safetensors")  # the tiny task's own classifier
+    assert set(load_file(str(classifier))) == set(load_file(whole))
+    learnt = yaml.safe_load((cut / "runs" / "reward_classifier" / "config.yaml").read_text())
+    assert learnt["data"]["init_args"]["labelled_per_class"] == 2
+    for folder, reward, per_class in [(cut, str(classifier), 2), (out, whole, None)]:
+        fit = yaml.safe_load(next((folder / "runs" / "DirectBackprop").rglob("config.yaml")).read_text())
+        assert fit["model"]["init_args"]["reward"]["init_args"]["path"] == reward
+        cfg = yaml.safe_load((folder / "runs" / "ClassifierFreeGuidance" / "config.yaml").read_text())
+        assert cfg["data"]["init_args"]["labelled_per_class"] == per_class
+        assert (folder / "table.md").is_file()
     curve = (out / "curve.md").read_text()
     assert "| method | 2 per class | all per class |" in curve and "| DirectBackprop |" in curve
     assert (out / "accuracy_labelled.png").read_bytes()[:4] == b"\x89PNG"

@@ -75,7 +75,7 @@ def test_config_instantiates(config, tmp_path, request):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.startswith("benchmark_")], ids=lambda p: p.name)
 def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, monkeypatch):
-    from ctrl.benchmark import _check_rows, _plan, _setting_alpha, parse
+    from ctrl.benchmark import _check_rows, _plan, _setting_module, parse
     from ctrl.inference_time import GuidedSampler
 
     monkeypatch.chdir(config.parents[2])  # rows name their configs relative to the repository
@@ -93,7 +93,9 @@ def test_benchmark_config_parses_and_every_row_instantiates(config, tmp_path, mo
     args = [spec[k] for k in ("fine_tuning", "inference_time", "baseline_models")]
     plan = _plan(*args, tmp_path, False, spec["training_seeds"], spec["inference_sweeps"] or {})
     for run in spec["fine_tuning"]:
-        assert [_setting_alpha(plan, run, k) for k in range(len(run.settings()))] == [0.2] * len(run.settings())
+        for k in range(len(run.settings())):
+            module = _setting_module(plan, run, k)
+            assert (module.algorithm.alpha, module.algorithm.off_target(), module.control_scale) == (0.2, None, 1.0)
     assert all(v.target_alpha() in (None, 0.2) for vs in plan.variants.values() for v in vs)
 
 
