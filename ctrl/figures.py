@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: never look for a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 _MARKERS = "osD^v<>phX*"
 
@@ -32,6 +33,15 @@ def _scored(rows: list[dict], *keys: str) -> list[dict]:
     return [r for r in rows if all(r.get(k) is not None for k in keys)]
 
 
+def _log_x(ax) -> None:
+    """A log x axis labelled 1, 2, 5, 10, 20, ... in plain numbers (a diverged setting sits a decade or two out
+    and would squash the rest into one column on a linear axis)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -42,7 +52,8 @@ def _save(fig, path: Path) -> None:
 def accuracy_frechet(sweep: list[dict], table: list[dict], path: Path, max_frechet_ratio: float) -> None:
     """Two panels. Left, validation seeds: every setting a method tried (hollow), the one the rule kept filled,
     the rule's bound (``max_frechet_ratio`` x the pretrained model's Frechet) dashed. Right, test seeds: each
-    method at its kept setting, mean +- std over the repeats, the pretrained model's Frechet dotted."""
+    method at its kept setting, mean +- std over the repeats, the pretrained model's Frechet dotted. Frechet is on
+    a log axis in both."""
     sweep, table = _scored(sweep, "accuracy", "frechet"), _scored(table, "accuracy", "frechet")
     style = _style(_methods(table, sweep))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
@@ -59,6 +70,7 @@ def accuracy_frechet(sweep: list[dict], table: list[dict], path: Path, max_frech
         left.axvline(max_frechet_ratio * base, color="grey", linestyle="--", label=bound)
         left.legend(fontsize=7)
     left.set(title="validation seeds: settings tried (filled: kept)", xlabel="Frechet distance", ylabel="accuracy")
+    _log_x(left)
     for row in [r for r in table if " gamma=" not in r["method"]]:
         colour, marker = style[row["method"]]
         right.errorbar(
@@ -74,6 +86,7 @@ def accuracy_frechet(sweep: list[dict], table: list[dict], path: Path, max_frech
         if row["method"] == "pretrained":
             right.axvline(row["frechet"], color="grey", linestyle=":")
     right.set(title="test seeds: kept settings (mean +- std)", xlabel="Frechet distance")
+    _log_x(right)
     right.legend(fontsize=7)
     _save(fig, path)
 
