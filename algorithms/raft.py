@@ -33,9 +33,21 @@ from ctrl.sampling import gaussian_kl, gaussian_log_prob
 @dataclass
 class RAFTMinibatch(Minibatch):
     """Kept chains and their ``weights`` ``[M]``: the rollout's (summing to 1 over the kept chains) times
-    kept / M, so that the loss ``sum_i weights_i fit_i`` is an unbiased estimate of the rollout's weighted fit."""
+    kept / M, so that the loss ``sum_i weights_i fit_i`` is an unbiased estimate of the rollout's weighted fit;
+    ``ess`` ``[]``: the rollout's effective sample size per group (see :func:`effective_sample_size`)."""
 
     weights: Tensor
+    ess: Tensor
+
+
+def effective_sample_size(weights: Tensor, groups: list[Tensor]) -> Tensor:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of ``weights`` ``[B]`` within each boolean mask of
+    ``groups`` (each ``[B]``), averaged over the groups: ``[]``. With "top" it is the number kept per group;
+    with "tilted", near 1 means one chain carries the group's whole weight, so an update fits that chain alone
+    and the self-normalised estimate's variance (and its bias, about 1 / ess) is large: more chains per label
+    or a larger alpha raise it."""
+    per_group = [weights[g].sum() ** 2 / (weights[g] ** 2).sum() for g in groups]
+    return torch.stack(per_group).mean()
 
 
 class RAFT(MinibatchAlgorithm):
@@ -74,13 +86,14 @@ class RAFT(MinibatchAlgorithm):
             )
         return None
 
+    def _groups(self, labels: Tensor) -> list[Tensor]:
+        """Boolean masks ``[B]`` of the chains ranked or normalised together: one per label with ``per_condition``."""
+        if self.per_condition:
+            return [labels == y for y in labels.unique()]
+        return [torch.ones_like(labels, dtype=torch.bool)]
+
     def _weights(self, trajectory, rewards: Tensor) -> Tensor:
-        labels = trajectory.labels
-        groups = (
-            [labels == y for y in labels.unique()]
-            if self.per_condition
-            else [torch.ones_like(labels, dtype=torch.bool)]
-        )
+        groups = self._groups(trajectory.labels)
         weights = torch.zeros_like(rewards)
         for g in groups:
             if self.selection == "top":
@@ -98,6 +111,7 @@ class RAFT(MinibatchAlgorithm):
             return
         trajectory, rewards = scored
         weights = self._weights(trajectory, rewards)
+        ess = effective_sample_size(weights, self._groups(trajectory.labels))
         kept = (weights > 0).nonzero().squeeze(1)
         for idx, steps in self.minibatches(kept, trajectory):
             # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled
@@ -111,6 +125,7 @@ class RAFT(MinibatchAlgorithm):
                 grid=trajectory.grid,
                 pre_means=None if trajectory.pre_means is None else trajectory.pre_means[idx],
                 weights=weights[idx] * (len(kept) / len(idx)),
+                ess=ess,
             )
 
     def step_terms(self, batch: RAFTMinibatch, policy, reward, stats):
@@ -136,4 +151,9 @@ class RAFT(MinibatchAlgorithm):
                 term = term + (batch.weights * fit).sum()
                 add_to(sums, kl=kl.mean())
             yield term * scale
-        stats.update(reward=batch.rewards.mean(), kl=sums["kl"] * scale, kept=torch.tensor(float(len(batch.weights))))
+        stats.update(
+            reward=batch.rewards.mean(),
+            kl=sums["kl"] * scale,
+            kept=torch.tensor(float(len(batch.weights))),
+            ess=batch.ess,
+        )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ctrl.algorithms import PPO, RAFT, ContinuousTimePG
+from ctrl.algorithms.raft import effective_sample_size
 from ctrl.policy import AnalyticGaussian
 from ctrl.rewards import GaussianLogLikelihood
 from ctrl.sampling import sample
@@ -174,3 +175,24 @@ def test_raft_top_minibatches_weigh_their_chains_equally(per_condition):
     assert [len(b.weights) for b in minibatches] == [3, 1]
     for b in minibatches:
         torch.testing.assert_close(b.weights, torch.full_like(b.weights, 1 / len(b.weights)))
+
+
+def test_raft_effective_sample_size_counts_the_chains_that_carry_the_weight():
+    """Kish's ESS per group: the number kept by "top"; every chain of a group under equal tilted weights; one
+    chain when a reward gap of many nats (after dividing by alpha) puts the weight on it. Logged as ``ess``."""
+    policy, reward, trajectory = _raft_rollout()
+    trajectory.labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    top = RAFT(alpha=0.5, selection="top", keep_fraction=0.5, timestep_fraction=1.0)
+    [batch] = top.updates(trajectory, policy, reward)
+    assert float(batch.ess) == pytest.approx(2.0)
+    assert float(top.loss(batch, policy, reward)["ess"]) == pytest.approx(2.0)
+
+    tilted = RAFT(alpha=0.5, selection="tilted", timestep_fraction=1.0)
+    groups = tilted._groups(trajectory.labels)
+    equal = torch.full((8,), 0.125)
+    assert float(effective_sample_size(equal, groups)) == pytest.approx(4.0)
+    rewards = torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0])  # 20 nats after alpha in label 0
+    trajectory.log_probs = trajectory.ref_log_probs.clone()  # path ratio exactly 1: the weights are the rewards'
+    weights = tilted._weights(trajectory, rewards)
+    per_label = [float(effective_sample_size(weights, [g])) for g in groups]
+    assert per_label[0] == pytest.approx(1.0, abs=1e-6) and per_label[1] == pytest.approx(4.0)
