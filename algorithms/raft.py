@@ -27,27 +27,21 @@ from torch import Tensor
 from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm, add_to
 from ctrl.algorithms.rollouts import scored_rollout
 from ctrl.errors import SettingError
-from ctrl.sampling import gaussian_kl, gaussian_log_prob
+from ctrl.sampling import effective_sample_size, gaussian_kl, gaussian_log_prob
 
 
 @dataclass
 class RAFTMinibatch(Minibatch):
     """Kept chains and their ``weights`` ``[M]``: the rollout's (summing to 1 over the kept chains) times
     kept / M, so that the loss ``sum_i weights_i fit_i`` is an unbiased estimate of the rollout's weighted fit;
-    ``ess`` ``[]``: the rollout's effective sample size per group (see :func:`effective_sample_size`)."""
+    ``ess`` ``[]``: Kish's effective sample size of the rollout's weights within each group (each label with
+    ``per_condition``), averaged over the groups. With "top" it is the number kept per group; with "tilted",
+    near 1 means one chain carries its group's whole weight, so an update fits that chain alone and the
+    self-normalised estimate's variance (and its bias, about 1 / ess) is large: more chains per label or a
+    larger alpha raise it."""
 
     weights: Tensor
     ess: Tensor
-
-
-def effective_sample_size(weights: Tensor, groups: list[Tensor]) -> Tensor:
-    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of ``weights`` ``[B]`` within each boolean mask of
-    ``groups`` (each ``[B]``), averaged over the groups: ``[]``. With "top" it is the number kept per group;
-    with "tilted", near 1 means one chain carries the group's whole weight, so an update fits that chain alone
-    and the self-normalised estimate's variance (and its bias, about 1 / ess) is large: more chains per label
-    or a larger alpha raise it."""
-    per_group = [weights[g].sum() ** 2 / (weights[g] ** 2).sum() for g in groups]
-    return torch.stack(per_group).mean()
 
 
 class RAFT(MinibatchAlgorithm):
@@ -111,7 +105,7 @@ class RAFT(MinibatchAlgorithm):
             return
         trajectory, rewards = scored
         weights = self._weights(trajectory, rewards)
-        ess = effective_sample_size(weights, self._groups(trajectory.labels))
+        ess = torch.stack([effective_sample_size(weights[g]) for g in self._groups(trajectory.labels)]).mean()
         kept = (weights > 0).nonzero().squeeze(1)
         for idx, steps in self.minibatches(kept, trajectory):
             # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled

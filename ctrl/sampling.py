@@ -342,6 +342,13 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, sigma: float) -> Tensor:
     return (mean - mean_ref).flatten(1).pow(2).sum(1) / (2 * sigma**2)
 
 
+def effective_sample_size(weights: Tensor, dim: int = -1) -> Tensor:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of non-negative ``weights`` along ``dim`` (the
+    weights need not be normalised): ``weights.shape`` without ``dim``. The one ESS of the library: SMC resamples
+    on it, RAFT logs it."""
+    return weights.sum(dim).square() / weights.square().sum(dim)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the incoming gradient by ``scale`` backward."""
 

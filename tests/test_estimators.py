@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from ctrl.algorithms import PPO, RAFT, ContinuousTimePG
-from ctrl.algorithms.raft import effective_sample_size
 from ctrl.policy import AnalyticGaussian
 from ctrl.rewards import GaussianLogLikelihood
-from ctrl.sampling import sample
+from ctrl.sampling import effective_sample_size, sample
 
 
 def _built(algorithm, num_labels: int):
@@ -190,9 +189,11 @@ def test_raft_effective_sample_size_counts_the_chains_that_carry_the_weight():
     tilted = RAFT(alpha=0.5, selection="tilted", timestep_fraction=1.0)
     groups = tilted._groups(trajectory.labels)
     equal = torch.full((8,), 0.125)
-    assert float(effective_sample_size(equal, groups)) == pytest.approx(4.0)
+    assert [float(effective_sample_size(equal[g])) for g in groups] == pytest.approx([4.0, 4.0])
     rewards = torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0])  # 20 nats after alpha in label 0
     trajectory.log_probs = trajectory.ref_log_probs.clone()  # path ratio exactly 1: the weights are the rewards'
     weights = tilted._weights(trajectory, rewards)
-    per_label = [float(effective_sample_size(weights, [g])) for g in groups]
+    per_label = [float(effective_sample_size(weights[g])) for g in groups]
     assert per_label[0] == pytest.approx(1.0, abs=1e-6) and per_label[1] == pytest.approx(4.0)
+    rows = torch.tensor([[2.0, 2.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])  # unnormalised, along dim 1 as SMC asks
+    assert effective_sample_size(rows, 1).tolist() == pytest.approx([4.0, 1.0])

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ctrl.errors import SettingError, renamed_setting
 from ctrl.inference_time.base import GuidedSampler, randn
-from ctrl.sampling import DDIMGrid, step_mean
+from ctrl.sampling import DDIMGrid, effective_sample_size, step_mean
 
 
 class SMC(GuidedSampler):
@@ -78,7 +78,7 @@ class SMC(GuidedSampler):
                 new_twist = self.score(policy, reward, x, labels_k) / self.alpha
             log_w = log_w + (new_twist - twist).double().view(b, k)
             twist = new_twist
-            ess = 1.0 / torch.softmax(log_w, 1).square().sum(1)  # [B]
+            ess = effective_sample_size(torch.softmax(log_w, 1), 1)  # [B]
             if step + 1 < n and (ess < self.ess_threshold * k).any():
                 resample = ess < self.ess_threshold * k
                 idx = torch.where(
