@@ -37,8 +37,8 @@ class RAFTMinibatch(Minibatch):
     ``ess`` ``[]``: Kish's effective sample size of the rollout's weights within each group (each label with
     ``per_condition``), averaged over the groups. With "top" it is the number kept per group; with "tilted",
     near 1 means one chain carries its group's whole weight, so an update fits that chain alone and the
-    self-normalised estimate's variance (and its bias, about 1 / ess) is large: more chains per label or a
-    larger alpha raise it."""
+    self-normalised estimate's variance (and its bias, about 1 / ess) is large. A larger alpha raises it; more
+    chains per label barely do when the rewards spread by many nats over alpha (their maximum grows with them)."""
 
     weights: Tensor
     ess: Tensor
