@@ -86,8 +86,9 @@ class RAFT(MinibatchAlgorithm):
             return [labels == y for y in labels.unique()]
         return [torch.ones_like(labels, dtype=torch.bool)]
 
-    def _weights(self, trajectory, rewards: Tensor) -> Tensor:
-        groups = self._groups(trajectory.labels)
+    def _weights(self, trajectory, rewards: Tensor, groups: list[Tensor]) -> Tensor:
+        """Each chain's weight ``[B]`` from its reward ``[B]``, within each of ``groups`` (:meth:`_groups`' masks),
+        summing to 1 over the rollout."""
         weights = torch.zeros_like(rewards)
         for g in groups:
             if self.selection == "top":
@@ -104,8 +105,9 @@ class RAFT(MinibatchAlgorithm):
         if scored is None:
             return
         trajectory, rewards = scored
-        weights = self._weights(trajectory, rewards)
-        ess = torch.stack([effective_sample_size(weights[g]) for g in self._groups(trajectory.labels)]).mean()
+        groups = self._groups(trajectory.labels)
+        weights = self._weights(trajectory, rewards, groups)
+        ess = torch.stack([effective_sample_size(weights[g]) for g in groups]).mean()
         kept = (weights > 0).nonzero().squeeze(1)
         for idx, steps in self.minibatches(kept, trajectory):
             # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled

@@ -143,7 +143,9 @@ def test_raft_tilted_minibatches_average_to_the_rollout_fit(per_condition):
     policy, reward, trajectory = _raft_rollout()
     settings = dict(alpha=2.0, selection="tilted", per_condition=per_condition, timestep_fraction=1.0)
     full = RAFT(**settings)
-    weights = full._weights(trajectory, policy.score(reward, trajectory.samples, trajectory.labels))
+    weights = full._weights(
+        trajectory, policy.score(reward, trajectory.samples, trajectory.labels), full._groups(trajectory.labels)
+    )
     assert (weights > 0).all() and weights.max() > 2 * weights.min()  # unequal weights, every chain kept
     [batch] = full.updates(trajectory, policy, reward)
     expected = _gradient(policy, full.loss(batch, policy, reward)["loss"])
@@ -192,7 +194,7 @@ def test_raft_effective_sample_size_counts_the_chains_that_carry_the_weight():
     assert [float(effective_sample_size(equal[g])) for g in groups] == pytest.approx([4.0, 4.0])
     rewards = torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0])  # 20 nats after alpha in label 0
     trajectory.log_probs = trajectory.ref_log_probs.clone()  # path ratio exactly 1: the weights are the rewards'
-    weights = tilted._weights(trajectory, rewards)
+    weights = tilted._weights(trajectory, rewards, groups)
     per_label = [float(effective_sample_size(weights[g])) for g in groups]
     assert per_label[0] == pytest.approx(1.0, abs=1e-6) and per_label[1] == pytest.approx(4.0)
     rows = torch.tensor([[2.0, 2.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])  # unnormalised, along dim 1 as SMC asks
