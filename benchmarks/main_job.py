@@ -53,10 +53,10 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
-def run(args, overrides: list[str]) -> None:
-    torch.set_num_threads(args.threads)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+def fit_rows(args, overrides: list[str], out: Path) -> tuple[list[dict], int]:
+    """Fit the config once per training seed and score each fit on validation and test seeds at every gamma (and
+    every extra step count on test): the rows (one dict per seed, split, steps and gamma; also written to
+    ``rows.csv`` after each seed, so a killed run keeps what it has) and the step count the model trained at."""
     rows = []
     for seed in args.seeds:
         start = time.perf_counter()
@@ -65,35 +65,27 @@ def run(args, overrides: list[str]) -> None:
                 "fit",
                 *(arg for config in args.config for arg in ("--config", config)),
                 *run_seed_args(seed),
-                "--trainer.default_root_dir",
-                str(out / "runs" / f"seed_{seed}"),
-                "--trainer.logger",
-                "false",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--test_after_fit",
-                "false",
+                *("--trainer.default_root_dir", str(out / "runs" / f"seed_{seed}"), "--trainer.logger", "false"),
+                *("--trainer.enable_progress_bar", "false", "--test_after_fit", "false"),
                 *overrides,
             ]
         )
-        fit_seconds = time.perf_counter() - start
+        fit_seconds = round(time.perf_counter() - start, 1)
         trained_steps = cli.model.eval_num_steps
         for split, steps in [("val", trained_steps), ("test", trained_steps)] + [("test", n) for n in args.steps]:
             for gamma in args.gammas:
-                rows.append(
-                    {
-                        "seed": seed,
-                        "split": split,
-                        "steps": steps,
-                        "gamma": gamma,
-                        "fit_seconds": round(fit_seconds, 1),
-                        **{k: round(v, 4) for k, v in evaluate(cli, split, gamma, steps).items()},
-                    }
-                )
-        with open(out / "rows.csv", "w", newline="") as f:  # after every seed: a killed run keeps what it has
+                scores = {k: round(v, 4) for k, v in evaluate(cli, split, gamma, steps).items()}
+                rows.append(dict(seed=seed, split=split, steps=steps, gamma=gamma, fit_seconds=fit_seconds, **scores))
+        with open(out / "rows.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+    return rows, trained_steps
+
+
+def table(args, overrides: list[str], rows: list[dict], trained_steps: int) -> list[str]:
+    """``table.md``'s lines: the command and machine, every gamma on validation seeds, the gamma the rule keeps, its
+    test figures over the training seeds and, with ``--steps``, its accuracy at each step count."""
 
     def pick(split: str, gamma: float, key: str, steps: int = trained_steps) -> list[float]:
         return [r[key] for r in rows if r["split"] == split and r["gamma"] == gamma and r["steps"] == steps]
@@ -102,15 +94,15 @@ def run(args, overrides: list[str]) -> None:
     ratio = [statistics.mean(pick("val", g, "frechet_ratio")) for g in args.gammas]
     chosen = args.gammas[choose(accuracy, ratio, 1.0, args.max_frechet_ratio)]  # ratios: the base's Frechet is 1
     allowed = [g for g, r in zip(args.gammas, ratio) if r <= args.max_frechet_ratio]
+    command = (
+        f"python benchmarks/main_job.py --config {' '.join(args.config)} --seeds {' '.join(map(str, args.seeds))} "
+        f"--gammas {' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}"
+        + (f" --steps {' '.join(map(str, args.steps))}" if args.steps else "")
+    )
     lines = [
         f"# Main job over training seeds {args.seeds}",
         "",
-        f"`python benchmarks/main_job.py --config {' '.join(args.config)} "
-        f"--seeds {' '.join(map(str, args.seeds))} --gammas "
-        f"{' '.join(map(str, args.gammas))} --threads {args.threads} --output {args.output}"
-        + (f" --steps {' '.join(map(str, args.steps))}" if args.steps else "")
-        + "`"
-        + (f" `-- {' '.join(overrides)}`" if overrides else ""),
+        f"`{command}`" + (f" `-- {' '.join(overrides)}`" if overrides else ""),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{args.threads} torch threads. Config: `{' '.join(args.config)}`.",
@@ -121,11 +113,11 @@ def run(args, overrides: list[str]) -> None:
         "| gamma | accuracy | macro-F1 | Frechet / pretrained |",
         "|---|---|---|---|",
     ]
-    for g in args.gammas:
-        lines.append(
-            f"| {g} | {mean_std(pick('val', g, 'accuracy'))} | {mean_std(pick('val', g, 'macro_f1'))} | "
-            f"{mean_std(pick('val', g, 'frechet_ratio'))} |"
-        )
+    lines += [
+        f"| {g} | {mean_std(pick('val', g, 'accuracy'))} | {mean_std(pick('val', g, 'macro_f1'))} | "
+        f"{mean_std(pick('val', g, 'frechet_ratio'))} |"
+        for g in args.gammas
+    ]
     lines += [
         "",
         f"Chosen gamma: {chosen}"
@@ -139,18 +131,32 @@ def run(args, overrides: list[str]) -> None:
     for key in METRICS + ("frechet_pretrained", "frechet_ratio", "fit_seconds"):
         values = pick("test", chosen, key)
         lines.append(f"| {key} | {mean_std(values)} | {min(values):.3f} | {max(values):.3f} |")
-    if args.steps:
-        lines += [
-            "",
-            f"Step-count robustness: trained at {trained_steps} steps, test seeds at gamma {chosen}, each step count "
-            "against the pretrained model at the same steps:",
-            "",
-            "| steps | accuracy | Frechet / pretrained |",
-            "|---|---|---|",
-        ]
-        for n in sorted({trained_steps, *args.steps}):
-            accuracy, ratio = pick("test", chosen, "accuracy", n), pick("test", chosen, "frechet_ratio", n)
-            lines.append(f"| {n} | {mean_std(accuracy)} | {mean_std(ratio)} |")
+    return lines + (steps_table(rows, chosen, trained_steps, args.steps) if args.steps else [])
+
+
+def steps_table(rows: list[dict], gamma: float, trained_steps: int, steps: list[int]) -> list[str]:
+    """The step-count robustness lines: test accuracy and Frechet ratio at ``gamma`` for each step count."""
+    lines = [
+        "",
+        f"Step-count robustness: trained at {trained_steps} steps, test seeds at gamma {gamma}, each step count "
+        "against the pretrained model at the same steps:",
+        "",
+        "| steps | accuracy | Frechet / pretrained |",
+        "|---|---|---|",
+    ]
+    for n in sorted({trained_steps, *steps}):
+        mine = [r for r in rows if r["split"] == "test" and r["gamma"] == gamma and r["steps"] == n]
+        accuracy, ratio = [r["accuracy"] for r in mine], [r["frechet_ratio"] for r in mine]
+        lines.append(f"| {n} | {mean_std(accuracy)} | {mean_std(ratio)} |")
+    return lines
+
+
+def run(args, overrides: list[str]) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, trained_steps = fit_rows(args, overrides, out)
+    lines = table(args, overrides, rows, trained_steps)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

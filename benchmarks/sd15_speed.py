@@ -73,8 +73,9 @@ def make_sd15(directory: Path) -> str:
 
 
 def training_step(module, optimizer, labels: torch.Tensor, num_steps: int) -> None:
-    """One rollout of ``labels`` and the plugin's optimizer steps on it (what ControlModule does per batch,
-    without a Trainer)."""
+    """One rollout of ``labels`` and the plugin's optimizer steps on it: the network calls and backward passes of
+    ``ControlModule._train_on`` without a Trainer (the pretrained model evaluated only when the algorithm reads it,
+    each update backpropagated through the algorithm's ``backward_loss``; no KL logging)."""
     from ctrl.sampling import make_grid, sample
 
     policy, reward, algorithm = module.policy, module.reward, module.algorithm
@@ -89,11 +90,83 @@ def training_step(module, optimizer, labels: torch.Tensor, num_steps: int) -> No
             grad_weights=plan.weights,
             kl_grad_steps=plan.kl_steps,
             gradient_checkpointing=True,
+            pretrained=algorithm.needs_pretrained,
         )
     for item in algorithm.updates(traj, policy, reward):
         optimizer.zero_grad()
-        algorithm.loss(item, policy, reward)["loss"].backward()
+        algorithm.backward_loss(item, policy, reward, torch.Tensor.backward)
         optimizer.step()
+
+
+def build(name: str, pipeline: str, classifier: Path, dtype: str, num_steps: int, device: torch.device):
+    """The plugin ``name``'s module on ``pipeline`` (DirectBackprop: 4 classes and ``classifier``'s reward; the
+    others: the 2 prompts unconditioned and the JPEG reward) and its AdamW over every trainable group."""
+    from ctrl.module import ControlModule
+    from ctrl.policy import StableDiffusionPolicy
+    from ctrl.registry import get_algorithm
+    from ctrl.rewards import ClassifierLogProb, JpegCompressibility
+
+    conditional = name == "DirectBackprop"
+    policy = StableDiffusionPolicy(
+        pipeline,
+        prompts=["a photo of a cat", "a photo of a dog"],
+        num_classes=4 if conditional else 0,
+        guidance_scale=7.5,
+        dtype=dtype,
+        lora_rank=4,
+    )
+    reward = ClassifierLogProb(str(classifier)) if conditional else JpegCompressibility()
+    algorithm = get_algorithm(name)(**settings(name, num_steps))
+    module = ControlModule(
+        policy, reward, algorithm, num_steps=num_steps, gradient_checkpointing=True, eval_pretrained=False
+    ).to(device)
+    return module, torch.optim.AdamW(policy.param_groups() + module.algorithm.param_groups())
+
+
+def measure(module, optimizer, batch: int, num_steps: int, device: torch.device, peak: float) -> dict:
+    """One plugin at one batch: rollout images/s (no gradient, the policy alone, decode included), then one
+    training step's seconds, peak memory and FLOPs (each after a warm-up); ``train_step_s`` None when it ran out
+    of memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ctrl.sampling import sample
+
+    policy = module.policy
+    labels = torch.arange(batch, device=device) % policy.num_labels
+    train_step = partial(training_step, module, optimizer, labels, num_steps)
+    with torch.no_grad():
+        sample(policy, labels, 2, 1.0, pretrained=False)
+        sync(device)
+        start = time.perf_counter()
+        traj = sample(policy, labels, num_steps, 1.0, pretrained=False)
+        policy.decode(traj.samples)
+        sync(device)
+        rollout = batch / (time.perf_counter() - start)
+    try:
+        train_step()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        start = time.perf_counter()
+        train_step()
+        sync(device)
+        step_s = time.perf_counter() - start
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        with FlopCounterMode(display=False) as counter:
+            train_step()
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return dict(batch=batch, rollout_images_per_s=rollout, train_step_s=None)
+    flops = counter.get_total_flops()
+    return dict(
+        batch=batch,
+        rollout_images_per_s=rollout,
+        train_step_s=step_s,
+        peak_gib=memory,
+        tflop_per_step=flops / 1e12,
+        mfu=flops / step_s / peak,
+    )
 
 
 def bf16_peak(device: torch.device) -> float:
@@ -125,14 +198,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     from ctrl.classifier import ConvClassifier, save_classifier
-    from ctrl.module import ControlModule
-    from ctrl.policy import StableDiffusionPolicy
-    from ctrl.registry import get_algorithm
-    from ctrl.rewards import ClassifierLogProb, JpegCompressibility
-    from ctrl.sampling import sample
     from ctrl.testing import make_tiny_sd
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,74 +217,21 @@ def main() -> None:
     )
     rows = []
     for name in args.plugins:
-        conditional = name == "DirectBackprop"
-        policy = StableDiffusionPolicy(
-            pipeline,
-            prompts=["a photo of a cat", "a photo of a dog"],
-            num_classes=4 if conditional else 0,
-            guidance_scale=7.5,
-            dtype=dtype,
-            lora_rank=4,
-        )
-        reward = ClassifierLogProb(str(work / "clf.safetensors")) if conditional else JpegCompressibility()
-        module = ControlModule(
-            policy,
-            reward,
-            get_algorithm(name)(**settings(name, args.steps)),
-            num_steps=args.steps,
-            gradient_checkpointing=True,
-            eval_pretrained=False,
-        ).to(device)
-        optimizer = torch.optim.AdamW(policy.param_groups() + module.algorithm.param_groups())
+        module, optimizer = build(name, pipeline, work / "clf.safetensors", dtype, args.steps, device)
         for batch in args.batch:
-            labels = torch.arange(batch, device=device) % policy.num_labels
-            train_step = partial(training_step, module, optimizer, labels, args.steps)
-
-            with torch.no_grad():  # rollout throughput (warm-up first)
-                sample(policy, labels, 2, 1.0)
-                sync(device)
-                start = time.perf_counter()
-                traj = sample(policy, labels, args.steps, 1.0)
-                policy.decode(traj.samples)
-                sync(device)
-                rollout = batch / (time.perf_counter() - start)
-            try:
-                train_step()  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                sync(device)
-                start = time.perf_counter()
-                train_step()
-                sync(device)
-                step_s = time.perf_counter() - start
-                memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-                with FlopCounterMode(display=False) as counter:
-                    train_step()
-                flops = counter.get_total_flops()
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                print(f"{name:<18}{batch:>6}{rollout:>15.3f}  training step: out of memory", flush=True)
-                row = dict(plugin=name, batch=batch, rollout_images_per_s=rollout, train_step_s=None)
+            row = {"plugin": name, **measure(module, optimizer, batch, args.steps, device, peak)}
+            if row["train_step_s"] is None:
+                print(f"{name:<18}{batch:>6}{row['rollout_images_per_s']:>15.3f}  training step: out of memory")
             else:
-                row = dict(
-                    plugin=name,
-                    batch=batch,
-                    rollout_images_per_s=rollout,
-                    train_step_s=step_s,
-                    peak_gib=memory,
-                    tflop_per_step=flops / 1e12,
-                    mfu=flops / step_s / peak,
-                )
                 print(
-                    f"{name:<18}{batch:>6}{rollout:>15.3f}{step_s:>14.2f}{memory:>10.1f}{flops / 1e12:>12.1f}"
-                    f"{row['mfu']:>7.1%}",
+                    f"{name:<18}{batch:>6}{row['rollout_images_per_s']:>15.3f}{row['train_step_s']:>14.2f}"
+                    f"{row['peak_gib']:>10.1f}{row['tflop_per_step']:>12.1f}{row['mfu']:>7.1%}",
                     flush=True,
                 )
             rows.append(row)
             if args.out:  # every finished row is kept, whatever happens to the next
                 Path(args.out).write_text(json.dumps(rows, indent=1))
-        del module, policy, optimizer
+        del module, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
     shutil.rmtree(work, ignore_errors=True)

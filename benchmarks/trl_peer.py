@@ -133,18 +133,9 @@ def versions() -> dict:
     return {"python": sys.version.split()[0], **{m.__name__: m.__version__ for m in modules}}
 
 
-def main() -> None:
-    args = ARGS
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    accelerate.PartialState()  # the pipeline logs through accelerate before any trainer makes its state
-    prompts = json.loads(args.prompts)
-    draw = random.Random(args.seed)
-
-    def prompt_fn():
-        return draw.choice(prompts), {}
-
-    start = time.perf_counter()
+def make_trainer(args, prompt_fn):
+    """trl's DDPOTrainer (the JPEG reward, every timestep) or AlignPropTrainer (the image-gradient reward,
+    ``args.truncation``) on the tiny pipeline, with the workload's shared settings; and its config."""
     pipeline = DefaultDDPOStableDiffusionPipeline(args.pipeline, use_lora=True)
     shared = dict(
         num_epochs=args.epochs,
@@ -179,9 +170,12 @@ def main() -> None:
         )
         trainer = AlignPropTrainer(config, recorded(gradient_reward), prompt_fn, pipeline)
     trainer.sd_pipeline.set_progress_bar_config(disable=True)
-    setup_s = time.perf_counter() - start
-    before = [p.detach().clone() for p in trainer.trainable_layers]
+    return trainer, config
 
+
+def train(args, trainer) -> tuple[list[float], list[float], list[float]]:
+    """Run the trainer's epochs (up to ``args.minutes`` of them): each epoch's wall seconds, CPU seconds and mean
+    reward."""
     walls, cpus, rewards, step = [], [], [], 0
     for epoch in range(args.epochs):
         wall, cpu, seen = time.perf_counter(), time.process_time(), len(REWARDS)
@@ -194,7 +188,25 @@ def main() -> None:
         )
         if args.minutes is not None and sum(walls) >= 60 * args.minutes:
             break
+    return walls, cpus, rewards
 
+
+def main() -> None:
+    args = ARGS
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    accelerate.PartialState()  # the pipeline logs through accelerate before any trainer makes its state
+    prompts = json.loads(args.prompts)
+    draw = random.Random(args.seed)
+
+    def prompt_fn():
+        return draw.choice(prompts), {}
+
+    start = time.perf_counter()
+    trainer, config = make_trainer(args, prompt_fn)
+    setup_s = time.perf_counter() - start
+    before = [p.detach().clone() for p in trainer.trainable_layers]
+    walls, cpus, rewards = train(args, trainer)
     moved = sum(float((p.detach() - b).norm()) for p, b in zip(trainer.trainable_layers, before))
     result = {
         "trainer": args.trainer,

@@ -4,6 +4,9 @@ KL can still be computed afterwards, equal to the one the sampler gives."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -11,6 +14,7 @@ from conftest import randomize_lora
 from torch.utils.data import DataLoader
 
 from ctrl.algorithms import PPO, RAFT
+from ctrl.classifier import ConvClassifier, save_classifier
 from ctrl.module import ControlModule
 from ctrl.policy import AnalyticGaussian, StableDiffusionPolicy, UNetPolicy
 from ctrl.rewards import GaussianLogLikelihood
@@ -133,3 +137,36 @@ def test_the_logged_kl_at_alpha_0_is_the_rollouts_exact_kl():
     trainer.fit(module, DataLoader([(labels, seeds)], batch_size=None))
     assert float(expected) > 1e-3
     torch.testing.assert_close(trainer.callback_metrics["train/kl"], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["PPO", "DirectBackprop"])
+def test_the_sd15_speed_harness_makes_the_modules_network_calls(name, tiny_sd):
+    """benchmarks/sd15_speed.py times a training step without a Trainer: it must make the calls (and forward
+    passes under checkpointing) that ``ControlModule``'s own training step makes for the same plugin, or its
+    figures describe something ctrl does not run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sd15_speed
+
+    clf = Path(tiny_sd) / "clf.safetensors"
+    save_classifier(ConvClassifier(num_labels=4, channels=3, width=8), 1.0, clf)
+    labels = torch.tensor([0, 1])
+    calls = []
+    for harness in (True, False):
+        module, optimizer = sd15_speed.build(name, tiny_sd, clf, "float32", STEPS, torch.device("cpu"))
+        module.kl_log_interval = None
+        counter = Counter(module.policy.unet)
+        if harness:
+            sd15_speed.training_step(module, optimizer, labels, STEPS)
+        else:
+            trainer = L.Trainer(
+                accelerator="cpu",
+                max_steps=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+            )
+            trainer.fit(module, DataLoader([(labels, torch.tensor([3, 4]))], batch_size=None))
+        calls.append(counter.calls)
+    assert calls[0] == calls[1] > 0, calls
