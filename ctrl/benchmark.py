@@ -160,11 +160,11 @@ def _settings_of(sampler: GuidedSampler) -> dict:
 
 
 def _variants(sampler: GuidedSampler, sweep: list[dict] | None) -> list[GuidedSampler]:
-    """The inference-time method at each setting of its sweep (None: itself): a new instance per setting, built
-    from its own settings with the setting's values over them (so every value is checked as the config's)."""
-    if sweep is None:
-        return [sampler]
-    return [type(sampler)(**{**_settings_of(sampler), **setting}) for setting in sweep]
+    """The inference-time method at each setting of its sweep (None: its own settings): a new instance per
+    setting, built from its own settings with the setting's values over them (so every value is checked as the
+    config's). New even without a sweep: a method with a model of its own (classifier-free guidance) holds the
+    model a run loaded, and each size of the labelled-data curve must start without the last size's."""
+    return [type(sampler)(**{**_settings_of(sampler), **setting}) for setting in sweep or [{}]]
 
 
 def _fingerprint(run: FitRun, *extra: str) -> str:
@@ -827,16 +827,18 @@ def _at_size(size: int | None, classifiers: list[RewardClassifier], benchmark: d
     if size is None:
         return dict(benchmark)
     folder = Path(benchmark["output"]) / f"labelled_{_size_name(size)}"
-    overrides = []
+    overrides, trained = [], False
     for classifier in classifiers:
         kept = folder / "rows" / "fits" / classifier.name  # committed with the rows: they are scored with it
         path = kept / "classifier.safetensors"
         args = (*_cut(size), classifier.export, str(path))
-        classifier.run().train(
+        _, cli = classifier.run().train(
             folder / "runs" / classifier.name, benchmark["retrain"], *args, done=kept.with_suffix(".json")
         )
+        trained |= cli is not None
         overrides += [classifier.setting, str(path)]
-    given = dict(benchmark, output=str(folder))
+    # a classifier trained anew replaces the file the size's fits were rewarded by: they train again, with it
+    given = dict(benchmark, output=str(folder), retrain=benchmark["retrain"] or trained)
     given["fine_tuning"] = [replace(r, args=[*r.args, *overrides]) for r in benchmark["fine_tuning"]]
     given["baseline_models"] = [replace(m, args=[*m.args, *_cut(size)]) for m in benchmark["baseline_models"] or []]
     return given

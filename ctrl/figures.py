@@ -113,7 +113,7 @@ def accuracy_labelled(rows: list[dict], sizes: list[float], path: Path) -> None:
     style = _style(_methods(rows))
     fig, ax = plt.subplots(figsize=(7, 5))
     for method, (colour, marker) in style.items():
-        mine = [r for r in rows if r["method"] == method]
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["labelled_images"])
         x = [r["labelled_images"] for r in mine]
         y, err = [r["accuracy"] for r in mine], [r.get("accuracy_std", 0.0) for r in mine]
         ax.errorbar(x, y, yerr=err, color=colour, marker=marker, capsize=3, label=method)

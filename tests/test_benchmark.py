@@ -460,6 +460,20 @@ def test_the_labelled_data_curve_cuts_the_classifier_and_the_cfg_model_alike(tmp
     curve = (out / "curve.md").read_text()
     assert "| method | 2 per class | all per class |" in curve and "| DirectBackprop |" in curve
     assert (out / "accuracy_labelled.png").read_bytes()[:4] == b"\x89PNG"
+    # the cut size's classifier trained again (its record deleted): the size's fit, rewarded by the old file, too
+    record = next((cut / "rows" / "fits" / "DirectBackprop").rglob("*.json"))
+    before = record.read_text()
+    (cut / "rows" / "fits" / "reward_classifier.json").unlink()
+    benchmark(["--config", str(path)])
+    assert record.read_text() != before  # its training seconds: written by a new fit
+    # a clone with the rows but not the cut size's model, and its rows missing: the whole set's model (loaded first,
+    # the largest size runs first) must not sample them; one message names the file to delete
+    shutil.rmtree(cut / "runs" / "ClassifierFreeGuidance")
+    for row in (cut / "rows").rglob("*.pt"):
+        if torch.load(row, weights_only=True)["key"].startswith("ClassifierFree"):
+            row.unlink()
+    with pytest.raises(FileNotFoundError, match=r"ClassifierFreeGuidance's model was trained on another machine"):
+        benchmark(["--config", str(path)])
 
 
 def test_the_tuning_rule():
