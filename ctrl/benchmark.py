@@ -2,19 +2,20 @@
 side by side, at one target, tuned by one rule, reported on test seeds with their spread.
 
 Three kinds of rows, in this order: the pretrained model (the baseline), inference-time methods
-(:mod:`ctrl.inference_time`, on the same pretrained model and reward) and fine-tuning rows (``ctrl fit`` runs
-of control configs, one per plugin). Whatever a row needs trained (a fine-tuned policy; the conditional model
-of classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/``, and reused
-unless ``retrain``; an inference-time method only loads what it is given. Each row's figures and the first
-samples of each label are kept in ``<output>/rows/`` (a few kB a row, beside the tables: commit it), and so is each
-fine-tuning fit's training time, so a benchmark stopped part way resumes where it stopped, on this machine or from
-a clone on another that lacks ``runs/``: every inference-time row (each repeat's, at the chosen setting) is sampled
-before the first fit, and every row of a fit (its validation row, its first repeat's test rows at every control
-scale and step count) as soon as it is trained, so no row needs a model from another machine later. A
-row is sampled anew when its method's settings, the seeds, the first row's config or the weights it loads (the
-pretrained model, the reward), or the row's trained model differ, and with ``retrain``. Every method samples the same
-labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true
-labeller of the label set) scores them all.
+(:mod:`ctrl.inference_time`, on the same pretrained model and reward) and fine-tuning rows (``ctrl fit`` runs of
+control configs, one per plugin). Whatever a row needs trained (a fine-tuned policy; the conditional model of
+classifier-free guidance: ``baseline_models``) is trained here, under ``<output>/runs/``, and reused unless
+``retrain`` or its inputs changed (:meth:`FitRun.inputs`); an inference-time method only loads what it is given.
+Each row's figures and the first samples of each label are kept in ``<output>/rows/`` (a few kB a row, beside the
+tables: commit it), and so is each fine-tuning fit's training time, so a benchmark stopped part way resumes where it
+stopped, on this machine or from a clone on another that lacks ``runs/``: every inference-time row (each repeat's,
+at the chosen setting) is sampled before the first fit, and every row of a fit (its validation row, its first
+repeat's test rows at every control scale and step count) as soon as it is trained, so no row needs a model from
+another machine later. A row is sampled anew when its method's settings, the seeds, the first row's config or the
+weights it loads (the pretrained model, the reward; a classifier's temperature is not a weight: after recalibrating
+one alone, give ``retrain``), or the row's trained model differ, and with ``retrain``. Every method samples the same
+labels with the same seeds (the same x_T), and the task's evaluator (the config's; for digits the true labeller of
+the label set) scores them all.
 
 The protocol (:mod:`ctrl.tuning`): every method is compared at the fine-tuning rows' KL weight
 (``same_target``); a method with several settings (a fine-tuning row's ``sweep``, an inference-time
@@ -111,16 +112,28 @@ class FitRun:
         return commands.main([subcommand, *args] if subcommand else args, run=subcommand is not None)
 
     def train(self, folder: Path, retrain: bool, *extra: str, done: Path | None = None):
-        """Fit in ``folder`` unless a finished run is there (``done``, its training seconds, exists; by default
-        ``<folder>/train_seconds.json``): the training seconds and the fit's CLI (None when the finished run was
+        """Fit in ``folder`` unless a finished run of the same inputs is there (``done``, by default
+        ``<folder>/train_seconds.json``, holds its training seconds and :meth:`inputs`; a mark written before marks
+        held inputs counts as the same): the training seconds and the fit's CLI (None when the finished run was
         reused)."""
-        done, cli = done or folder / "train_seconds.json", None
-        if retrain or not done.is_file():
+        done, cli, inputs = done or folder / "train_seconds.json", None, self.inputs(*extra)
+        kept = json.loads(done.read_text()) if done.is_file() else None
+        if retrain or kept is None or kept.get("inputs", inputs) != inputs:
             start = time.perf_counter()
             cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
             done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+            done.write_text(json.dumps({"seconds": time.perf_counter() - start, "inputs": inputs}))
         return json.loads(done.read_text())["seconds"], cli
+
+    def inputs(self, *extra: str) -> str:
+        """What the fit learns from (sha1): the config's text, the overrides and ``extra``, and the bytes of every
+        file that ``args`` name (a reward classifier's weights and temperature, say). ``extra`` names the
+        fit's own outputs (an export path), whose bytes are not inputs."""
+        digest = hashlib.sha1(_fingerprint(self, *extra).encode())
+        for arg in self.args:
+            if Path(arg).is_file():
+                digest.update(Path(arg).read_bytes())
+        return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -827,18 +840,17 @@ def _at_size(size: int | None, classifiers: list[RewardClassifier], benchmark: d
     if size is None:
         return dict(benchmark)
     folder = Path(benchmark["output"]) / f"labelled_{_size_name(size)}"
-    overrides, trained = [], False
+    overrides = []
     for classifier in classifiers:
         kept = folder / "rows" / "fits" / classifier.name  # committed with the rows: they are scored with it
         path = kept / "classifier.safetensors"
         args = (*_cut(size), classifier.export, str(path))
-        _, cli = classifier.run().train(
+        classifier.run().train(
             folder / "runs" / classifier.name, benchmark["retrain"], *args, done=kept.with_suffix(".json")
         )
-        trained |= cli is not None
+        # the fits name the file in their args, so a classifier trained anew (its bytes) trains them again
         overrides += [classifier.setting, str(path)]
-    # a classifier trained anew replaces the file the size's fits were rewarded by: they train again, with it
-    given = dict(benchmark, output=str(folder), retrain=benchmark["retrain"] or trained)
+    given = dict(benchmark, output=str(folder))
     given["fine_tuning"] = [replace(r, args=[*r.args, *overrides]) for r in benchmark["fine_tuning"]]
     given["baseline_models"] = [replace(m, args=[*m.args, *_cut(size)]) for m in benchmark["baseline_models"] or []]
     return given

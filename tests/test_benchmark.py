@@ -460,12 +460,22 @@ def test_the_labelled_data_curve_cuts_the_classifier_and_the_cfg_model_alike(tmp
     curve = (out / "curve.md").read_text()
     assert "| method | 2 per class | all per class |" in curve and "| DirectBackprop |" in curve
     assert (out / "accuracy_labelled.png").read_bytes()[:4] == b"\x89PNG"
-    # the cut size's classifier trained again (its record deleted): the size's fit, rewarded by the old file, too
-    record = next((cut / "rows" / "fits" / "DirectBackprop").rglob("*.json"))
-    before = record.read_text()
-    (cut / "rows" / "fits" / "reward_classifier.json").unlink()
+    # the classifier's config edited: it trains again at the cut size, and so does the size's fit, rewarded by the
+    # old file (the fit's mark holds the file's bytes); classifier-free guidance's model learns from the same images
+    # as before and is kept
+    fits = cut / "rows" / "fits"
+    record, cfg_record = next((fits / "DirectBackprop").rglob("*.json")), fits / "ClassifierFreeGuidance.json"
+    before, cfg_before, weights = record.read_text(), cfg_record.read_text(), classifier.read_bytes()
+    config["reward_classifiers"][0]["args"] += ["--model.width", "5"]
+    path.write_text(yaml.safe_dump(config))
     benchmark(["--config", str(path)])
-    assert record.read_text() != before  # its training seconds: written by a new fit
+    assert classifier.read_bytes() != weights and load_file(str(classifier))["net.0.weight"].shape[0] == 5
+    assert record.read_text() != before and cfg_record.read_text() == cfg_before
+    # a mark written before marks held their inputs counts as the same fit: nothing trains again
+    legacy = {"seconds": json.loads(record.read_text())["seconds"]}
+    record.write_text(json.dumps(legacy))
+    benchmark(["--config", str(path)])
+    assert json.loads(record.read_text()) == legacy
     # a clone with the rows but not the cut size's model, and its rows missing: the whole set's model (loaded first,
     # the largest size runs first) must not sample them; one message names the file to delete
     shutil.rmtree(cut / "runs" / "ClassifierFreeGuidance")

@@ -4,7 +4,6 @@ KL can still be computed afterwards, equal to the one the sampler gives."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -140,14 +139,15 @@ def test_the_logged_kl_at_alpha_0_is_the_rollouts_exact_kl():
 
 
 @pytest.mark.parametrize("name", ["PPO", "DirectBackprop"])
-def test_the_sd15_speed_harness_makes_the_modules_network_calls(name, tiny_sd):
+def test_the_sd15_speed_harness_makes_the_modules_network_calls(name, tiny_sd, tmp_path, monkeypatch):
     """benchmarks/sd15_speed.py times a training step without a Trainer: it must make the calls (and forward
     passes under checkpointing) that ``ControlModule``'s own training step makes for the same plugin, or its
-    figures describe something ctrl does not run."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    figures describe something ctrl does not run. The module's KL-logging rollout (at alpha 0, one in
+    ``kl_log_interval``) is off on both sides: the harness times the rollouts between two of them."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sd15_speed
 
-    clf = Path(tiny_sd) / "clf.safetensors"
+    clf = tmp_path / "clf.safetensors"
     save_classifier(ConvClassifier(num_labels=4, channels=3, width=8), 1.0, clf)
     labels = torch.tensor([0, 1])
     calls = []
