@@ -97,7 +97,9 @@ class DigitsDataModule(L.LightningDataModule):
             TensorDataset(images, labels),
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            drop_last=shuffle,
+            # a ragged last batch is dropped, but a set no larger than one batch is one batch: dropping it would
+            # leave an epoch with no step, and a small labelled cut would train nothing
+            drop_last=shuffle and len(images) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
         )
 

@@ -279,3 +279,18 @@ def test_labelled_images_per_class_are_the_same_first_ones():
         train_data(labelled_per_class=100)
     with pytest.raises(ValueError, match=r"labelled_per_class.*give at least 1 image per class, got 0"):
         train_data(labelled_per_class=0)
+
+
+def test_a_labelled_cut_smaller_than_a_batch_is_one_batch():
+    """A cut no larger than one batch (2 compressibility classes x 10 < 64) still trains: every epoch is one batch
+    of all its images; a larger set drops only its ragged last batch."""
+    from ctrl.datamodules import DigitsDataModule
+
+    def batches(**kwargs):
+        data = DigitsDataModule(train_split="classifier", label_set="compressibility", batch_size=64, **kwargs)
+        return [len(y) for _, y in data.train_dataloader()]
+
+    assert batches(labelled_per_class=10) == [20]
+    assert batches(labelled_per_class=32) == [64]
+    full = batches()
+    assert full == [64] * (len(full)) and len(full) >= 1
