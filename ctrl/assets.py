@@ -8,6 +8,8 @@ import importlib.resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ctrl.errors import notice
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -26,6 +28,29 @@ def resolve_path(path: str, folder: Path = WEIGHTS_DIR, suffix: str = "") -> str
     if is_builtin(path):
         return str(folder / f"{path[len(BUILTIN_PREFIX) :]}{suffix}")
     return path
+
+
+def shadowed_asset(path: str | Path) -> str | None:
+    """``ctrl:<name>`` when ``path`` is where the repository keeps a shipped asset (``ctrl/weights/<name>``,
+    relative to the working directory) but not the file this installed package reads for that name: a shipped
+    config's export written outside a clone (an installed wheel), which ``ctrl:<name>`` will not load."""
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[:2] != ("ctrl", "weights"):
+        return None
+    if Path(path).resolve() == (WEIGHTS_DIR / Path(*parts[2:])).resolve():
+        return None
+    return f"{BUILTIN_PREFIX}{Path(*parts[2:]).as_posix()}"
+
+
+def notice_if_shadowed(written: str | Path) -> None:
+    """Say so when an export lands where a clone keeps a shipped asset but this install reads that name from
+    elsewhere (:func:`shadowed_asset`): configs that name it would go on loading the shipped file."""
+    name = shadowed_asset(written)
+    if name is not None:
+        notice(
+            f"{written} is not the file that {name} names in this install ({resolve_path(name)}): configs that name "
+            f"{name} still load the shipped one; give them {written} in its place."
+        )
 
 
 def local_directory(path: str, what: str, hint: str) -> Path | None:

@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from ctrl.assets import notice_if_shadowed
+from ctrl.errors import SettingError, trained_at_least_one_step
+
 
 class ConvClassifier(nn.Module):
     """A small CNN for ``[B, C, H, W]`` images in [-1, 1]; returns logits ``[B, num_labels]``."""
@@ -193,16 +196,31 @@ class ClassifierTraining(L.LightningModule):
             ece.update(probs, y)
         return {"accuracy": float(acc.compute()), "calibration_error": float(ece.compute())}
 
+    def on_fit_start(self):
+        dm = self.trainer.datamodule
+        if dm is not None and len(dm.val_dataloader().dataset) == 0:
+            key = next((k for k in ("val_fraction", "val_split") if k in dm.hparams), "")
+            raise SettingError(
+                dm,
+                key,
+                "holds out no image, and the classifier calibrates its temperature on held-out images after "
+                "training: hold some out (a larger val_fraction, another val_split, or more images).",
+            )
+
     def on_fit_end(self):
         dm = self.trainer.datamodule
+        if self.hparams.export_path:
+            trained_at_least_one_step(self.trainer, self.hparams.export_path)
         before = self.report(dm.test_dataloader())
         t = self.calibrate(dm.val_dataloader())
         after = self.report(dm.test_dataloader())
+        held_out, test = (f"'{dm.hparams.get(k, 'held-out')}'" for k in ("val_split", "test_split"))
         self.print(
-            f"temperature scaling on '{dm.hparams.val_split}': T = {t:.3f}\n"
-            f"'{dm.hparams.test_split}' split: accuracy {after['accuracy']:.4f}, calibration error "
+            f"temperature scaling on {held_out}: T = {t:.3f}\n"
+            f"{test} split: accuracy {after['accuracy']:.4f}, calibration error "
             f"{before['calibration_error']:.4f} -> {after['calibration_error']:.4f}"
         )
         if self.hparams.export_path and self.trainer.is_global_zero:
             save_classifier(self.net, t, self.hparams.export_path)
             self.print(f"classifier written to {self.hparams.export_path}")
+            notice_if_shadowed(self.hparams.export_path)

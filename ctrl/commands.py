@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ctrl.callbacks import ResumableCheckpoint, export_atomically
@@ -130,27 +131,42 @@ class CtrlCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_run_settings()
+        self._resolve_last()
 
     def before_test(self) -> None:
         self._check_run_settings()
+        self._resolve_last()
 
     def before_predict(self) -> None:
         self._check_run_settings()
+        self._resolve_last()
 
     def before_fit(self) -> None:
-        """``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and the checkpoint Lightning saves when
-        SLURM preempts a job (``hpc_ckpt_N.ckpt``, which Lightning's own "last" does not consider)."""
         self._check_run_settings()
+        self._resolve_last()
+
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest of ``last.ckpt`` and the checkpoint Lightning saves when SLURM preempts
+        a job (``hpc_ckpt_N.ckpt``, which Lightning's own "last" does not consider). With none, ``fit`` starts
+        afresh (a job that may be requeued says ``last`` from its first run); the others are refused, since
+        Lightning would evaluate the untrained model after only a warning."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
         root = Path(self.trainer.default_root_dir)
-        candidates = list(root.glob("hpc_ckpt_*.ckpt"))
+        candidates, folders = list(root.glob("hpc_ckpt_*.ckpt")), [root]
         for callback in self.trainer.checkpoint_callbacks:
-            if callback.dirpath is not None:
-                candidates += Path(callback.dirpath).glob("last*.ckpt")
+            if isinstance(callback, ModelCheckpoint):  # where Lightning's own "last" looks, its folder resolved
+                candidates += [Path(p) for p in callback._find_last_checkpoints(self.trainer)]
+                folders.append(Path(callback.dirpath) if callback.dirpath else root / "checkpoints")
         if candidates:
             config["ckpt_path"] = str(max(candidates, key=lambda p: p.stat().st_mtime))
+        elif self.subcommand != "fit":
+            raise FileNotFoundError(
+                f"--ckpt_path last: no checkpoint in {' or '.join(str(f) for f in dict.fromkeys(folders))}, so "
+                f"{self.subcommand} would run the untrained model; give the path of a .ckpt file, or the "
+                "trainer.default_root_dir of the run that wrote it."
+            )
 
 
 class ExportCLI(CtrlCLI):

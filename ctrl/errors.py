@@ -148,3 +148,14 @@ def renamed_setting(owner: str, old: str, old_value: Any, new: str, new_value: A
     name = getattr(owner, "__name__", owner)
     notice(f"{old} is renamed {new} ({name}); write {new}: the old name works until ctrl 0.3.")
     return old_value
+
+
+def trained_at_least_one_step(trainer, written: str) -> None:
+    """Refuse to write ``written`` (an exported model) from a fit that ended without an optimizer step: Lightning
+    ends such a fit quietly ("No training batches"), and the untrained weights would be taken for trained ones."""
+    if trainer.global_step == 0:
+        raise ValueError(
+            f"the fit ended without an optimizer step, so nothing was written to {written}: the training data gave "
+            "no batch (fewer images than data.batch_size per process) or trainer.max_steps / max_epochs is 0; give "
+            "more images, a smaller data.batch_size, or more steps."
+        )

@@ -29,8 +29,9 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ctrl.assets import notice_if_shadowed
 from ctrl.conditions import condition_codes
-from ctrl.errors import SettingError, setting
+from ctrl.errors import SettingError, setting, trained_at_least_one_step
 from ctrl.policy.unet import load_pretrained_unet
 from ctrl.sampling import is_flow_scheduler
 
@@ -224,6 +225,9 @@ class DiffusionPretraining(L.LightningModule):
             (directory / LABELS_FILE).write_text(json.dumps({"num_labels": self.label_sizes}))
 
     def on_fit_end(self):
+        if self.hparams.export_dir:
+            trained_at_least_one_step(self.trainer, self.hparams.export_dir)  # on every process: all stop
         if self.hparams.export_dir and self.trainer.is_global_zero:
             self.export(self.hparams.export_dir)
             self.print(f"pretrained model written to {self.hparams.export_dir}")
+            notice_if_shadowed(self.hparams.export_dir)

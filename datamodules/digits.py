@@ -16,6 +16,7 @@ from ctrl.datamodules.labelsets import (
     offline_conditions,
     offline_split,
 )
+from ctrl.datamodules.loaders import training_loader
 from ctrl.errors import SettingError, setting
 
 
@@ -90,24 +91,20 @@ class DigitsDataModule(L.LightningDataModule):
         images, _ = self._data(self.hparams.train_split, self.hparams.labelled_per_class)
         return len(images) / sum([self.num_labels] if isinstance(self.num_labels, int) else self.num_labels)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         per_class = self.hparams.labelled_per_class if split == self.hparams.train_split else None
         images, labels = self._data(split, per_class)
         return DataLoader(
-            TensorDataset(images, labels),
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            # a ragged last batch is dropped, but a set no larger than one batch is one batch: dropping it would
-            # leave an epoch with no step, and a small labelled cut would train nothing
-            drop_last=shuffle and len(images) > self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
+            TensorDataset(images, labels), batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.train_split, shuffle=True)
+        h = self.hparams
+        images, labels = self._data(h.train_split, h.labelled_per_class)
+        return training_loader(TensorDataset(images, labels), h.batch_size, self.trainer, h.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.val_split, shuffle=False)
+        return self._loader(self.hparams.val_split)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split, shuffle=False)
+        return self._loader(self.hparams.test_split)

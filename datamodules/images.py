@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, TensorDataset
 
+from ctrl.datamodules.loaders import training_loader
 from ctrl.errors import SettingError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -158,12 +159,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_set = TensorDataset(images[val], labels[val])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) > self.hparams.batch_size,
-        )
+        return training_loader(self.train_set, self.hparams.batch_size, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out images again: a folder has one held-out set, which validates, calibrates a classifier's
+        temperature and reports its accuracy."""
+        return self.val_dataloader()

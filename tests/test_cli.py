@@ -130,3 +130,23 @@ def test_configs_copies_every_shipped_config_and_never_overwrites(tmp_path, caps
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("ctrl: error: ") and str(mine) in err
     assert [p for p in (tmp_path / "mine").rglob("*") if p.is_file()] == [mine] and mine.read_text() == "edited"
+
+
+def test_an_export_to_a_shipped_name_outside_the_clone_says_which_file_configs_load(tmp_path, monkeypatch, capsys):
+    """From an install's configs folder, ``ctrl fit --config configs/digits/classifier.yaml`` writes
+    ./ctrl/weights/digits-classifier.safetensors, which ctrl:digits-classifier does not name there: a notice says
+    so. In the clone (the same path is the shipped file) and for any other path, nothing is said."""
+    from ctrl.assets import WEIGHTS_DIR, notice_if_shadowed
+
+    monkeypatch.chdir(WEIGHTS_DIR.parents[1])  # the clone: the path is the shipped file itself
+    notice_if_shadowed("ctrl/weights/digits-classifier.safetensors")
+    notice_if_shadowed("runs/mine.safetensors")
+    assert capsys.readouterr().err == ""
+    monkeypatch.chdir(tmp_path)
+    notice_if_shadowed("ctrl/weights/digits-classifier.safetensors")
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "ctrl: notice: ctrl/weights/digits-classifier.safetensors is not the file that "
+        "ctrl:digits-classifier.safetensors names"
+    )
+    assert str(WEIGHTS_DIR / "digits-classifier.safetensors") in err

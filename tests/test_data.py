@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -294,3 +297,55 @@ def test_a_labelled_cut_smaller_than_a_batch_is_one_batch():
     assert batches(labelled_per_class=32) == [64]
     full = batches()
     assert full == [64] * (len(full)) and len(full) >= 1
+
+
+def test_a_training_loader_keeps_one_batch_per_process():
+    """Under DDP each process gets ceil(N / world) images and keeps drop_last: a share no larger than one batch is
+    one batch, a larger share drops only its ragged end."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from ctrl.datamodules.loaders import training_loader
+
+    def drops(n, batch, world):
+        data = TensorDataset(torch.zeros(n))
+        return training_loader(data, batch, SimpleNamespace(world_size=world)).drop_last
+
+    assert not drops(60, 32, 2)  # 30 per process: dropping would leave none
+    assert drops(100, 32, 2)  # 50 per process: one batch of 32, the ragged 18 dropped
+    assert not drops(32, 32, 1) and drops(33, 32, 1)
+    assert not training_loader(TensorDataset(torch.zeros(20)), 32).drop_last
+
+
+def test_a_classifier_learns_from_an_image_folder(tmp_path):
+    """ClassifierTraining on a user's folder runs to the end: trained, calibrated on the held-out images (the
+    folder's one held-out set also reports), and written."""
+    from PIL import Image
+
+    from ctrl.classifier import load_classifier
+    from ctrl.cli import console
+
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        Image.new("L", (16, 16), color=20 * i).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(12)))
+    data = {
+        "class_path": "ctrl.datamodules.ImageFolderDataModule",
+        "init_args": {
+            "root": str(tmp_path / "images"),
+            "labels_csv": str(tmp_path / "labels.csv"),
+            "num_labels": 2,
+            "val_fraction": 0.25,
+            "batch_size": 4,
+        },
+    }
+    out = tmp_path / "classifier.safetensors"
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits" / "classifier.yaml"
+    console(
+        ["fit", "--config", str(config), "--data", json.dumps(data), "--model.num_labels", "2"]
+        + ["--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+        + ["--trainer.default_root_dir", str(tmp_path / "run"), "--model.export_path", str(out)]
+    )
+    net, temperature = load_classifier(out)
+    assert net.config["num_labels"] == 2 and temperature > 0

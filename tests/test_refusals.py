@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import error_line, make_tiny_classifier, quiet_trainer, run_args
+from conftest import error_line, make_tiny_classifier, quiet_trainer, run_args, tiny_control_args
 from PIL import Image
 
 from ctrl.algorithms import DirectBackprop
@@ -575,6 +575,52 @@ def test_bad_image_folder_is_one_clear_message(case, folder, message, tmp_path, 
         capsys,
     )
     assert re.match(f"ctrl: error: {message}", line), line
+
+
+CLASSIFIER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits" / "classifier.yaml"
+
+
+def test_a_fit_without_an_optimizer_step_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A fit that ends without a step (here trainer.max_steps 0; a training set smaller than one batch did the
+    same) would export its untrained weights as trained: refused in one line, the file already there kept."""
+    out = tmp_path / "classifier.safetensors"
+    out.write_bytes(b"an earlier classifier")
+    argv = ["fit", "--config", str(CLASSIFIER_CONFIG), "--trainer.max_steps", "0", "--trainer.logger", "false"]
+    argv += ["--model.export_path", str(out), "--trainer.default_root_dir", str(tmp_path / "run")]
+    line = error_line(argv, monkeypatch, capsys)
+    assert re.match(
+        r"ctrl: error: the fit ended without an optimizer step, so nothing was written to .*classifier\.safetensors: "
+        r"the training data gave no batch .*data\.batch_size",
+        line,
+    ), line
+    assert out.read_bytes() == b"an earlier classifier"
+
+
+def test_a_classifier_with_no_held_out_images_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """The classifier calibrates its temperature on the held-out images: a folder split that holds out none is
+    refused at the start of fit, naming data.val_fraction."""
+    root, labels = _image_folder(tmp_path)
+    data = {
+        "class_path": "ctrl.datamodules.ImageFolderDataModule",
+        "init_args": {"root": root, "labels_csv": labels, "image_size": 16, "channels": 1, "val_fraction": 0.1},
+    }
+    argv = ["fit", "--config", str(CLASSIFIER_CONFIG), "--data", json.dumps(data), "--trainer.logger", "false"]
+    argv += ["--model.export_path", str(tmp_path / "c.safetensors"), "--trainer.default_root_dir", str(tmp_path)]
+    line = error_line(argv, monkeypatch, capsys)
+    assert re.match(r"ctrl: error: data\.val_fraction: holds out no image, .*a larger val_fraction", line), line
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "predict"])
+def test_evaluating_last_with_no_checkpoint_is_refused(subcommand, tmp_path, tiny_pretrained, monkeypatch, capsys):
+    """``--ckpt_path last`` where no run wrote one: Lightning would warn and evaluate the untrained model; refused
+    in one line naming the folders looked in (``fit`` starts afresh instead: a requeued job says ``last``)."""
+    classifier = make_tiny_classifier(tmp_path / "c.safetensors")
+    argv = [subcommand, *tiny_control_args(tmp_path / "run", tiny_pretrained, classifier), "--ckpt_path", "last"]
+    line = error_line([*argv, "--trainer.logger", "false"], monkeypatch, capsys)
+    assert re.match(
+        r"ctrl: error: --ckpt_path last: no checkpoint in .*run or .*run/checkpoints, so " + subcommand, line
+    ), line
 
 
 def test_a_nested_class_is_named_by_its_path_in_the_config(tmp_path, tiny_pretrained, monkeypatch, capsys):
