@@ -111,19 +111,22 @@ class FitRun:
         args = ["--config", self.config, *self.args, "--trainer.default_root_dir", str(folder), *extra]
         return commands.main([subcommand, *args] if subcommand else args, run=subcommand is not None)
 
-    def train(self, folder: Path, retrain: bool, *extra: str, done: Path | None = None):
+    def train(self, folder: Path, retrain: bool, *extra: str, done: Path | None = None, weights: str = ""):
         """Fit in ``folder`` unless a finished run of the same inputs is there (``done``, by default
-        ``<folder>/train_seconds.json``, holds its training seconds and :meth:`inputs`; a mark written before marks
-        held inputs counts as the same): the training seconds and the fit's CLI (None when the finished run was
-        reused)."""
-        done, cli, inputs = done or folder / "train_seconds.json", None, self.inputs(*extra)
+        ``<folder>/train_seconds.json``, holds its training seconds, :meth:`inputs` and ``weights``, the
+        fingerprint of the weights its config loads by name, such as a ``ctrl:`` reward; a mark written before
+        marks held either counts as the same): the training seconds and the fit's CLI (None when the finished
+        run was reused)."""
+        done, cli = done or folder / "train_seconds.json", None
+        mark = {"inputs": self.inputs(*extra), **({"weights": weights} if weights else {})}
         kept = json.loads(done.read_text()) if done.is_file() else None
-        if retrain or kept is None or kept.get("inputs", inputs) != inputs:
+        if retrain or kept is None or any(kept.get(k, v) != v for k, v in mark.items()):
             start = time.perf_counter()
             cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
+            kept = {"seconds": time.perf_counter() - start, **mark}
             done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps({"seconds": time.perf_counter() - start, "inputs": inputs}))
-        return json.loads(done.read_text())["seconds"], cli
+            done.write_text(json.dumps(kept))
+        return kept["seconds"], cli
 
     def inputs(self, *extra: str) -> str:
         """What the fit learns from (sha1): the config's text, the overrides and ``extra``, and the bytes of every
@@ -385,9 +388,10 @@ class _Fitted:
     source: str
 
 
-def _fitted(run: FitRun, folder: Path, done: Path, retrain: bool, *extra: str) -> _Fitted:
-    """A fine-tuning row trained in ``folder`` unless ``done`` (its training seconds) says it was."""
-    training_s, cli = run.train(folder, retrain, *extra, done=done)
+def _fitted(run: FitRun, folder: Path, done: Path, retrain: bool, *extra: str, weights: str = "") -> _Fitted:
+    """A fine-tuning row trained in ``folder`` unless ``done`` (its training seconds) says it was, with the same
+    ``weights`` (:meth:`FitRun.train`)."""
+    training_s, cli = run.train(folder, retrain, *extra, done=done, weights=weights)
     source = f"config {_fingerprint(run, *extra)} trained {training_s:.6f} s"
     if cli is not None:
         module = cli.model.eval()
@@ -501,6 +505,7 @@ class _Plan:
     training_seeds: list[int] | None
     eval_steps: list[int] = field(default_factory=list)  # the first row's further step counts (model.eval_num_steps)
     store: _RowStore | None = None  # where the rows are kept (:meth:`keep_rows`)
+    weights: str = ""  # the base module's pretrained model and reward (:func:`_weights_fingerprint`; keep_rows)
     fitted: dict[Path, _Fitted] = field(default_factory=dict)  # this run's fits, by folder (each trains once)
 
     def folder(self, run: FitRun, setting: int, seed: int | None) -> Path:
@@ -516,15 +521,15 @@ class _Plan:
         folder = self.folder(run, setting, seed)
         if folder not in self.fitted:
             done = folder / "train_seconds.json" if self.store is None else self.store.fit_seconds(self.runs, folder)
-            self.fitted[folder] = _fitted(run, folder, done, self.retrain, *extra)
+            self.fitted[folder] = _fitted(run, folder, done, self.retrain, *extra, weights=self.weights)
         return self.fitted[folder]
 
     def keep_rows(self, base) -> None:
         """Keep the rows and the fits' training seconds in ``<output>/rows`` (:meth:`_Table.row`), keyed by the
         first row's config and the base config's ``base`` module's weights (hashed once here); with ``retrain``
         written but not read."""
-        first = self.fine_tuning[0]
-        fingerprint = f"{_fingerprint(first, *first.settings()[0])} {_weights_fingerprint(base.policy, base.reward)}"
+        first, self.weights = self.fine_tuning[0], _weights_fingerprint(base.policy, base.reward)
+        fingerprint = f"{_fingerprint(first, *first.settings()[0])} {self.weights}"
         self.store = _RowStore(self.runs.parent / "rows", fingerprint, reuse=not self.retrain)
 
     def tuned(self) -> bool:

@@ -476,6 +476,15 @@ def test_the_labelled_data_curve_cuts_the_classifier_and_the_cfg_model_alike(tmp
     record.write_text(json.dumps(legacy))
     benchmark(["--config", str(path)])
     assert json.loads(record.read_text()) == legacy
+    # a mark of other weights (the pretrained model or the reward replaced under a name that no argument gives,
+    # such as ctrl:digits-classifier, so the inputs alone would not tell) trains again
+    whole_record = sorted((out / "rows" / "fits" / "DirectBackprop").rglob("*.json"))[0]
+    mark = json.loads(whole_record.read_text())
+    assert len(mark["weights"]) == 16
+    whole_record.write_text(json.dumps({**mark, "weights": "0" * 16}))
+    benchmark(["--config", str(path)])
+    again = json.loads(whole_record.read_text())
+    assert again["weights"] == mark["weights"] and again["seconds"] != mark["seconds"]
     # a clone with the rows but not the cut size's model, and its rows missing: the whole set's model (loaded first,
     # the largest size runs first) must not sample them; one message names the file to delete
     shutil.rmtree(cut / "runs" / "ClassifierFreeGuidance")
