@@ -29,12 +29,17 @@ class AlgorithmContext:
             with noise (sigma > 0), or every step of a deterministic chain (eta = 0).
         sum_over_ranks: sums a tensor over all processes (identity on one process): rollout statistics
             (advantage baselines) of the global batch.
+        gather: every process's tensor of the same shape, stacked ``[W, ...]`` in rank order (``[1, ...]`` on
+            one process): what a statistic needs that sums cannot give (a rank order, a normaliser's maximum).
+        rank: this process's index in ``gather``'s first dimension.
         gradient_checkpointing: recompute each re-evaluated step's network call in the backward pass.
     """
 
     num_labels: int | None = None
     num_stochastic: int | None = None
     sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t
+    gather: Callable[[Tensor], Tensor] = lambda t: t[None]
+    rank: int = 0
     gradient_checkpointing: bool = False
 
     def __setattr__(self, name: str, value) -> None:

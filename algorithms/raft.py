@@ -13,6 +13,11 @@ fits the weighted chains' own transitions by maximum likelihood (a minibatch est
 weighted fit: its weights are scaled, not renormalised). The weighted chains represent
 ``p_pre(path) exp(r(x0) / alpha)``, so this variant's fixed point is the tilted target, and the KL
 is already in the weights (alpha enters only there).
+
+Under DDP the ranking and the normalisation run over the global rollout (every process's chains, gathered), as
+on one process; each process then fits all its own chains, zero weights included, so that every process runs as
+many minibatches as the others. With ``minibatch_size`` set, "top" thus takes more, smaller steps than on one
+process (the same fit in expectation).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ctrl.algorithms.minibatch import Minibatch, MinibatchAlgorithm, add_to
-from ctrl.algorithms.rollouts import scored_rollout
+from ctrl.algorithms.rollouts import finite_rewards
 from ctrl.errors import SettingError
 from ctrl.sampling import effective_sample_size, gaussian_kl, gaussian_log_prob
 
@@ -80,15 +85,17 @@ class RAFT(MinibatchAlgorithm):
             )
         return None
 
-    def _groups(self, labels: Tensor) -> list[Tensor]:
-        """Boolean masks ``[B]`` of the chains ranked or normalised together: one per label with ``per_condition``."""
+    def _groups(self, labels: Tensor, finite: Tensor | None = None) -> list[Tensor]:
+        """Boolean masks ``[B]`` of the chains ranked or normalised together: one per label with ``per_condition``;
+        only chains whose ``finite`` ``[B]`` is true (all by default) belong to any."""
+        finite = torch.ones_like(labels, dtype=torch.bool) if finite is None else finite
         if self.per_condition:
-            return [labels == y for y in labels.unique()]
-        return [torch.ones_like(labels, dtype=torch.bool)]
+            return [(labels == y) & finite for y in labels[finite].unique()]
+        return [finite]
 
-    def _weights(self, trajectory, rewards: Tensor, groups: list[Tensor]) -> Tensor:
-        """Each chain's weight ``[B]`` from its reward ``[B]``, within each of ``groups`` (:meth:`_groups`' masks),
-        summing to 1 over the rollout."""
+    def _weights(self, rewards: Tensor, log_ratios: Tensor, groups: list[Tensor]) -> Tensor:
+        """Each chain's weight ``[B]`` from its reward ``[B]`` and path log-ratio ``log p_pre / q`` ``[B]``,
+        within each of ``groups`` (:meth:`_groups`' masks), summing to 1 over the rollout; 0 outside them."""
         weights = torch.zeros_like(rewards)
         for g in groups:
             if self.selection == "top":
@@ -96,19 +103,35 @@ class RAFT(MinibatchAlgorithm):
                 k = max(1, math.ceil(self.keep_fraction * len(idx)))
                 weights[idx[rewards[idx].topk(k).indices]] = 1.0 / k
             else:
-                log_w = rewards[g] / self.alpha + (trajectory.ref_log_probs[g] - trajectory.log_probs[g]).sum(1)
-                weights[g] = torch.softmax(log_w, 0)
+                weights[g] = torch.softmax(rewards[g] / self.alpha + log_ratios[g], 0)
         return weights / len(groups)
 
-    def updates(self, trajectory, policy, reward):
-        scored = scored_rollout(trajectory, policy, reward)
-        if scored is None:
-            return
-        trajectory, rewards = scored
-        groups = self._groups(trajectory.labels)
-        weights = self._weights(trajectory, rewards, groups)
+    def _global_weights(self, trajectory, rewards: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, int]:
+        """This process's chains' weights ``[b]`` (0 where ``finite`` ``[b]`` is false), the ESS ``[]`` and the
+        number of processes W: ranked and normalised over the GLOBAL rollout (every process's chains, gathered),
+        as one process holding them all would, so a label's chains spread over processes are one group. The
+        weights are scaled by W, since DDP averages the processes' gradients of ``sum_i weights_i fit_i``."""
+        tilted = self.selection == "tilted"
+        log_ratios = (trajectory.ref_log_probs - trajectory.log_probs).sum(1) if tilted else torch.zeros_like(rewards)
+        labels, every_reward, every_ratio, every_finite = (
+            self.context.gather(t).flatten(0, 1) for t in (trajectory.labels, rewards, log_ratios, finite)
+        )
+        groups = self._groups(labels, every_finite)
+        weights = self._weights(every_reward, every_ratio, groups)
         ess = torch.stack([effective_sample_size(weights[g]) for g in groups]).mean()
-        kept = (weights > 0).nonzero().squeeze(1)
+        world, b = len(labels) // len(rewards), len(rewards)
+        return weights[self.context.rank * b : (self.context.rank + 1) * b] * world, ess, world
+
+    def updates(self, trajectory, policy, reward):
+        with torch.no_grad():
+            rewards = policy.score(reward, trajectory.samples, trajectory.labels)
+        finite = finite_rewards(rewards)  # a non-finite reward's chain has no weight and is never fitted
+        if not finite.any():
+            return
+        weights, ess, world = self._global_weights(trajectory, rewards, finite)
+        # on several processes every finite chain stays (a zero weight fits nothing), so that each process runs as
+        # many minibatches as the others, which a process holding none of the global best would not
+        kept = ((weights > 0) if world == 1 else finite).nonzero().squeeze(1)
         for idx, steps in self.minibatches(kept, trajectory):
             # The weights are normalised over the rollout: a uniform random subset of the kept chains, scaled
             # by kept / its size, estimates the rollout's weighted fit without bias (renormalising it would
@@ -150,6 +173,6 @@ class RAFT(MinibatchAlgorithm):
         stats.update(
             reward=batch.rewards.mean(),
             kl=sums["kl"] * scale,
-            kept=torch.tensor(float(len(batch.weights))),
+            kept=(batch.weights > 0).sum().float(),
             ess=batch.ess,
         )

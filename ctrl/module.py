@@ -320,6 +320,8 @@ class ControlModule(L.LightningModule):
             self._compile_networks()
         if self.trainer.world_size > 1:
             self.algorithm_context.sum_over_ranks = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+            self.algorithm_context.gather = lambda t: self.trainer.strategy.all_gather(t)
+            self.algorithm_context.rank = self.global_rank
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -20,6 +20,8 @@ ALGORITHMS = {
     },
     # backpropagated step by step, each step's part reaching both the policy and the value network
     "ContinuousTimePG": {"class_path": "ContinuousTimePG", "init_args": {"alpha": 0.2, "clip_range": 0.05}},
+    # weights normalised per label over both ranks' chains (gathered), not within each rank
+    "RAFT tilted": {"class_path": "RAFT", "init_args": {"alpha": 0.2, "selection": "tilted"}},
     # gradients kept on each rank until every second rollout; the third leaves them pending in the checkpoint
     "DirectBackprop accumulated": {"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}},
 }

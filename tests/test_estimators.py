@@ -143,9 +143,9 @@ def test_raft_tilted_minibatches_average_to_the_rollout_fit(per_condition):
     policy, reward, trajectory = _raft_rollout()
     settings = dict(alpha=2.0, selection="tilted", per_condition=per_condition, timestep_fraction=1.0)
     full = RAFT(**settings)
-    weights = full._weights(
-        trajectory, policy.score(reward, trajectory.samples, trajectory.labels), full._groups(trajectory.labels)
-    )
+    rewards = policy.score(reward, trajectory.samples, trajectory.labels)
+    log_ratios = (trajectory.ref_log_probs - trajectory.log_probs).sum(1)
+    weights = full._weights(rewards, log_ratios, full._groups(trajectory.labels))
     assert (weights > 0).all() and weights.max() > 2 * weights.min()  # unequal weights, every chain kept
     [batch] = full.updates(trajectory, policy, reward)
     expected = _gradient(policy, full.loss(batch, policy, reward)["loss"])
@@ -178,6 +178,37 @@ def test_raft_top_minibatches_weigh_their_chains_equally(per_condition):
         torch.testing.assert_close(b.weights, torch.full_like(b.weights, 1 / len(b.weights)))
 
 
+@pytest.mark.parametrize("selection", ["tilted", "top"])
+def test_raft_weights_on_two_processes_are_the_one_process_weights(selection):
+    """Under DDP each of W processes holds b chains and gathers the rollout: its weights divided by W (DDP
+    averages the processes' gradients) are its slice of the weights one process holding every chain gives, a
+    label's chains on both processes being one group. Each process normalising alone gives other weights."""
+    policy, reward, trajectory = _raft_rollout()
+    trajectory.labels = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])  # each label on both processes
+    rewards = policy.score(reward, trajectory.samples, trajectory.labels)
+    finite = torch.ones(8, dtype=torch.bool)
+    settings = dict(alpha=0.5, selection=selection, keep_fraction=0.25, timestep_fraction=1.0)
+    one, ess, world = RAFT(**settings)._global_weights(trajectory, rewards, finite)
+    assert world == 1 and int((one > 0).sum()) == (2 if selection == "top" else 8)  # top: the best of each label
+    log_ratios = (trajectory.ref_log_probs - trajectory.log_probs).sum(1) if selection == "tilted" else None
+    every = [trajectory.labels, rewards, finite, *([log_ratios] if log_ratios is not None else [torch.zeros(8)])]
+    for rank in (0, 1):
+        mine = torch.arange(8) // 4 == rank
+        process = RAFT(**settings)
+
+        def gather(t, rank=rank):  # the stacked [2, 4] of whichever rollout tensor this process passes
+            [full] = [f for f in every if f.dtype == t.dtype and torch.equal(f[rank * 4 : rank * 4 + 4], t)][:1]
+            return full.view(2, 4)
+
+        process.context.gather, process.context.rank = gather, rank
+        weights, ess_ddp, world = process._global_weights(trajectory.select(mine), rewards[mine], finite[mine])
+        assert world == 2
+        torch.testing.assert_close(weights / 2, one[mine])
+        torch.testing.assert_close(ess_ddp, ess)
+        alone, _, _ = RAFT(**settings)._global_weights(trajectory.select(mine), rewards[mine], finite[mine])
+        assert not torch.allclose(alone / 2, one[mine])
+
+
 def test_raft_effective_sample_size_counts_the_chains_that_carry_the_weight():
     """Kish's ESS per group: the number kept by "top"; every chain of a group under equal tilted weights; one
     chain when a reward gap of many nats (after dividing by alpha) puts the weight on it. Logged as ``ess``."""
@@ -193,8 +224,8 @@ def test_raft_effective_sample_size_counts_the_chains_that_carry_the_weight():
     equal = torch.full((8,), 0.125)
     assert [float(effective_sample_size(equal[g])) for g in groups] == pytest.approx([4.0, 4.0])
     rewards = torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0])  # 20 nats after alpha in label 0
-    trajectory.log_probs = trajectory.ref_log_probs.clone()  # path ratio exactly 1: the weights are the rewards'
-    weights = tilted._weights(trajectory, rewards, groups)
+    # path ratio exactly 1 (log-ratio 0): the weights are the rewards'
+    weights = tilted._weights(rewards, torch.zeros(8), groups)
     per_label = [float(effective_sample_size(weights[g])) for g in groups]
     assert per_label[0] == pytest.approx(1.0, abs=1e-6) and per_label[1] == pytest.approx(4.0)
     rows = torch.tensor([[2.0, 2.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])  # unnormalised, along dim 1 as SMC asks
