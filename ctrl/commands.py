@@ -112,7 +112,8 @@ class CtrlCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def _check_run_settings(self) -> None:
-        """Before any work: checkpoints load as weights only, and (for fit) the output folder can be written."""
+        """Before any work: checkpoints load as weights only, (for fit) the output folder can be written, and
+        ``--ckpt_path last`` names a checkpoint (:meth:`_resolve_last`)."""
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True  # never unpickle code from a checkpoint
@@ -128,22 +129,19 @@ class CtrlCLI(LightningCLI):
                     f"trainer.default_root_dir '{root}' is not writable ({err.strerror or err}); set "
                     "--trainer.default_root_dir to a folder you can write to."
                 ) from err
+        self._resolve_last()
 
     def before_validate(self) -> None:
         self._check_run_settings()
-        self._resolve_last()
 
     def before_test(self) -> None:
         self._check_run_settings()
-        self._resolve_last()
 
     def before_predict(self) -> None:
         self._check_run_settings()
-        self._resolve_last()
 
     def before_fit(self) -> None:
         self._check_run_settings()
-        self._resolve_last()
 
     def _resolve_last(self) -> None:
         """``--ckpt_path last``: the newest of ``last.ckpt`` and the checkpoint Lightning saves when SLURM preempts

@@ -225,9 +225,10 @@ class DiffusionPretraining(L.LightningModule):
             (directory / LABELS_FILE).write_text(json.dumps({"num_labels": self.label_sizes}))
 
     def on_fit_end(self):
-        if self.hparams.export_dir:
-            trained_at_least_one_step(self.trainer, self.hparams.export_dir)  # on every process: all stop
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if not self.hparams.export_dir:
+            return
+        trained_at_least_one_step(self.trainer, self.hparams.export_dir)  # on every process: all stop
+        if self.trainer.is_global_zero:
             self.export(self.hparams.export_dir)
             self.print(f"pretrained model written to {self.hparams.export_dir}")
             notice_if_shadowed(self.hparams.export_dir)
