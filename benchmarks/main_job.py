@@ -39,8 +39,8 @@ def evaluate(cli, split: str, gamma: float, steps: int | None = None) -> dict[st
     steps; None: the config's), with the pretrained model's Frechet distance on the same seeds and steps."""
     module = cli.model
     module.control_scale = gamma
-    if steps is not None and steps != module.eval_num_steps:
-        module.eval_num_steps, module.baselines = steps, {}  # the pretrained figures again, at these steps
+    if steps is not None:
+        module.eval_num_steps = steps  # the pretrained figures are sampled again at these steps (their key)
     run = cli.trainer.validate if split == "val" else cli.trainer.test
     run(module, datamodule=cli.datamodule, verbose=False)
     row = {k: module.last_metrics[k] for k in METRICS}

@@ -97,10 +97,9 @@ class PredictionGrid(BasePredictionWriter):
         self.path, self.scale = Path(path), scale
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        if not trainer.is_global_zero or not predictions:
+        samples, labels = _all_predictions(trainer, predictions, batch_indices)
+        if not trainer.is_global_zero or not len(samples):
             return
-        samples = torch.cat([p["samples"] for p in predictions])
-        labels = torch.cat([p["labels"] for p in predictions])
         order = torch.argsort(labels, stable=True)
         rows = len(torch.unique(labels))
         image = grid_image(samples[order], rows, self.scale)
@@ -117,6 +116,33 @@ class PredictionGrid(BasePredictionWriter):
         pl_module.print(
             f"wrote {len(samples)} samples ({rows} labels, control scale {pl_module.control_scale}) to {self.path}"
         )
+
+
+def _all_predictions(trainer, predictions: list[dict], batch_indices: list) -> tuple[Tensor, Tensor]:
+    """Every process's predicted ``samples`` (N, C, H, W) and ``labels`` (N,), in the dataset's order. Under DDP each
+    process predicted its own share (Lightning's predict sampler deals the samples out without repeats): all shares
+    are gathered, so one process's grid is the whole set. ``batch_indices`` (per dataloader, per batch: the dataset
+    indices Lightning recorded) restores the order; without them the shares stay in rank order."""
+    samples = [p["samples"] for p in predictions]
+    labels = [p["labels"] for p in predictions]
+    indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
+    share = (
+        torch.cat(samples) if samples else torch.empty(0),
+        torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+        torch.tensor(indices, dtype=torch.long),
+    )
+    shares = [share]
+    if trainer.world_size > 1:
+        shares = [None] * trainer.world_size
+        torch.distributed.all_gather_object(shares, share)
+    shares = [s for s in shares if len(s[0])]
+    if not shares:
+        return share[0], share[1]
+    samples, labels, indices = (torch.cat(part) for part in zip(*shares))
+    if len(indices) == len(samples):
+        order = torch.argsort(indices)
+        samples, labels = samples[order], labels[order]
+    return samples, labels
 
 
 def export_atomically(policy, directory: str | Path) -> list[str]:

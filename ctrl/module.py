@@ -9,6 +9,7 @@ macro-F1, Frechet distance), with the pretrained model's figures (label ignored)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import warnings
 
@@ -168,6 +169,9 @@ class ControlModule(L.LightningModule):
         # the pretrained model, which for Stable Diffusion is gigabytes.
         self.strict_loading = False
         self.baselines: dict[str, dict[str, float]] = {}  # the pretrained model's figures per stage (val, test)
+        # per stage, what those figures were sampled at (_evaluation_key); another evaluation samples them again
+        self.baseline_keys: dict[str, str] = {}
+        self._epoch_key: str | None = None
         self.last_metrics: dict[str, float] = {}  # the last evaluation's figures (last_stage: its stage)
         self.last_stage = "val"
         # what LogSamples logs, None until there is one: the last training rollout (conditions [B], x0 [B, ...],
@@ -424,6 +428,7 @@ class ControlModule(L.LightningModule):
         checkpoint["ctrl"] = {
             "bad_steps": self.bad_steps,
             "baselines": self.baselines,
+            "baseline_keys": self.baseline_keys,
             "last_metrics": self.last_metrics,
             "last_stage": self.last_stage,
             "classes": {"policy": _qualified(self.policy), "algorithm": _qualified(self.algorithm)},
@@ -461,6 +466,7 @@ class ControlModule(L.LightningModule):
         self.bad_steps = state.get("bad_steps", 0)
         old = {"val": state["baseline"]} if state.get("baseline") else {}  # written before the test seeds had theirs
         self.baselines, self.last_metrics = state.get("baselines", old), state.get("last_metrics", {})
+        self.baseline_keys = state.get("baseline_keys", {})  # none in older checkpoints: sampled again once
         self.last_stage = state.get("last_stage", "val")
         accumulation = state.get("accumulation", {})
         self._pending_updates, self._pending_rollouts = accumulation.get("updates", 0), accumulation.get("rollouts", 0)
@@ -531,7 +537,7 @@ class ControlModule(L.LightningModule):
         self.policy.check_labels(labels.tolist(), "evaluation labels")
         runs = {"policy": (self.control_scale, self.eval_num_steps)}
         runs.update({f"steps_{n}": (self.control_scale, n) for n in self.extra_eval_num_steps})
-        if self.eval_pretrained and stage not in self.baselines:
+        if self.eval_pretrained and not self._baseline_holds(stage):
             runs["pretrained"] = (0.0, self.eval_num_steps)
         for name, (gamma, n) in runs.items():
             traj = self.generate(labels, seeds, gamma, n)
@@ -569,7 +575,7 @@ class ControlModule(L.LightningModule):
                 self._log_confusion(stage, confusion)
         self._eval_outputs = {}
         if "pretrained" in results:
-            self.baselines[stage] = results["pretrained"]
+            self.baselines[stage], self.baseline_keys[stage] = results["pretrained"], self._epoch_key
         self.last_metrics, self.last_stage = results.get("policy", {}), stage
 
     @rank_zero_only
@@ -582,6 +588,28 @@ class ControlModule(L.LightningModule):
         # Evaluation samples are logged without a LogSamples in the config too; one there keeps its settings.
         callbacks = self._trainer.callbacks if self._trainer is not None else []
         return [] if any(isinstance(c, LogSamples) for c in callbacks) else [LogSamples()]
+
+    def _evaluation_key(self, stage: str) -> str | None:
+        """What the pretrained model's figures on ``stage`` depend on besides its weights: the step count, eta and
+        the evaluated (label, seed) pairs of the stage's dataset (every rank holds the whole dataset). None when the
+        dataset has no length: its baseline is sampled at every evaluation."""
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        dataset = getattr(loaders, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return None
+        pairs = [dataset[i] for i in range(len(dataset))]
+        return hashlib.sha256(repr((self.eval_num_steps, self.eta, pairs)).encode()).hexdigest()[:20]
+
+    def _baseline_holds(self, stage: str) -> bool:
+        """The kept pretrained figures of ``stage`` were sampled as this evaluation samples (its key)."""
+        key = self._epoch_key
+        return stage in self.baselines and key is not None and self.baseline_keys.get(stage) == key
+
+    def on_validation_epoch_start(self):
+        self._epoch_key = self._evaluation_key("val")
+
+    def on_test_epoch_start(self):
+        self._epoch_key = self._evaluation_key("test")
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

@@ -55,6 +55,13 @@ def test_fit_validate_predict(tmp_path, tiny_pretrained, tiny_classifier):
 
     cli = main(["validate", *tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--ckpt_path", str(ckpt)])
     assert float(cli.trainer.callback_metrics["val/kl"]) == pytest.approx(float(metrics["val/kl"]), rel=1e-4)
+    # The checkpoint's pretrained figures were sampled at 3 steps: validating at 5 samples them again, as a run
+    # without the checkpoint does (the same pretrained weights and seeds), instead of showing the 3-step ones.
+    at_5 = [*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.eval_num_steps", "5"]
+    resumed, fresh = main(["validate", *at_5, "--ckpt_path", str(ckpt)]), main(["validate", *at_5])
+    baseline = resumed.model.baselines["val"]
+    assert baseline["frechet"] != pytest.approx(float(metrics["val/pretrained_frechet"]))
+    assert baseline == pytest.approx(fresh.model.baselines["val"], rel=1e-6)
 
     main(
         [

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import assert_same, final_state, run_args
+from conftest import assert_same, final_state, run_args, tiny_control_args
+from PIL import Image
 
 ALGORITHMS = {
     "DirectBackprop": {"class_path": "DirectBackprop", "init_args": {"alpha": 0.2}},
@@ -29,14 +31,14 @@ ALGORITHMS = {
 EXTRA = {"DirectBackprop accumulated": ["--model.accumulate", "2"]}
 
 
-def _fit(root, devices: int, extra: list[str]) -> subprocess.CompletedProcess:
+def _fit(root, devices: int, extra: list[str], subcommand: str = "fit") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "ctrl.cli",
-            "fit",
+            subcommand,
             *extra,
             "--trainer.devices",
             str(devices),
@@ -87,3 +89,22 @@ def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifie
         one, two = dict(one), dict(two)
         assert one.pop("frechet") == pytest.approx(two.pop("frechet"), rel=2e-2)
         assert_same(one, two, atol=1e-5)
+
+
+def test_two_processes_predict_the_whole_grid(tmp_path, tiny_pretrained, tiny_classifier):
+    """Under DDP each process predicts its own share (5 and 4 of 9 samples here): the grid written holds all of
+    them, in the order one process writes them."""
+
+    def args(root):
+        grid = {"class_path": "ctrl.callbacks.PredictionGrid", "init_args": {"path": str(root / "grid.png")}}
+        labels = ["--data.predict_labels", "[1, 3, 7]", "--data.predict_per_label", "3", "--data.eval_batch_size", "2"]
+        callbacks = ["--trainer.callbacks", json.dumps([grid]), "--trainer.logger", "false"]
+        return [*tiny_control_args(root, tiny_pretrained, tiny_classifier), *callbacks, *labels]
+
+    one = _fit(tmp_path / "one", 1, args(tmp_path / "one"), "predict")
+    two = _fit(tmp_path / "two", 2, args(tmp_path / "two"), "predict")
+    assert "wrote 9 samples (3 labels" in one.stdout and "wrote 9 samples (3 labels" in two.stdout
+    grid_one = torch.tensor(np.asarray(Image.open(tmp_path / "one" / "grid.png")), dtype=torch.int16)
+    grid_two = torch.tensor(np.asarray(Image.open(tmp_path / "two" / "grid.png")), dtype=torch.int16)
+    assert grid_one.shape == grid_two.shape and grid_one.float().std() > 0
+    assert (grid_one - grid_two).abs().max() <= 1  # 8-bit rounding of samples equal to ~1e-6
