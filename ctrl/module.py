@@ -643,11 +643,28 @@ class ControlModule(L.LightningModule):
                 f"a group of model.accumulate={self.accumulate} updates (a checkpoint written now keeps them; a run "
                 "resumed from it that trains longer applies them)."
             )
+        self._notice_if_epochs_capped_steps()
         if self.trainer.world_size > 1:  # every rank reports (the logs of a multi-node job show each one)
             print(
                 f"ctrl: rank {self.global_rank} of {self.trainer.world_size} trained {self._rollouts[0]} rollouts "
                 f"of {self._rollouts[1]} chains",
                 flush=True,
+            )
+
+    def _notice_if_epochs_capped_steps(self) -> None:
+        """Lightning stops at whichever of max_epochs and max_steps comes first, silently: the configs' max_epochs 1
+        ends a run asked for more optimizer steps than one epoch holds."""
+        trainer = self.trainer
+        max_steps, max_epochs, done = trainer.max_steps, trainer.max_epochs, trainer.global_step
+        if (
+            self.global_rank == 0
+            and 0 < done < max_steps
+            and max_epochs is not None
+            and trainer.current_epoch >= max_epochs
+        ):
+            notice(
+                f"training stopped at trainer.max_epochs={max_epochs} after {done} optimizer steps, before "
+                f"trainer.max_steps={max_steps}: raise trainer.max_epochs (or data.batches_per_epoch) to train them."
             )
 
     def _heading(self) -> str:

@@ -157,3 +157,14 @@ def test_an_export_to_a_shipped_name_outside_the_clone_says_which_file_configs_l
         "ctrl:digits-classifier.safetensors names"
     )
     assert str(WEIGHTS_DIR / "digits-classifier.safetensors") in err
+
+
+def test_a_step_budget_cut_short_by_the_epoch_budget_is_said(tmp_path, tiny_pretrained, tiny_classifier, capsys):
+    """Lightning ends a fit at max_epochs even when max_steps asks for more: the configs' max_epochs 1 with 2 rollouts
+    per epoch trains 2 steps of the 50 asked, and says so; a budget the epoch holds says nothing."""
+    args = [*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.eval_pretrained", "false"]
+    main(["fit", *args, "--trainer.max_steps", "50"])
+    err = capsys.readouterr().err
+    assert "notice: training stopped at trainer.max_epochs=1 after 2 optimizer steps, before trainer.max_steps=50" in err
+    main(["fit", *args, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "b")])
+    assert "trainer.max_steps=2:" not in capsys.readouterr().err
