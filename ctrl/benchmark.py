@@ -170,9 +170,19 @@ def _describe(setting) -> str:
 
 
 def _settings_of(sampler: GuidedSampler) -> dict:
-    """An inference-time method's constructor settings, read back from the instance."""
-    names = [p for p in inspect.signature(type(sampler).__init__).parameters if p != "self" and hasattr(sampler, p)]
-    return {p: getattr(sampler, p) for p in names}
+    """An inference-time method's constructor settings, read back from the instance (an attribute of each name). A
+    setting whose default is None and that the instance does not keep (an old name, such as SMC's ``lam``) is left
+    out; any other one missing is refused, since rebuilding the method without it would silently take its default."""
+    params = [p for p in inspect.signature(type(sampler).__init__).parameters.values() if p.name != "self"]
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    lost = [p.name for p in params if not hasattr(sampler, p.name) and p.default is not None]
+    if lost:
+        name = type(sampler).__name__
+        raise ValueError(
+            f"inference_time {name}: ctrl benchmark rebuilds each method from its constructor settings read back "
+            f"from the instance, but {name} keeps no attribute '{lost[0]}'; store it as self.{lost[0]} in __init__."
+        )
+    return {p.name: getattr(sampler, p.name) for p in params if hasattr(sampler, p.name)}
 
 
 def _variants(sampler: GuidedSampler, sweep: list[dict] | None) -> list[GuidedSampler]:

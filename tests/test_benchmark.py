@@ -504,3 +504,21 @@ def test_the_tuning_rule():
     assert choose([0.7, 0.7], [1.0, 1.0], base_frechet=2.0, max_frechet_ratio=1.5) == 0
     with pytest.raises(ValueError, match="one accuracy and one Frechet distance per setting"):
         choose([], [], 1.0, 1.5)
+
+
+def test_a_method_that_does_not_keep_a_setting_is_refused():
+    """Each setting of a sweep rebuilds its method from the settings read back from the instance: one kept under
+    another name would silently fall back to its default, so it is refused; an old name defaulting to None (SMC's
+    lam) is not needed."""
+    from ctrl.benchmark import _variants
+    from ctrl.inference_time import SMC, SVDD
+
+    class Renamed(SVDD):
+        def __init__(self, num_candidates: int = 4, temperature: float = 0.2, width: int = 3):
+            super().__init__(num_candidates, temperature)
+            self.w = width
+
+    with pytest.raises(ValueError, match=r"^inference_time Renamed: .* keeps no attribute 'width'; store it as self"):
+        _variants(Renamed(width=5), [{"temperature": 0.1}])
+    kept = _variants(SMC(num_particles=3, alpha=0.5), [{}, {"num_particles": 5}])
+    assert [(s.num_particles, s.alpha) for s in kept] == [(3, 0.5), (5, 0.5)]

@@ -165,6 +165,6 @@ def test_a_step_budget_cut_short_by_the_epoch_budget_is_said(tmp_path, tiny_pret
     args = [*tiny_args(tmp_path, tiny_pretrained, tiny_classifier), "--model.eval_pretrained", "false"]
     main(["fit", *args, "--trainer.max_steps", "50"])
     err = capsys.readouterr().err
-    assert "notice: training stopped at trainer.max_epochs=1 after 2 optimizer steps, before trainer.max_steps=50" in err
+    assert "training stopped at trainer.max_epochs=1 after 2 optimizer steps, before trainer.max_steps=50" in err
     main(["fit", *args, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "b")])
     assert "trainer.max_steps=2:" not in capsys.readouterr().err
