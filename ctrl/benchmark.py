@@ -22,7 +22,9 @@ The protocol (:mod:`ctrl.tuning`): every method is compared at the fine-tuning r
 method's ``inference_sweeps`` entry; at most :data:`ctrl.tuning.MAX_SETTINGS` each) tries them on the
 validation seeds and keeps one by the one rule; then every method runs once per training seed
 (``training_seeds``: fine-tuning rows are trained with it, and each repeat samples its own set of test
-seeds), and the table gives mean +- std over those repeats.
+seeds), and the table gives mean +- std over those repeats. A fit that stops itself (its rewards went NaN: it
+diverged) is a result, not an error: its rows have no figures and ``diverged`` 1, the rule passes over such a
+setting, and a method's means are over the repeats that trained (``diverged``: the share that did not).
 
 Written to ``output``: ``table.md`` (mean +- std), ``results.csv`` (every repeat's row), ``sweep.md`` and
 ``sweep.csv`` (each setting's validation figures and the choice; only when some method has several),
@@ -64,6 +66,7 @@ from ctrl import commands, figures
 from ctrl.errors import SettingError, located_in, renamed_setting
 from ctrl.images import grid_image
 from ctrl.inference_time import GuidedSampler
+from ctrl.module import RunStopped
 from ctrl.parser import CtrlArgumentParser
 from ctrl.seeds import TEST, VALIDATION, check_seeds, run_seed_args
 from ctrl.tuning import MAX_SETTINGS, choose, mean_std
@@ -116,14 +119,19 @@ class FitRun:
         ``<folder>/train_seconds.json``, holds its training seconds, :meth:`inputs` and ``weights``, the
         fingerprint of the weights its config loads by name, such as a ``ctrl:`` reward; a mark written before
         marks held either counts as the same): the training seconds and the fit's CLI (None when the finished
-        run was reused)."""
+        run was reused). A fit that stopped itself (:class:`ctrl.module.RunStopped`: its rewards went NaN, it
+        diverged) is finished too: the mark keeps why under ``diverged`` (:func:`diverged`)."""
         done, cli = done or folder / "train_seconds.json", None
         mark = {"inputs": self.inputs(*extra), **({"weights": weights} if weights else {})}
         kept = json.loads(done.read_text()) if done.is_file() else None
         if retrain or kept is None or any(kept.get(k, v) != v for k, v in mark.items()):
-            start = time.perf_counter()
-            cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
-            kept = {"seconds": time.perf_counter() - start, **mark}
+            start, stopped = time.perf_counter(), {}
+            try:
+                cli = self.cli(folder, "fit", "--trainer.enable_progress_bar", "false", *extra)
+            except RunStopped as err:
+                stopped = {"diverged": str(err)}
+                print(f"benchmark: {self.name} {' '.join(extra)} stopped ({err}); its rows are marked diverged")
+            kept = {"seconds": time.perf_counter() - start, **mark, **stopped}
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(kept))
         return kept["seconds"], cli
@@ -296,6 +304,16 @@ class _Table:
         self.panels.append((name, panel.float() / 255, self.labels.unique().repeat_interleave(self.per_row)))
         return row
 
+    def diverged(self, name: str, training_s: float, **extra) -> dict:
+        """The row ``name`` of a fit that diverged: nothing to sample, every figure of the table's first row (the
+        pretrained model's) NaN, ``diverged`` 1 (0 in the rows of a fit that trained to the end)."""
+        figures = {k: math.nan for k, v in self.rows[0].items() if isinstance(v, float) and k != "frechet_floor"}
+        row = {"method": name, **figures, "frechet_floor": self.rows[0].get("frechet_floor", math.nan)}
+        row.update(training_s=training_s, **self.tags, diverged=1.0, **extra)
+        self.rows.append(row)
+        self.progress.update(len(self.labels.unique()))
+        return row
+
     def _path(self, key: str) -> tuple[str, Path]:
         key = f"{key} | base {self.store.base}"
         return key, self.store.folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
@@ -370,6 +388,8 @@ class _Table:
         rows = []
         variants = [(None, self.num_steps, name)] + [(g, self.num_steps, f"{name} gamma={g:g}") for g in scales]
         variants += [(None, n, f"{name} steps={n}") for n in steps]
+        if fitted.diverged is not None:
+            return [self.diverged(row, fitted.training_s, **extra) for _, _, row in variants][0]
         for scale, n, row in variants:
             kls = []
 
@@ -383,7 +403,7 @@ class _Table:
                 samples, seconds, calls = self.counted(row, fitted.module().policy, draw)
                 return samples, seconds, {**calls, "kl": float(torch.cat(kls).mean())}
 
-            rows.append(self.row(row, f"{row} {fitted.source}", produce, fitted.training_s, **extra))
+            rows.append(self.row(row, f"{row} {fitted.source}", produce, fitted.training_s, diverged=0.0, **extra))
         return rows[0]
 
 
@@ -396,6 +416,12 @@ class _Fitted:
     module: Callable[[], Any]
     training_s: float
     source: str
+    diverged: str | None = None  # why the fit stopped itself: its rows have no figures (:meth:`_Table.diverged`)
+
+
+def diverged(done: Path) -> str | None:
+    """Why the fit whose mark is ``done`` stopped itself (:meth:`FitRun.train`), None if it trained to the end."""
+    return json.loads(done.read_text()).get("diverged") if done.is_file() else None
 
 
 def _fitted(run: FitRun, folder: Path, done: Path, retrain: bool, *extra: str, weights: str = "") -> _Fitted:
@@ -403,6 +429,8 @@ def _fitted(run: FitRun, folder: Path, done: Path, retrain: bool, *extra: str, w
     ``weights`` (:meth:`FitRun.train`)."""
     training_s, cli = run.train(folder, retrain, *extra, done=done, weights=weights)
     source = f"config {_fingerprint(run, *extra)} trained {training_s:.6f} s"
+    if (why := diverged(done)) is not None:
+        return _Fitted(lambda: None, training_s, source, diverged=why)
     if cli is not None:
         module = cli.model.eval()
         return _Fitted(lambda: module, training_s, source)
@@ -902,15 +930,18 @@ def _write_curve(rows: list[dict], per_class: list[float], out: Path) -> None:
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """One row per method over its repeats (in first-seen order): every figure's mean, with ``<figure>_std``
-    beside it, the other fields of the first repeat, and ``repeats``."""
+    beside it, the other fields of the first repeat, and ``repeats``. A repeat whose fit diverged has no figures:
+    the means are over the others (NaN when none is left), and ``diverged`` is the share of repeats that did."""
     methods: dict[str, list[dict]] = {}
     for row in rows:
         methods.setdefault(row["method"], []).append(row)
     table = []
     for group in methods.values():
         out = {k: v for k, v in group[0].items() if not isinstance(v, float) and k != "repeat"}
+        trained = [g for g in group if g.get("diverged") != 1.0]
         for key in [k for k, v in group[0].items() if isinstance(v, float)]:
-            out[key], out[f"{key}_std"] = mean_std([g[key] for g in group])
+            values = [g[key] for g in (group if key == "diverged" else trained)]
+            out[key], out[f"{key}_std"] = mean_std(values) if values else (math.nan, math.nan)
         table.append({**out, "repeats": len(group)})
     return table
 
@@ -961,6 +992,8 @@ def write_outputs(table, rows, sweep_rows, panels, out: Path, per_row: int, max_
     ``accuracy_frechet.png`` and ``accuracy_calls.png`` (:mod:`ctrl.figures`)."""
     out.mkdir(parents=True, exist_ok=True)
     keys = [k for k in dict.fromkeys(k for r in table for k in r) if not k.endswith("_std")]
+    if not any(r.get("diverged") for r in table):  # a column of zeros: no fit stopped itself
+        keys = [k for k in keys if k != "diverged"]
     columns = list(COLUMNS) + sorted(set(keys) - set(COLUMNS))
     _csv(rows, ["repeat", *columns], out / "results.csv")
     lines = _markdown(table, columns, spread=True)
@@ -968,6 +1001,7 @@ def write_outputs(table, rows, sweep_rows, panels, out: Path, per_row: int, max_
     written = [out / "table.md", out / "results.csv"]
     if sweep_rows:
         sweep = ["method", "setting", "chosen", "accuracy", "frechet", "frechet_ratio", "kid", "kl"]
+        sweep += ["diverged"] if any(r.get("diverged") for r in sweep_rows) else []
         _csv(sweep_rows, sweep, out / "sweep.csv")
         rule = (
             f"Settings tried on validation seeds; chosen: the highest accuracy with Frechet <= {max_frechet_ratio:g}x "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -522,3 +523,42 @@ def test_a_method_that_does_not_keep_a_setting_is_refused():
         _variants(Renamed(width=5), [{"temperature": 0.1}])
     kept = _variants(SMC(num_particles=3, alpha=0.5), [{}, {"num_particles": 5}])
     assert [(s.num_particles, s.alpha) for s in kept] == [(3, 0.5), (5, 0.5)]
+
+
+def test_a_setting_that_diverges_is_tried_and_lost_and_the_benchmark_goes_on(tmp_path, tiny_pretrained):
+    """A sweep setting whose fit stops itself (rewards NaN: it diverged) used to end the whole benchmark. Its
+    validation row is kept without figures, the rule passes over it (listed first, it would win a max over NaN),
+    the kept setting's repeats run, and a second run reads the divergence back instead of training again."""
+    path, config = _tiny_config(tmp_path, tiny_pretrained, "class")
+    row = config["fine_tuning"][0]
+    blow_up = ["--model.policy.head_lr", "1.0e+30", "--model.policy.bias_lr", "1.0e+30", "--model.max_bad_steps", "1"]
+    config["fine_tuning"] = [{**row, "sweep": [blow_up, []]}]
+    config["inference_time"] = [m for m in config["inference_time"] if m["class_path"].endswith("MPGD")]
+    config.update(control_scales=[], training_seeds=[0, 1], baseline_models=[])
+    path.write_text(yaml.safe_dump(config))
+    rows = benchmark(["--config", str(path)])
+    fitted = {r["method"]: r for r in rows}["DirectBackprop"]
+    assert fitted["repeats"] == 2 and 0 <= fitted["accuracy"] <= 1 and fitted["diverged"] == 0.0
+    out = Path(config["output"])
+    with open(out / "sweep.csv") as f:
+        tried = [r for r in csv.DictReader(f) if r["method"] == "DirectBackprop"]
+    assert [r["chosen"] for r in tried] == ["False", "True"] and tried[0]["accuracy"] == "nan"
+    assert "| diverged |" in (out / "sweep.md").read_text().splitlines()[2]
+    mark = json.loads(next((out / "rows" / "fits").rglob("setting_0/seed_0.json")).read_text())
+    assert "NaN or Inf" in mark["diverged"]
+    assert benchmark(["--config", str(path)]) == rows
+
+
+def test_repeats_that_diverged_are_counted_not_averaged():
+    from ctrl.benchmark import aggregate
+
+    rows = [
+        {"method": "PPO", "accuracy": 0.8, "frechet": 2.0, "diverged": 0.0},
+        {"method": "PPO", "accuracy": math.nan, "frechet": math.nan, "diverged": 1.0},
+        {"method": "PPO", "accuracy": 0.6, "frechet": 4.0, "diverged": 0.0},
+    ]
+    (ppo,) = aggregate(rows)
+    assert ppo["accuracy"] == pytest.approx(0.7) and ppo["frechet"] == pytest.approx(3.0)
+    assert ppo["diverged"] == pytest.approx(1 / 3) and ppo["repeats"] == 3
+    (gone,) = aggregate([{**rows[1], "method": "RAFT"}])
+    assert math.isnan(gone["accuracy"]) and gone["diverged"] == 1.0
