@@ -168,12 +168,9 @@ class ControlModule(L.LightningModule):
         # Checkpoints hold the trainable weights only (on_save_checkpoint): the frozen ones come from
         # the pretrained model, which for Stable Diffusion is gigabytes.
         self.strict_loading = False
-        self.baselines: dict[str, dict[str, float]] = {}  # the pretrained model's figures per stage (val, test)
-        # per stage, what those figures were sampled at (_evaluation_key); another evaluation samples them again
-        self.baseline_keys: dict[str, str] = {}
-        self._epoch_key: str | None = None
-        self.last_metrics: dict[str, float] = {}  # the last evaluation's figures (last_stage: its stage)
-        self.last_stage = "val"
+        # per stage (val, test) the pretrained model's figures and what they were sampled at (_evaluation_key)
+        self.baselines, self.baseline_keys, self._epoch_key = {}, {}, None
+        self.last_metrics, self.last_stage = {}, "val"  # the last evaluation's figures and its stage
         # what LogSamples logs, None until there is one: the last training rollout (conditions [B], x0 [B, ...],
         # detached) and the last evaluation's samples (stage, images [N, C, H, W], conditions [N], rewards [N])
         self.rollout_samples, self.eval_samples = None, None
