@@ -118,9 +118,10 @@ class FitRun:
         """Fit in ``folder`` unless a finished run of the same inputs is there (``done``, by default
         ``<folder>/train_seconds.json``, holds its training seconds, :meth:`inputs` and ``weights``, the
         fingerprint of the weights its config loads by name, such as a ``ctrl:`` reward; a mark written before
-        marks held either counts as the same): the training seconds and the fit's CLI (None when the finished
-        run was reused). A fit that stopped itself (:class:`ctrl.module.RunStopped`: its rewards went NaN, it
-        diverged) is finished too: the mark keeps why under ``diverged`` (:func:`diverged`)."""
+        marks held either counts as the same): the training seconds, the fit's CLI (None when the finished run was
+        reused or diverged) and why it diverged (None if it trained to the end). A fit that stopped itself
+        (:class:`ctrl.module.RunStopped`: its rewards went NaN) is finished too: the mark keeps why under
+        ``diverged``."""
         done, cli = done or folder / "train_seconds.json", None
         mark = {"inputs": self.inputs(*extra), **({"weights": weights} if weights else {})}
         kept = json.loads(done.read_text()) if done.is_file() else None
@@ -134,7 +135,7 @@ class FitRun:
             kept = {"seconds": time.perf_counter() - start, **mark, **stopped}
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(kept))
-        return kept["seconds"], cli
+        return kept["seconds"], cli, kept.get("diverged")
 
     def inputs(self, *extra: str) -> str:
         """What the fit learns from (sha1): the config's text, the overrides and ``extra``, and the bytes of every
@@ -419,17 +420,12 @@ class _Fitted:
     diverged: str | None = None  # why the fit stopped itself: its rows have no figures (:meth:`_Table.diverged`)
 
 
-def diverged(done: Path) -> str | None:
-    """Why the fit whose mark is ``done`` stopped itself (:meth:`FitRun.train`), None if it trained to the end."""
-    return json.loads(done.read_text()).get("diverged") if done.is_file() else None
-
-
 def _fitted(run: FitRun, folder: Path, done: Path, retrain: bool, *extra: str, weights: str = "") -> _Fitted:
     """A fine-tuning row trained in ``folder`` unless ``done`` (its training seconds) says it was, with the same
     ``weights`` (:meth:`FitRun.train`)."""
-    training_s, cli = run.train(folder, retrain, *extra, done=done, weights=weights)
+    training_s, cli, why = run.train(folder, retrain, *extra, done=done, weights=weights)
     source = f"config {_fingerprint(run, *extra)} trained {training_s:.6f} s"
-    if (why := diverged(done)) is not None:
+    if why is not None:
         return _Fitted(lambda: None, training_s, source, diverged=why)
     if cli is not None:
         module = cli.model.eval()
@@ -803,7 +799,7 @@ def _train_baseline_models(plan: _Plan, baseline_models: list[FitRun], progress:
         folder = plan.runs / model.name
         done = plan.store.fit_seconds(plan.runs, folder) if plan.store is not None else None
         args = ("--model.export_dir", str(folder / "model"))
-        seconds[model.name], _ = model.train(folder, plan.retrain, *args, done=done)
+        seconds[model.name], _, _ = model.train(folder, plan.retrain, *args, done=done)
         if (folder / "model").is_dir():  # else trained on another machine: only rows kept from there need it
             for variant in plan.variants[model.name]:
                 variant.load(folder / "model")

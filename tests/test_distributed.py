@@ -31,7 +31,7 @@ ALGORITHMS = {
 EXTRA = {"DirectBackprop accumulated": ["--model.accumulate", "2"]}
 
 
-def _fit(root, devices: int, extra: list[str], subcommand: str = "fit") -> subprocess.CompletedProcess:
+def _run(root, devices: int, extra: list[str], subcommand: str = "fit") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -63,8 +63,8 @@ def test_two_processes_match_one(name, tmp_path, tiny_pretrained, tiny_classifie
         prior = ["--data.prior", json.dumps([0.5, 0.5] + [0.0] * 8)]
         return run_args(root, tiny_pretrained, tiny_classifier, *algorithm, *sizes, *prior)
 
-    _fit(tmp_path / "one", 1, args(tmp_path / "one"))
-    two = _fit(tmp_path / "two", 2, args(tmp_path / "two"))
+    _run(tmp_path / "one", 1, args(tmp_path / "one"))
+    two = _run(tmp_path / "two", 2, args(tmp_path / "two"))
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in two.stderr + two.stdout
 
     weights, state = final_state(tmp_path / "one")
@@ -101,8 +101,8 @@ def test_two_processes_predict_the_whole_grid(tmp_path, tiny_pretrained, tiny_cl
         callbacks = ["--trainer.callbacks", json.dumps([grid]), "--trainer.logger", "false"]
         return [*tiny_control_args(root, tiny_pretrained, tiny_classifier), *callbacks, *labels]
 
-    one = _fit(tmp_path / "one", 1, args(tmp_path / "one"), "predict")
-    two = _fit(tmp_path / "two", 2, args(tmp_path / "two"), "predict")
+    one = _run(tmp_path / "one", 1, args(tmp_path / "one"), "predict")
+    two = _run(tmp_path / "two", 2, args(tmp_path / "two"), "predict")
     assert "wrote 9 samples (3 labels" in one.stdout and "wrote 9 samples (3 labels" in two.stdout
     grid_one = torch.tensor(np.asarray(Image.open(tmp_path / "one" / "grid.png")), dtype=torch.int16)
     grid_two = torch.tensor(np.asarray(Image.open(tmp_path / "two" / "grid.png")), dtype=torch.int16)
