@@ -1,6 +1,7 @@
 """Speed of ctrl's training on the workload trl's DDPO and AlignProp trainers were compared on: seconds per
 epoch, peak memory, UNet calls per image (counted by a hook, not assumed) and the overhead over the bare
-compute floor (the same UNet calls timed alone, in the same run).
+compute floor (the same UNet calls timed alone, in the same run); with gradient checkpointing also the overhead over
+that floor plus the forward each checkpointed call recomputes in the backward (what memory flat in K costs).
 
     python benchmarks/speed.py --threads 1                     # every plugin, CPU
     python benchmarks/speed.py --plugins PPO DirectBackprop --epochs 4 --output benchmarks/speed
@@ -159,31 +160,36 @@ class Meter(EpochClock):
         super().on_train_epoch_start(trainer, module)
 
 
-def _unet_seconds(unet, x: torch.Tensor, states: torch.Tensor, grad: bool, reps: int = 3) -> float:
-    """Seconds of one UNet call on ``x`` (with its backward when ``grad``), after a warm-up call."""
+def _unet_seconds(unet, x: torch.Tensor, states: torch.Tensor, grad: bool, reps: int = 9) -> float:
+    """Seconds of one UNet call on ``x`` (with its backward when ``grad``): the median of ``reps`` calls after a
+    warm-up call. An epoch makes hundreds of calls of one shape, so the floor multiplies this figure; the mean of
+    3 calls moved the PPO floor by 25 % between runs whose epochs took the same time."""
 
-    def once():
+    def once() -> float:
+        start = time.perf_counter()
         with torch.set_grad_enabled(grad):
             out = unet(x, torch.tensor(500), encoder_hidden_states=states).sample
             if grad:
                 out.square().mean().backward()
+        return time.perf_counter() - start
 
     once()
-    start = time.perf_counter()
-    for _ in range(reps):
-        once()
-    return (time.perf_counter() - start) / reps
+    return statistics.median(once() for _ in range(reps))
 
 
-def floor_seconds(module, calls: list[tuple[int, bool]]) -> float:
-    """The same UNet calls (batch, with or without backward) timed alone: the bare compute of an epoch."""
+def floor_seconds(module, calls: list[tuple[int, bool]]) -> tuple[float, float]:
+    """The same UNet calls (batch, with or without backward) timed alone: the bare compute of an epoch; and that
+    floor plus one forward per call with a graph when the module checkpoints them (the forward its backward
+    recomputes, which keeps memory flat in the number of backpropagated steps; the call hook does not see it)."""
     policy = module.policy
     cost = {}
-    for batch, grad in sorted(set(calls)):
+    for batch, grad in sorted(set(calls) | {(b, False) for b, _ in calls}):
         x = torch.randn(batch, *policy.sample_shape)
         states = policy.prompt_embeds[torch.zeros(batch, dtype=torch.long)]
         cost[batch, grad] = _unet_seconds(policy.unet, x, states, grad)
-    return sum(cost[c] for c in calls)
+    floor = sum(cost[c] for c in calls)
+    recomputed = sum(cost[batch, False] for batch, grad in calls if grad) if module.gradient_checkpointing else 0.0
+    return floor, floor + recomputed
 
 
 def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict:
@@ -197,7 +203,7 @@ def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict
         cli.trainer.callbacks.append(meter)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     images, last = 8, meter.calls[-1]  # the last epoch's calls
-    floor = floor_seconds(cli.model, last)
+    floor, floor_recomputed = floor_seconds(cli.model, last)
     sec = statistics.median(meter.epochs[1:])
     return {
         "plugin": plugin,
@@ -208,6 +214,8 @@ def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict
         "unet_calls_per_image": len(last) / images,
         "floor_s_per_epoch": floor,
         "overhead": sec / floor,
+        "floor_recomputed_s_per_epoch": floor_recomputed,
+        "overhead_recomputed": sec / floor_recomputed,
     }
 
 
@@ -267,12 +275,14 @@ def write(rows: list[dict], out: Path, args) -> None:
         f"threads {args.threads}, {args.epochs} epochs (median of the last {args.epochs - 1}), UNet compiled: "
         f"{args.compile or 'no'}",
         "",
-        "| plugin | s/epoch | s/image | peak RSS MiB | UNet calls / image | floor s/epoch | overhead |",
-        "|---|---|---|---|---|---|---|",
+        "| plugin | s/epoch | s/image | peak RSS MiB | UNet calls / image | floor s/epoch | overhead "
+        "| floor with checkpoint recomputation s/epoch | overhead over it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['plugin']} | {r['s_per_epoch']:.2f} | {r['s_per_image']:.2f} | {r['peak_rss_mib']:.0f} | "
-        f"{r['unet_calls_per_image']:.1f} | {r['floor_s_per_epoch']:.2f} | {r['overhead']:.2f}x |"
+        f"{r['unet_calls_per_image']:.1f} | {r['floor_s_per_epoch']:.2f} | {r['overhead']:.2f}x | "
+        f"{r['floor_recomputed_s_per_epoch']:.2f} | {r['overhead_recomputed']:.2f}x |"
         for r in rows
     ]
     (out / "speed.md").write_text("\n".join(lines) + "\n")
