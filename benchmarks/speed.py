@@ -182,14 +182,14 @@ def floor_seconds(module, calls: list[tuple[int, bool]]) -> tuple[float, float]:
     floor plus one forward per call with a graph when the module checkpoints them (the forward its backward
     recomputes, which keeps memory flat in the number of backpropagated steps; the call hook does not see it)."""
     policy = module.policy
+    recomputes = [(batch, False) for batch, grad in calls if grad] if module.gradient_checkpointing else []
     cost = {}
-    for batch, grad in sorted(set(calls) | {(b, False) for b, _ in calls}):
+    for batch, grad in sorted(set(calls + recomputes)):
         x = torch.randn(batch, *policy.sample_shape)
         states = policy.prompt_embeds[torch.zeros(batch, dtype=torch.long)]
         cost[batch, grad] = _unet_seconds(policy.unet, x, states, grad)
     floor = sum(cost[c] for c in calls)
-    recomputed = sum(cost[batch, False] for batch, grad in calls if grad) if module.gradient_checkpointing else 0.0
-    return floor, floor + recomputed
+    return floor, floor + sum(cost[c] for c in recomputes)
 
 
 def worker(plugin: str, pipeline: str, epochs: int, compile: str | None) -> dict:
